@@ -1,0 +1,87 @@
+"""Composition root: builds every part from the configuration, starts and stops them in order.
+
+Nothing else in the package constructs collaborators; everything gets them through ``__init__``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from pydicom import config as pydicom_config
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.config import GatewayConfig
+from gateway.db.engine import make_engine, make_sessions
+from gateway.db.migrate import upgrade
+from gateway.dicom.peers import PeerPolicy
+from gateway.http import HttpEndpoint
+from gateway.logs import quiet_pynetdicom
+from gateway.metrics import Metrics
+from gateway.receive import fastpath
+from gateway.receive.associations import AssociationLedger
+from gateway.receive.ingest import Ingest
+from gateway.receive.scp import Receiver
+from gateway.receive.spool import Spool
+
+log = logging.getLogger(__name__)
+MIB = 1024 * 1024
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        registry: CollectorRegistry | None = None,
+        free_bytes: Callable[[Path], int] | None = None,
+    ) -> None:
+        fastpath.check_version()
+        quiet_pynetdicom()
+        # Values that break VR rules (vendors send plenty) must not fail storage; structure must.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        self.config = config
+        self.engine = make_engine(config.database.url, config.database.busy_timeout_s)
+        upgrade(self.engine)
+        self.sessions = make_sessions(self.engine)
+        self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * MIB, free_bytes)
+        removed = self.spool.recover()
+        if removed:
+            log.warning("removed %d unacknowledged partial files left by a previous stop", removed)
+        fastpath.receive_datasets_into(self.spool.incoming)
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.metrics.watch_spool(self.spool.free_bytes)
+        self.receiver = Receiver(
+            config.dicom,
+            PeerPolicy(config.security, config.dicom.ae_title),
+            Ingest(self.spool, self.sessions, config.storage.duplicate_policy),
+            AssociationLedger(self.sessions),
+            self.metrics,
+        )
+        self.http: HttpEndpoint | None = None
+        if config.metrics.enabled:
+            self.http = HttpEndpoint(
+                config.metrics.host, config.metrics.port, self.metrics.registry, self.health
+            )
+
+    def health(self) -> dict[str, bool]:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            database = True
+        except SQLAlchemyError:
+            database = False
+        return {"database": database, "spool_free": self.spool.has_room_for(0)}
+
+    def start(self) -> None:
+        if self.http is not None:
+            self.http.start()
+        self.receiver.start()
+
+    def stop(self) -> None:
+        self.receiver.stop(self.config.dicom.shutdown_grace_s)
+        if self.http is not None:
+            self.http.stop()
+        self.engine.dispose()

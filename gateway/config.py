@@ -1,0 +1,189 @@
+"""The gateway's configuration: one TOML file, overlaid by environment variables, validated once.
+
+Invariants: every model is frozen and forbids unknown keys, so a typo is an error, not a silent
+default; defaults live only here; secrets never appear in ``repr``. ``load`` is the only way in.
+An environment variable ``GATEWAY_<SECTION>__<KEY>`` overrides ``[section] key``; its value is read
+as a TOML value when it parses as one (``true``, ``11112``, ``["echo"]``) and as a string otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "GATEWAY_"
+Service = Literal["echo", "store"]
+DuplicatePolicy = Literal["keep_first", "replace", "reject"]
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1 to 16 printable characters, not only spaces, no backslash")
+    return value.strip()
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class DicomConfig(_Model):
+    """The listening Application Entity (PS3.8 association parameters)."""
+
+    ae_title: AETitle = "GATEWAY"
+    bind_host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(40, ge=1, le=1000)
+    max_pdu_size: int = Field(4_194_304, ge=0, description="0 means unlimited")
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(120.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class Peer(_Model):
+    """A known remote AE and what it may do."""
+
+    ae_title: AETitle
+    host: str | None = None
+    services: tuple[Service, ...] = ("echo", "store")
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class SecurityConfig(_Model):
+    """Who may talk to the gateway. Unknown callers are allowed only where this says so."""
+
+    check_called_ae_title: bool = True
+    unknown_callers: tuple[Service, ...] = ()
+    peers: tuple[Peer, ...] = ()
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, peers: tuple[Peer, ...]) -> tuple[Peer, ...]:
+        seen: set[str] = set()
+        for peer in peers:
+            if peer.ae_title in seen:
+                raise ValueError(f"peer {peer.ae_title!r} is listed twice; keep one entry per AE title")
+            seen.add(peer.ae_title)
+        return peers
+
+
+class StorageConfig(_Model):
+    """Where received instances are kept, and what to do with a second copy of one."""
+
+    spool_dir: Path = Path("data/spool")
+    min_free_mb: int = Field(1024, ge=0)
+    duplicate_policy: DuplicatePolicy = "keep_first"
+
+
+class DatabaseConfig(_Model):
+    url: str = Field("sqlite:///data/gateway.db", repr=False)
+    busy_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError(
+                "use sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+            )
+        return url
+
+
+class MetricsConfig(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9110, ge=0, le=65535)
+
+
+class LoggingConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class GatewayConfig(_Model):
+    dicom: DicomConfig = DicomConfig()
+    security: SecurityConfig = SecurityConfig()
+    storage: StorageConfig = StorageConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _overlay_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Return which keys came from the environment, so errors can name the variable."""
+    origins: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue
+        table[key] = _env_value(raw)
+        origins.setdefault(section, {})[key] = name
+    return origins
+
+
+def _describe(err: Mapping[str, Any], origins: dict[str, dict[str, Any]], source: str) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    where = source
+    if len(loc) >= 2 and loc[1] in origins.get(loc[0], {}):
+        where = f"environment variable {origins[loc[0]][loc[1]]}"
+    bad = err.get("input")
+    if err["type"] == "extra_forbidden":
+        fix = "remove it or check its spelling against config/gateway.example.toml"
+        return f"{key}: unknown key (in {where}); {fix}"
+    if err["type"] == "missing":
+        return f"{key}: required but missing (in {where}); add it"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    shown = "<hidden>" if loc[:2] == ["database", "url"] else repr(bad)
+    return f"{key} = {shown} (in {where}): {message}"
+
+
+def load(path: Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, overlay and validate; raise ConfigError listing every problem at once."""
+    environ = os.environ if environ is None else environ
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file; pass --config with the path of a TOML file"])
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML ({exc}); fix the syntax"])
+    origins = _overlay_env(data, environ)
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e, origins, str(path)) for e in exc.errors()])
+    return _absolute_spool(config)
+
+
+def _absolute_spool(config: GatewayConfig) -> GatewayConfig:
+    """A relative spool path is relative to the working directory, as an operator expects from a
+    command line; it is made absolute once so that nothing later can move it."""
+    spool = config.storage.spool_dir
+    if not spool.is_absolute():
+        spool = Path.cwd() / spool
+    storage = config.storage.model_copy(update={"spool_dir": spool})
+    return config.model_copy(update={"storage": storage})

@@ -1,0 +1,28 @@
+"""Every DIMSE status the gateway sends, named as in the standard.
+
+PS3.4 Annex B.2.3 (Storage), PS3.7 Annex C (general statuses). Handlers return these members, never
+bare numbers, so a grep for a name finds every place that can answer it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    SUCCESS = 0x0000
+    # PS3.7 C.4: general failures
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    NOT_AUTHORIZED = 0x0124
+    # PS3.4 B.2.3: Storage
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    # 0xCxxx is "cannot understand" with an implementation-specific low byte; ours says why.
+    INVALID_UID = 0xC001
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+
+    @property
+    def label(self) -> str:
+        """Hex form used in logs, metrics labels and the association ledger."""
+        return f"0x{int(self):04X}"

@@ -1,0 +1,223 @@
+"""C-STORE policy: validate -> spool -> record -> answer. The one rule lives here.
+
+Success (0x0000) is returned only after the instance's file is synced under its final name and its
+ledger row is committed. Every other path leaves nothing behind: a refused or failed instance has
+no file and no row, so the sender (which still holds it) is the only copy, as it should be.
+
+Statuses (PS3.4 B.2.3, PS3.7 C.4): 0x0000 kept or identical duplicate; 0xA700 out of resources (disk
+below the minimum, database unavailable); 0xA900 dataset UIDs differ from the request; 0xC000 not
+decodable; 0xC001 UID missing or invalid; 0x0111 different content under a known SOP Instance UID
+with policy ``reject``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.config import DuplicatePolicy
+from gateway.db.models import Instance, InstanceVersion
+from gateway.dicom.status import Status
+from gateway.receive.spool import Spool, SpooledFile
+from gateway.receive.validate import Header, Refused, dataset_offset, read_header
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = "2.25.48550581365857126030161444514657436015"
+IMPLEMENTATION_VERSION_NAME = "GATEWAY_010"
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """One complete C-STORE request, as the SCP glue hands it over."""
+
+    incoming: Path
+    affected_sop_class: str
+    affected_sop_instance: str
+    transfer_syntax: str
+    calling_ae: str
+    peer_address: str
+    association_id: int | None
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: Status
+    kept_bytes: int = 0
+    duplicate: str | None = None  # identical | kept_first | replaced | rejected
+    reason: str | None = None
+
+
+def file_meta_bytes(request: StoreRequest) -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 7.1) naming the sender as source."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = request.affected_sop_class
+    meta.MediaStorageSOPInstanceUID = request.affected_sop_instance
+    meta.TransferSyntaxUID = request.transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = request.calling_ae
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + buffer.getvalue()
+
+
+class Ingest:
+    def __init__(
+        self,
+        spool: Spool,
+        sessions: sessionmaker[Session],
+        duplicate_policy: DuplicatePolicy,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._spool = spool
+        self._sessions = sessions
+        self._policy = duplicate_policy
+        self._clock = clock
+        # One decision at a time per SOP Instance UID: two associations sending the same UID must
+        # not both find "no row" and publish over each other's file.
+        self._locks = [threading.Lock() for _ in range(64)]
+
+    def store(self, request: StoreRequest) -> StoreOutcome:
+        try:
+            with open(request.incoming, "rb") as fp:
+                header = read_header(fp, request.affected_sop_class, request.affected_sop_instance)
+                offset = dataset_offset(fp)
+                size = request.incoming.stat().st_size - offset
+                if not self._spool.has_room_for(size):
+                    return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool below minimum free")
+                folder = self._spool.folder_for(header.study_instance_uid, header.series_instance_uid)
+                temp = self._spool.write_temp(folder, file_meta_bytes(request), fp, offset)
+        except Refused as refused:
+            return StoreOutcome(refused.status, reason=refused.reason)
+        except OSError as exc:
+            log.error("spool write failed for %s: %s", request.affected_sop_instance, exc.strerror)
+            return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool write failed")
+        try:
+            with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
+                return self._record(request, header, temp)
+        except SQLAlchemyError as exc:
+            # IntegrityError included: only another process can race us on one UID (the lock
+            # covers this one), and the sender's retry will then find the stored copy.
+            log.error("database unavailable, answering 0xA700: %s", type(exc).__name__)
+            return StoreOutcome(Status.OUT_OF_RESOURCES, reason="database unavailable")
+
+    def _record(self, request: StoreRequest, header: Header, temp: SpooledFile) -> StoreOutcome:
+        published: SpooledFile | None = None
+        try:
+            with self._sessions() as session, session.begin():
+                current = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+                ).one_or_none()
+                if current is None:
+                    published = self._publish(temp, header, versioned=False)
+                    session.add(self._instance_row(request, header, published))
+                    outcome = StoreOutcome(Status.SUCCESS, kept_bytes=published.size_bytes)
+                else:
+                    outcome, published = self._second_copy(session, request, header, temp, current)
+            return outcome
+        except BaseException:
+            if published is not None:
+                self._spool.discard(published.path)
+            self._spool.discard(temp.path)
+            raise
+
+    def _second_copy(
+        self,
+        session: Session,
+        request: StoreRequest,
+        header: Header,
+        temp: SpooledFile,
+        current: Instance,
+    ) -> tuple[StoreOutcome, SpooledFile | None]:
+        """Duplicate policy. An identical copy is always Success and changes nothing."""
+        known = {current.sha256} | set(
+            session.scalars(
+                select(InstanceVersion.sha256).where(
+                    InstanceVersion.sop_instance_uid == header.sop_instance_uid
+                )
+            )
+        )
+        if temp.sha256 in known:
+            self._spool.discard(temp.path)
+            return StoreOutcome(Status.SUCCESS, duplicate="identical"), None
+        if self._policy == "reject":
+            self._spool.discard(temp.path)
+            return (
+                StoreOutcome(
+                    Status.DUPLICATE_SOP_INSTANCE,
+                    duplicate="rejected",
+                    reason="other content already stored under this SOP Instance UID",
+                ),
+                None,
+            )
+        published = self._publish(temp, header, versioned=True)
+        now = self._clock()
+        if self._policy == "keep_first":
+            session.add(
+                InstanceVersion(
+                    sop_instance_uid=header.sop_instance_uid,
+                    disposition="not_kept",
+                    sha256=published.sha256,
+                    size_bytes=published.size_bytes,
+                    spool_path=self._spool.relative(published.path),
+                    calling_ae=request.calling_ae,
+                    received_at=now,
+                )
+            )
+            return StoreOutcome(Status.SUCCESS, published.size_bytes, "kept_first"), published
+        session.add(
+            InstanceVersion(
+                sop_instance_uid=current.sop_instance_uid,
+                disposition="superseded",
+                sha256=current.sha256,
+                size_bytes=current.size_bytes,
+                spool_path=current.spool_path,
+                calling_ae=current.calling_ae,
+                received_at=current.received_at,
+            )
+        )
+        replacement = self._instance_row(request, header, published)
+        for column in Instance.__table__.columns.keys():
+            if column != "id":
+                setattr(current, column, getattr(replacement, column))
+        return StoreOutcome(Status.SUCCESS, published.size_bytes, "replaced"), published
+
+    def _publish(self, temp: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
+        name = header.sop_instance_uid
+        if versioned:
+            name = f"{name}.{temp.sha256[:16]}"
+        return self._spool.publish(temp, temp.path.with_name(f"{name}.dcm"))
+
+    def _instance_row(self, request: StoreRequest, header: Header, stored: SpooledFile) -> Instance:
+        return Instance(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            patient_id=header.patient_id,
+            patient_name=header.patient_name,
+            accession_number=header.accession_number,
+            modality=header.modality,
+            study_date=header.study_date,
+            calling_ae=request.calling_ae,
+            peer_address=request.peer_address,
+            transfer_syntax_uid=request.transfer_syntax,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            spool_path=self._spool.relative(stored.path),
+            received_at=self._clock(),
+            association_id=request.association_id,
+        )

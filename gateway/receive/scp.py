@@ -1,0 +1,249 @@
+"""The listening AE: binds pynetdicom's events to the gateway's policy objects. Glue only.
+
+Admission (who may associate) is decided before presentation contexts are negotiated, by
+``GatewayACSE``; each C-ECHO and C-STORE then checks the caller's services and hands the request
+to ``Ingest``. Logs carry AE titles, addresses, UIDs, statuses and counts, never patient values.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pynetdicom import AE, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from gateway.config import DicomConfig, Service
+from gateway.dicom.contexts import scp_contexts
+from gateway.dicom.peers import PeerPolicy, RejectReason
+from gateway.dicom.status import Status
+from gateway.metrics import Metrics
+from gateway.receive.associations import AssociationLedger, AssociationStats
+from gateway.receive.fastpath import FastSocket
+from gateway.receive.ingest import Ingest, StoreRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Open:
+    """What the gateway knows about one accepted association while it runs."""
+
+    calling_ae: str
+    peer: str
+    services: frozenset[Service]
+    stats: AssociationStats
+    end_state: str = "closed"
+
+
+class Receiver:
+    def __init__(
+        self,
+        config: DicomConfig,
+        policy: PeerPolicy,
+        ingest: Ingest,
+        ledger: AssociationLedger,
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._policy = policy
+        self._ingest = ingest
+        self._ledger = ledger
+        self._metrics = metrics
+        self._open: dict[int, _Open] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.maximum_pdu_size = config.max_pdu_size
+        self.ae.maximum_associations = config.max_associations
+        self.ae.acse_timeout = config.acse_timeout_s
+        self.ae.dimse_timeout = config.dimse_timeout_s
+        self.ae.network_timeout = config.network_timeout_s
+        self.ae.require_called_aet = False  # GatewayACSE decides, with the reason recorded
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None, "start() first"
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_RELEASED, self._handle_end, ["released"]),
+            (evt.EVT_ABORTED, self._handle_end, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
+        ]
+        server = self.ae.make_server(
+            (self._config.bind_host, self._config.port),
+            contexts=scp_contexts(),
+            evt_handlers=handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=_handler_class(self),
+        )
+        thread = threading.Thread(target=server.serve_forever, name="gateway-acceptor", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)
+        self._server = cast(ThreadedAssociationServer, server)
+        host, port = self.address
+        log.info("listening as %s on %s:%d", self._config.ae_title, host, port)
+
+    def stop(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight associations finish for up to ``grace_s``, then abort."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            log.warning("aborting association from %s after %.0f s grace",
+                        assoc.requestor.ae_title, grace_s)
+            assoc.abort()
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    # -- admission (called by GatewayACSE in the association's thread) -------------------------
+
+    def admit(self, assoc: Association, calling_ae: str, called_ae: str) -> RejectReason | None:
+        peer = (str(assoc.requestor.address), int(assoc.requestor.port))
+        admission = self._policy.admit(calling_ae, called_ae, peer[0])
+        reject = admission.reject
+        if reject is None:
+            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
+            if len(acceptors) > self._config.max_associations:
+                reject = RejectReason.LOCAL_LIMIT_EXCEEDED
+        if reject is not None:
+            self._metrics.associations.labels("rejected", reject.label).inc()
+            self._ledger.opened(calling_ae, called_ae, peer, rejected_reason=reject.label)
+            log.warning("rejected association from %s at %s:%d calling %s: %s",
+                        calling_ae, peer[0], peer[1], called_ae, reject.label)
+            return reject
+        if not admission.known_peer:
+            log.warning("accepting unknown caller %s at %s (allowed: %s); list it under "
+                        "[[security.peers]] to make this explicit",
+                        calling_ae, peer[0], ",".join(sorted(admission.services)))
+        record_id = self._ledger.opened(calling_ae, called_ae, peer)
+        with self._lock:
+            self._open[id(assoc)] = _Open(
+                calling_ae, f"{peer[0]}:{peer[1]}", admission.services,
+                AssociationStats(record_id),
+            )
+        self._metrics.associations.labels("accepted", "").inc()
+        self._metrics.associations_active.inc()
+        log.info("accepted association %s from %s at %s:%d", record_id, calling_ae, *peer)
+        return None
+
+    # -- DIMSE handlers ------------------------------------------------------------------------
+
+    def _state(self, assoc: Association) -> _Open | None:
+        with self._lock:
+            return self._open.get(id(assoc))
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        state = self._state(event.assoc)
+        if state is None or "echo" not in state.services:
+            return int(Status.NOT_AUTHORIZED)
+        return int(Status.SUCCESS)
+
+    def _handle_store(self, event: evt.Event) -> int:
+        """C-STORE (PS3.4 B.2.3). Never raises: pynetdicom would answer 0xC211 and lose the why."""
+        started = time.perf_counter()
+        request = cast(Any, event.request)
+        state = self._state(event.assoc)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        if state is None or "store" not in state.services:
+            calling = state.calling_ae if state else event.assoc.requestor.ae_title
+            self._metrics.instances.labels(calling, Status.NOT_AUTHORIZED.label).inc()
+            log.warning("C-STORE refused: %s may not store", calling)
+            return int(Status.NOT_AUTHORIZED)
+        try:
+            outcome = self._ingest.store(
+                StoreRequest(
+                    incoming=event.dataset_path,
+                    affected_sop_class=str(request.AffectedSOPClassUID),
+                    affected_sop_instance=sop_instance,
+                    transfer_syntax=str(event.context.transfer_syntax),
+                    calling_ae=state.calling_ae,
+                    peer_address=state.peer,
+                    association_id=state.stats.record_id,
+                )
+            )
+            status, kept, duplicate = outcome.status, outcome.kept_bytes, outcome.duplicate
+            if status != Status.SUCCESS:
+                log.warning("C-STORE %s from %s answered %s: %s",
+                            sop_instance, state.calling_ae, status.label, outcome.reason)
+        except Exception as exc:  # noqa: BLE001 - the one place a store failure becomes a status
+            log.error("C-STORE %s from %s failed (%s); answering 0xA700 so the sender retries",
+                      sop_instance, state.calling_ae, type(exc).__name__)
+            log.debug("C-STORE failure detail", exc_info=True)
+            status, kept, duplicate = Status.OUT_OF_RESOURCES, 0, None
+        self._metrics.instances.labels(state.calling_ae, status.label).inc()
+        if kept:
+            self._metrics.bytes.labels(state.calling_ae).inc(kept)
+        if duplicate:
+            self._metrics.duplicates.labels(duplicate).inc()
+        state.stats.count(status.label, kept, duplicate is not None)
+        self._metrics.store_seconds.observe(time.perf_counter() - started)
+        return int(status)
+
+    def _handle_end(self, event: evt.Event, end_state: str) -> None:
+        state = self._state(event.assoc)
+        if state is not None:
+            state.end_state = end_state
+        self._finish(event.assoc)
+
+    def _handle_closed(self, event: evt.Event) -> None:
+        self._finish(event.assoc)
+
+    def _finish(self, assoc: Association) -> None:
+        with self._lock:
+            state = self._open.pop(id(assoc), None)
+        if state is None:
+            return
+        self._metrics.associations_active.dec()
+        self._ledger.closed(state.stats, state.end_state)
+        log.info("association %s from %s %s: %d stored, %d duplicate, %d bytes",
+                 state.stats.record_id, state.calling_ae, state.end_state,
+                 state.stats.instances, state.stats.duplicates, state.stats.bytes)
+
+
+class GatewayACSE(ACSE):
+    """pynetdicom's ACSE, with the gateway's admission decided before negotiation (PS3.8 7.1)."""
+
+    def __init__(self, assoc: Association, receiver: Receiver) -> None:
+        super().__init__(assoc)
+        self._receiver = receiver
+
+    def _negotiate_as_acceptor(self) -> None:
+        request = cast(Any, self.requestor.primitive)
+        calling_ae = str(request.calling_ae_title).strip()
+        called_ae = str(request.called_ae_title).strip()
+        reject = self._receiver.admit(self.assoc, calling_ae, called_ae)
+        if reject is None:
+            super()._negotiate_as_acceptor()
+            return
+        self.requestor.ae_title = request.calling_ae_title
+        self.send_reject(*reject.value)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+
+def _handler_class(receiver: Receiver) -> type[RequestHandler]:
+    class GatewayRequestHandler(RequestHandler):
+        def _create_association(self) -> Association:
+            assoc = super()._create_association()
+            FastSocket.adopt(cast(Any, assoc.dul.socket))
+            assoc.acse = GatewayACSE(assoc, receiver)
+            return assoc
+
+    return GatewayRequestHandler
