@@ -48,7 +48,8 @@ class HttpEndpoint:
 
         self._server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="gateway-http", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="gateway-http",
+            daemon=True,
         )
 
     @property

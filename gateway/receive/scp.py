@@ -87,7 +87,10 @@ class Receiver:
             server_class=ThreadedAssociationServer,
             request_handler=_handler_class(self),
         )
-        thread = threading.Thread(target=server.serve_forever, name="gateway-acceptor", daemon=True)
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="gateway-acceptor",
+            daemon=True,
+        )
         thread.start()
         self.ae._servers.append(server)
         self._server = cast(ThreadedAssociationServer, server)

@@ -74,11 +74,25 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value)
 
 
+def _check_not_truncated(ds: Dataset, file_size: int) -> None:
+    """pydicom reads a value that runs past the end of the data as a short value, silently; an
+    element that overruns can only be the last one read, so checking that one is enough."""
+    if not len(ds):
+        return
+    last = ds.get_item(list(ds.keys())[-1])
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", 0)
+    if tell is not None and length != 0xFFFFFFFF and tell + length > file_size:
+        raise ValueError("last element runs past the end of the data set")
+
+
 def read_header(fp: BinaryIO, affected_sop_class: str, affected_sop_instance: str) -> Header:
     """Decode the dataset fully and check it against the C-STORE request (PS3.4 B.2.3)."""
     try:
+        fp.seek(0, 2)
+        file_size = fp.tell()
         fp.seek(0)
         ds = dcmread(fp, defer_size=DEFER_SIZE)
+        _check_not_truncated(ds, file_size)
         for _ in ds.iterall():
             pass  # converting every raw element is what proves the encoding is sound
         uids = {

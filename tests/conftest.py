@@ -1,0 +1,201 @@
+"""Fixtures: each test gets its own spool, database, port and metrics registry.
+
+``gateway`` runs the real app in this process (fast, inspectable); ``served`` runs ``gateway serve``
+as a subprocess, as an operator would, for tests about signals, crashes and logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from gateway.app import Gateway
+from gateway.config import GatewayConfig
+
+IN_CI = os.environ.get("CI") == "true"
+POSTGRES_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+GATEWAY_BIN = Path(sys.executable).with_name("gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s: {message}")
+        time.sleep(0.02)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: SQLite in tmp_path, or a new database on the machine's PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    if not POSTGRES_URL:
+        message = "GATEWAY_TEST_POSTGRES_URL not set (scripts/test sets it when PostgreSQL runs)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    name = f"gw_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(POSTGRES_URL).set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'gateway.db'}"
+
+
+def config_dict(tmp_path: Path, db: str, port: int, **sections: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "dicom": {"ae_title": "GATEWAY", "bind_host": "127.0.0.1", "port": port,
+                  "shutdown_grace_s": 5.0},
+        "security": {"check_called_ae_title": True, "unknown_callers": ["echo", "store"]},
+        "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_mb": 1},
+        "database": {"url": db, "busy_timeout_s": 2.0},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
+        "logging": {"level": "INFO"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return data
+
+
+@pytest.fixture
+def make_gateway(
+    tmp_path: Path, sqlite_url: str
+) -> Iterator[Callable[..., Gateway]]:
+    """Start the real app in this process: ``make_gateway(db=..., storage={...}, ...)``."""
+    started: list[Gateway] = []
+
+    def start(db: str | None = None, free_bytes: Any = None, **sections: dict[str, Any]) -> Gateway:
+        data = config_dict(tmp_path, db or sqlite_url, free_port(), **sections)
+        app = Gateway(GatewayConfig.model_validate(data), CollectorRegistry(), free_bytes)
+        app.start()
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        app.stop()
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@dataclass
+class Served:
+    """A ``gateway serve`` subprocess."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    config_path: Path
+    spool: Path
+    db_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+@pytest.fixture
+def served(tmp_path: Path, sqlite_url: str) -> Iterator[Callable[..., Served]]:
+    """Start ``gateway serve --config F`` as a subprocess and wait until it listens."""
+    running: list[Served] = []
+
+    def start(db: str | None = None, env: dict[str, str] | None = None,
+              **sections: dict[str, Any]) -> Served:
+        port, metrics_port = free_port(), free_port()
+        data = config_dict(tmp_path, db or sqlite_url, port, **sections)
+        data["metrics"]["port"] = metrics_port
+        config_path = write_toml(tmp_path / f"gateway-{port}.toml", data)
+        log_path = tmp_path / f"gateway-{port}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [str(GATEWAY_BIN), "serve", "--config", str(config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            )
+        server = Served(process, port, metrics_port, config_path, Path(data["storage"]["spool_dir"]),
+                        data["database"]["url"], log_path)
+        running.append(server)
+        wait_for(lambda: port_open(port) or process.poll() is not None, 30, "gateway to listen")
+        assert process.poll() is None, f"gateway exited at start:\n{server.log()}"
+        return server
+
+    yield start
+    for server in running:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+def rows(db: str, sql: str, **params: Any) -> list[Any]:
+    engine = sa.create_engine(db)
+    try:
+        with engine.connect() as c:
+            return list(c.execute(sa.text(sql), params).all())
+    finally:
+        engine.dispose()

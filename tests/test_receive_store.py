@@ -1,0 +1,114 @@
+"""C-STORE through the real app, on SQLite and PostgreSQL: statuses on the wire, files, rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from gateway.dicom.status import Status
+from tests.conftest import rows
+from tests.factory import CT_IMAGE_STORAGE, make_dataset
+from tests.peers import encode, raw_c_store, spool_files, store
+
+
+def test_stored_instance_is_on_disk_and_in_the_ledger(make_gateway, db_url: str) -> None:
+    app = make_gateway(db=db_url)
+    ds = make_dataset(PatientName="DOE^JANE", PatientID="PID-42", AccessionNumber="A-77")
+
+    assert store(app.receiver.address[1], ds, calling_ae="CT_ROOM1") == Status.SUCCESS
+
+    [path] = spool_files(app.spool.root)
+    assert path == app.spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / (
+        ds.SOPInstanceUID + ".dcm"
+    )
+    stored = pydicom.dcmread(path)
+    assert stored.file_meta.SourceApplicationEntityTitle == "CT_ROOM1"
+    assert stored.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert stored.PixelData == ds.PixelData
+    [row] = rows(db_url, "SELECT * FROM instances")
+    assert row.sop_instance_uid == ds.SOPInstanceUID
+    assert row.study_instance_uid == ds.StudyInstanceUID
+    assert row.series_instance_uid == ds.SeriesInstanceUID
+    assert row.sop_class_uid == CT_IMAGE_STORAGE
+    assert (row.patient_id, row.patient_name, row.accession_number) == ("PID-42", "DOE^JANE", "A-77")
+    assert (row.modality, row.study_date, row.calling_ae) == ("CT", "20261123", "CT_ROOM1")
+    assert row.peer_address.startswith("127.0.0.1:")
+    assert row.size_bytes == path.stat().st_size
+    assert len(row.sha256) == 64
+    assert app.spool.root / row.spool_path == path
+    [assoc] = rows(db_url, "SELECT * FROM associations")
+    assert (assoc.calling_ae, assoc.result, assoc.instances) == ("CT_ROOM1", "accepted", 1)
+    assert not list(app.spool.incoming.iterdir())
+
+
+def _assert_nothing_kept(app, db_url: str) -> None:
+    assert spool_files(app.spool.root) == []
+    assert rows(db_url, "SELECT * FROM instances") == []
+    assert not list(app.spool.incoming.iterdir())
+    assert not list(app.spool.root.rglob("*.tmp"))
+
+
+def test_dataset_uids_differing_from_the_request_are_refused_with_a900(
+    make_gateway, db_url: str
+) -> None:
+    app = make_gateway(db=db_url)
+    ds = make_dataset()
+    status = raw_c_store(app.receiver.address[1], encode(ds), CT_IMAGE_STORAGE, generate_uid())
+    assert status == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    _assert_nothing_kept(app, db_url)
+
+
+def test_undecodable_dataset_is_refused_with_c000(make_gateway, db_url: str) -> None:
+    app = make_gateway(db=db_url)
+    ds = make_dataset()
+    # A valid start, then an element claiming 0x7FFFFFF0 bytes that never come.
+    garbage = encode(ds)[:40] + b"\x10\x00\x10\x00PN\xf0\xff" + b"\x01" * 7
+    status = raw_c_store(app.receiver.address[1], garbage, CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+    assert status == Status.CANNOT_UNDERSTAND
+    _assert_nothing_kept(app, db_url)
+
+
+def test_invalid_uid_is_refused_with_c001(make_gateway, db_url: str) -> None:
+    app = make_gateway(db=db_url)
+    ds = make_dataset(SeriesInstanceUID="1.2.3/../../etc")
+    status = raw_c_store(app.receiver.address[1], encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+    assert status == Status.INVALID_UID
+    ds = make_dataset(StudyInstanceUID=None)
+    status = raw_c_store(app.receiver.address[1], encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID)
+    assert status == Status.INVALID_UID
+    _assert_nothing_kept(app, db_url)
+
+
+def test_low_disk_answers_a700_and_recovers_when_space_returns(make_gateway, db_url: str) -> None:
+    free = {"bytes": 10 * 1024 * 1024}  # below the 64 MiB minimum configured here
+    app = make_gateway(db=db_url, free_bytes=lambda _p: free["bytes"],
+                       storage={"min_free_mb": 64})
+    port = app.receiver.address[1]
+    refused = make_dataset()
+    assert store(port, refused) == Status.OUT_OF_RESOURCES
+    _assert_nothing_kept(app, db_url)
+    assert app.health()["spool_free"] is False
+
+    free["bytes"] = 10 * 1024**3
+    assert store(port, refused) == Status.SUCCESS
+    assert len(spool_files(app.spool.root)) == 1
+    assert app.health() == {"database": True, "spool_free": True}
+
+
+def test_unauthorised_service_is_refused_with_0124(make_gateway) -> None:
+    app = make_gateway(security={"unknown_callers": ["echo"]})
+    assert store(app.receiver.address[1], make_dataset()) == Status.NOT_AUTHORIZED
+    assert spool_files(app.spool.root) == []
+
+
+def test_restart_removes_unacknowledged_leftovers(make_gateway, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    (spool / "incoming").mkdir(parents=True)
+    (spool / "incoming" / "tmpabc.dcm").write_bytes(b"partial")
+    (spool / "1.2" / "3.4").mkdir(parents=True)
+    (spool / "1.2" / "3.4" / ".deadbeef.tmp").write_bytes(b"half")
+    app = make_gateway()
+    assert not list(app.spool.root.rglob("*.tmp"))
+    assert not list(app.spool.incoming.iterdir())
