@@ -1,8 +1,11 @@
 """Presentation contexts the gateway accepts, in one place.
 
-Instances are stored as received, so every transfer syntax a modality commonly sends is accepted and
-none is preferred over another: the acceptor takes the first syntax the requestor proposes that is
-in this list (PS3.8 7.1.1.13), which keeps the sender's own encoding.
+Instances are stored as received, so every transfer syntax a modality commonly sends is accepted.
+pynetdicom picks, within one proposed context, the first syntax of *this* list that the requestor
+offers. Encapsulated (compressed) syntaxes come first because a sender only offers one when it holds
+the image that way, so accepting it keeps the sender's encoding and spares it a decompression;
+then deflated, explicit VR (little, then big endian), and implicit VR last, as DCMTK's storescp
+prefers explicit over implicit.
 """
 
 from __future__ import annotations
@@ -30,10 +33,6 @@ from pynetdicom.presentation import AllStoragePresentationContexts, Presentation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 STORE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ImplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    DeflatedExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
@@ -42,10 +41,14 @@ STORE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEGLSNearLossless,
     JPEG2000Lossless,
     JPEG2000,
-    RLELossless,
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
     HTJ2K,
+    RLELossless,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
 )
 
 

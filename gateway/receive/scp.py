@@ -56,11 +56,14 @@ class Receiver:
         self._ledger = ledger
         self._metrics = metrics
         self._open: dict[int, _Open] = {}
+        self._warned_unknown: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu_size
-        self.ae.maximum_associations = config.max_associations
+        # GatewayACSE enforces max_associations over admitted associations; pynetdicom's own
+        # check counts raw connections, so it is set out of the way.
+        self.ae.maximum_associations = config.max_associations + 10_000
         self.ae.acse_timeout = config.acse_timeout_s
         self.ae.dimse_timeout = config.dimse_timeout_s
         self.ae.network_timeout = config.network_timeout_s
@@ -104,11 +107,16 @@ class Receiver:
         server, self._server = self._server, None
         server.shutdown()
         deadline = time.monotonic() + grace_s
-        while server.active_associations and time.monotonic() < deadline:
+        # Only established associations are worth waiting for: a bare TCP connect (a port probe)
+        # would otherwise hold shutdown for the whole ACSE timeout.
+        while time.monotonic() < deadline and any(
+            a.is_established for a in server.active_associations
+        ):
             time.sleep(0.05)
         for assoc in server.active_associations:
-            log.warning("aborting association from %s after %.0f s grace",
-                        assoc.requestor.ae_title, grace_s)
+            if assoc.is_established:
+                log.warning("aborting association from %s after %.0f s grace",
+                            assoc.requestor.ae_title, grace_s)
             assoc.abort()
 
     def active_count(self) -> int:
@@ -122,25 +130,29 @@ class Receiver:
         admission = self._policy.admit(calling_ae, called_ae, peer[0])
         reject = admission.reject
         if reject is None:
-            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]
-            if len(acceptors) > self._config.max_associations:
-                reject = RejectReason.LOCAL_LIMIT_EXCEEDED
+            # Count admitted associations, not connections: a bare TCP probe holds a pynetdicom
+            # thread for the ACSE timeout and must not use up a modality's slot. Checked and
+            # reserved under one lock so two simultaneous requests cannot both take the last slot.
+            state = _Open(calling_ae, f"{peer[0]}:{peer[1]}", admission.services,
+                          AssociationStats(None))
+            with self._lock:
+                if len(self._open) >= self._config.max_associations:
+                    reject = RejectReason.LOCAL_LIMIT_EXCEEDED
+                else:
+                    self._open[id(assoc)] = state
         if reject is not None:
             self._metrics.associations.labels("rejected", reject.label).inc()
             self._ledger.opened(calling_ae, called_ae, peer, rejected_reason=reject.label)
             log.warning("rejected association from %s at %s:%d calling %s: %s",
                         calling_ae, peer[0], peer[1], called_ae, reject.label)
             return reject
-        if not admission.known_peer:
+        if not admission.known_peer and (calling_ae, peer[0]) not in self._warned_unknown:
+            self._warned_unknown.add((calling_ae, peer[0]))  # once per caller, not per association
             log.warning("accepting unknown caller %s at %s (allowed: %s); list it under "
                         "[[security.peers]] to make this explicit",
                         calling_ae, peer[0], ",".join(sorted(admission.services)))
         record_id = self._ledger.opened(calling_ae, called_ae, peer)
-        with self._lock:
-            self._open[id(assoc)] = _Open(
-                calling_ae, f"{peer[0]}:{peer[1]}", admission.services,
-                AssociationStats(record_id),
-            )
+        state.stats.record_id = record_id
         self._metrics.associations.labels("accepted", "").inc()
         self._metrics.associations_active.inc()
         log.info("accepted association %s from %s at %s:%d", record_id, calling_ae, *peer)
