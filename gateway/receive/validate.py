@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_fragments
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from gateway.dicom.status import Status
@@ -27,6 +29,7 @@ from gateway.errors import PermanentError
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 DEFER_SIZE = 64 * 1024
 _META_START = 132  # 128-byte preamble + b"DICM"
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class Refused(PermanentError):
@@ -81,20 +84,73 @@ def _check_not_truncated(ds: Dataset, file_size: int) -> None:
         return
     last = ds.get_item(list(ds.keys())[-1])
     tell, length = getattr(last, "value_tell", None), getattr(last, "length", 0)
-    if tell is not None and length != 0xFFFFFFFF and tell + length > file_size:
+    if tell is not None and length != UNDEFINED_LENGTH and tell + length > file_size:
         raise ValueError("last element runs past the end of the data set")
+
+
+def _walk(ds: Dataset, file_size: int) -> None:
+    _check_not_truncated(ds, file_size)
+    for _ in ds.iterall():
+        pass  # converting every raw element is what proves the encoding is sound
+
+
+def _skip_pixel_element(fp: BinaryIO, implicit: bool, little: bool, file_size: int) -> None:
+    """Step over the pixel data element without reading its value into memory.
+
+    pydicom defers large values of defined length, but reads encapsulated (undefined length)
+    pixel data whole; here the fragments' item headers are followed instead (PS3.5 A.4).
+    """
+    endian = "<" if little else ">"
+    start = fp.tell()
+    if implicit:
+        length = struct.unpack(f"{endian}4xI", fp.read(8))[0]
+    else:
+        length = struct.unpack(f"{endian}4x2s2xI", fp.read(12))[1]
+    if length != UNDEFINED_LENGTH:
+        end = fp.tell() + length
+        if end > file_size:
+            raise ValueError("pixel data runs past the end of the data set")
+        fp.seek(end)
+        return
+    count, offsets = parse_fragments(fp, endianness=endian)
+    position = fp.tell()
+    if count:
+        fp.seek(offsets[-1] + 4)
+        position = offsets[-1] + 8 + struct.unpack(f"{endian}I", fp.read(4))[0]
+    fp.seek(position)
+    delimiter = fp.read(8)
+    if len(delimiter) != 8 or struct.unpack(f"{endian}HHI", delimiter)[:2] != (0xFFFE, 0xE0DD):
+        raise ValueError(f"encapsulated pixel data at {start} has no sequence delimiter")
+
+
+def decode_dataset(fp: BinaryIO) -> Dataset:
+    """Decode every element of a Part-10 file except pixel data values, which are only stepped
+    over, so memory follows the header's size and not the image's."""
+    fp.seek(0, 2)
+    file_size = fp.tell()
+    fp.seek(0)
+    ds = dcmread(fp, defer_size=DEFER_SIZE, stop_before_pixels=True)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_deflated:
+        fp.seek(0)  # inflated into memory by pydicom anyway: decode it all in one go
+        ds = dcmread(fp, defer_size=DEFER_SIZE)
+        _walk(ds, file_size=1 << 62)
+        return ds
+    _walk(ds, file_size)
+    if fp.tell() < file_size:
+        _skip_pixel_element(fp, syntax.is_implicit_VR, syntax.is_little_endian, file_size)
+        if fp.tell() < file_size:
+            trailer = read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian,
+                                   defer_size=DEFER_SIZE)
+            _walk(trailer, file_size)
+            ds.update(trailer)
+    return ds
 
 
 def read_header(fp: BinaryIO, affected_sop_class: str, affected_sop_instance: str) -> Header:
     """Decode the dataset fully and check it against the C-STORE request (PS3.4 B.2.3)."""
     try:
-        fp.seek(0, 2)
-        file_size = fp.tell()
-        fp.seek(0)
-        ds = dcmread(fp, defer_size=DEFER_SIZE)
-        _check_not_truncated(ds, file_size)
-        for _ in ds.iterall():
-            pass  # converting every raw element is what proves the encoding is sound
+        ds = decode_dataset(fp)
         uids = {
             kw: ds.get(kw)
             for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
