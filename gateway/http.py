@@ -42,7 +42,7 @@ class HttpEndpoint:
                 )
                 return [body.encode()]
             if environ.get("PATH_INFO") == "/metrics":
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+                return metrics_app(environ, start_response)
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"try /metrics or /healthz\n"]
 

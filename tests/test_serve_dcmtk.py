@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from tests.conftest import rows, wait_for
+from tests.conftest import GATEWAY_BIN, rows, wait_for
 from tests.factory import write_study
 from tests.peers import dcmtk, require_tool, spool_files
 
@@ -75,8 +75,7 @@ def test_storescu_study_is_stored_recorded_and_counted(served, tmp_path: Path) -
     assert assoc.peer_host == "127.0.0.1"
 
     status = subprocess.run(
-        [str(Path(pydicom.__file__).parents[3].parent / "bin" / "gateway"), "status",
-         "--config", str(gateway.config_path)],
+        [str(GATEWAY_BIN), "status", "--config", str(gateway.config_path)],
         capture_output=True, text=True, timeout=60,
     )
     assert status.returncode == 0, status.stderr

@@ -78,6 +78,6 @@ def receive_datasets_into(folder: Path) -> None:
     """Stream C-STORE data sets to files in ``folder`` (process-wide: one spool per process)."""
     folder.mkdir(parents=True, exist_ok=True)
     _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[attr-defined]
+    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
         tempfile.NamedTemporaryFile, dir=folder
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,10 +63,10 @@ class StoreOutcome:
 def file_meta_bytes(request: StoreRequest) -> bytes:
     """Preamble, prefix and File Meta Information (PS3.10 7.1) naming the sender as source."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = request.affected_sop_class
-    meta.MediaStorageSOPInstanceUID = request.affected_sop_instance
-    meta.TransferSyntaxUID = request.transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UID(request.affected_sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(request.affected_sop_instance)
+    meta.TransferSyntaxUID = UID(request.transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     meta.SourceApplicationEntityTitle = request.calling_ae
     buffer = DicomBytesIO()
@@ -196,7 +197,7 @@ class Ingest:
         return StoreOutcome(Status.SUCCESS, published.size_bytes, "replaced"), published
 
     def _publish(self, temp: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
-        name = header.sop_instance_uid
+        name = str(header.sop_instance_uid)
         if versioned:
             name = f"{name}.{temp.sha256[:16]}"
         return self._spool.publish(temp, temp.path.with_name(f"{name}.dcm"))

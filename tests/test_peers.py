@@ -1,0 +1,39 @@
+"""Admission policy: who may associate and with which services."""
+
+from __future__ import annotations
+
+from gateway.config import Peer, SecurityConfig
+from gateway.dicom.peers import PeerPolicy, RejectReason
+
+
+def policy(**security: object) -> PeerPolicy:
+    return PeerPolicy(SecurityConfig.model_validate(security), "GATEWAY")
+
+
+def test_known_peer_gets_its_services_unknown_gets_the_default() -> None:
+    p = policy(unknown_callers=["echo"], peers=[Peer(ae_title="CT1", services=("store",))])
+    known = p.admit("CT1", "GATEWAY", "10.0.0.1")
+    assert (known.reject, known.services, known.known_peer) == (None, {"store"}, True)
+    stranger = p.admit("OTHER", "GATEWAY", "10.0.0.1")
+    assert (stranger.reject, stranger.services, stranger.known_peer) == (None, {"echo"}, False)
+
+
+def test_closed_list_rejects_unknown_callers_and_wrong_hosts() -> None:
+    p = policy(peers=[Peer(ae_title="CT1", host="10.0.0.1")])
+    assert p.admit("CT1", "GATEWAY", "10.0.0.1").reject is None
+    assert p.admit("CT1", "GATEWAY", "10.0.0.2").reject is RejectReason.CALLING_AE_NOT_RECOGNIZED
+    assert p.admit("CT2", "GATEWAY", "10.0.0.1").reject is RejectReason.CALLING_AE_NOT_RECOGNIZED
+
+
+def test_called_ae_is_checked_unless_turned_off() -> None:
+    strict = policy(unknown_callers=["echo"])
+    assert strict.admit("X", "NOT_US", "h").reject is RejectReason.CALLED_AE_NOT_RECOGNIZED
+    assert strict.admit("X", "GATEWAY  ", "h").reject is None  # AE titles are space-padded
+    lax = policy(unknown_callers=["echo"], check_called_ae_title=False)
+    assert lax.admit("X", "ANYTHING", "h").reject is None
+
+
+def test_reject_reasons_are_the_standard_triples() -> None:
+    assert RejectReason.CALLING_AE_NOT_RECOGNIZED.value == (1, 1, 3)
+    assert RejectReason.CALLED_AE_NOT_RECOGNIZED.value == (1, 1, 7)
+    assert RejectReason.LOCAL_LIMIT_EXCEEDED.value == (2, 3, 2)
