@@ -53,7 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gateway.start()
     if gateway.http is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, gateway.http.port)
-    stopping.wait()
+    # A timed wait: the kernel may deliver the signal to one of pynetdicom's threads, and an
+    # untimed wait in the main thread would then never run the Python-level handler.
+    while not stopping.wait(0.5):
+        pass
     gateway.stop()
     log.info("stopped")
     return 0
