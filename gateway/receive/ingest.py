@@ -19,10 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,8 +31,6 @@ from gateway.receive.validate import Header, Refused, dataset_offset, read_heade
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATION_CLASS_UID = "2.25.48550581365857126030161444514657436015"
-IMPLEMENTATION_VERSION_NAME = "GATEWAY_010"
 
 
 @dataclass(frozen=True)
@@ -60,21 +54,6 @@ class StoreOutcome:
     reason: str | None = None
 
 
-def file_meta_bytes(request: StoreRequest) -> bytes:
-    """Preamble, prefix and File Meta Information (PS3.10 7.1) naming the sender as source."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(request.affected_sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(request.affected_sop_instance)
-    meta.TransferSyntaxUID = UID(request.transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = request.calling_ae
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return b"\x00" * 128 + b"DICM" + buffer.getvalue()
-
-
 class Ingest:
     def __init__(
         self,
@@ -96,11 +75,9 @@ class Ingest:
             with open(request.incoming, "rb") as fp:
                 header = read_header(fp, request.affected_sop_class, request.affected_sop_instance)
                 offset = dataset_offset(fp)
-                size = request.incoming.stat().st_size - offset
-                if not self._spool.has_room_for(size):
-                    return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool below minimum free")
-                folder = self._spool.folder_for(header.study_instance_uid, header.series_instance_uid)
-                temp = self._spool.write_temp(folder, file_meta_bytes(request), fp, offset)
+            if not self._spool.has_room_for(request.incoming.stat().st_size):
+                return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool below minimum free")
+            sealed = self._spool.seal(request.incoming, offset)
         except Refused as refused:
             return StoreOutcome(refused.status, reason=refused.reason)
         except OSError as exc:
@@ -108,14 +85,19 @@ class Ingest:
             return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool write failed")
         try:
             with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
-                return self._record(request, header, temp)
+                return self._record(request, header, sealed)
         except SQLAlchemyError as exc:
             # IntegrityError included: only another process can race us on one UID (the lock
             # covers this one), and the sender's retry will then find the stored copy.
             log.error("database unavailable, answering 0xA700: %s", type(exc).__name__)
             return StoreOutcome(Status.OUT_OF_RESOURCES, reason="database unavailable")
 
-    def _record(self, request: StoreRequest, header: Header, temp: SpooledFile) -> StoreOutcome:
+    def _record(self, request: StoreRequest, header: Header, sealed: SpooledFile) -> StoreOutcome:
+        """Publish and commit together: a failed commit takes the published file back out.
+
+        A received file that is not published stays in ``incoming/``, where pynetdicom removes
+        it after the handler returns.
+        """
         published: SpooledFile | None = None
         try:
             with self._sessions() as session, session.begin():
@@ -123,16 +105,15 @@ class Ingest:
                     select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
                 ).one_or_none()
                 if current is None:
-                    published = self._publish(temp, header, versioned=False)
+                    published = self._publish(sealed, header, versioned=False)
                     session.add(self._instance_row(request, header, published))
                     outcome = StoreOutcome(Status.SUCCESS, kept_bytes=published.size_bytes)
                 else:
-                    outcome, published = self._second_copy(session, request, header, temp, current)
+                    outcome, published = self._second_copy(session, request, header, sealed, current)
             return outcome
         except BaseException:
             if published is not None:
                 self._spool.discard(published.path)
-            self._spool.discard(temp.path)
             raise
 
     def _second_copy(
@@ -140,7 +121,7 @@ class Ingest:
         session: Session,
         request: StoreRequest,
         header: Header,
-        temp: SpooledFile,
+        sealed: SpooledFile,
         current: Instance,
     ) -> tuple[StoreOutcome, SpooledFile | None]:
         """Duplicate policy. An identical copy is always Success and changes nothing."""
@@ -151,11 +132,9 @@ class Ingest:
                 )
             )
         )
-        if temp.sha256 in known:
-            self._spool.discard(temp.path)
+        if sealed.sha256 in known:
             return StoreOutcome(Status.SUCCESS, duplicate="identical"), None
         if self._policy == "reject":
-            self._spool.discard(temp.path)
             return (
                 StoreOutcome(
                     Status.DUPLICATE_SOP_INSTANCE,
@@ -164,7 +143,7 @@ class Ingest:
                 ),
                 None,
             )
-        published = self._publish(temp, header, versioned=True)
+        published = self._publish(sealed, header, versioned=True)
         now = self._clock()
         if self._policy == "keep_first":
             session.add(
@@ -196,11 +175,12 @@ class Ingest:
                 setattr(current, column, getattr(replacement, column))
         return StoreOutcome(Status.SUCCESS, published.size_bytes, "replaced"), published
 
-    def _publish(self, temp: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
+    def _publish(self, sealed: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
         name = str(header.sop_instance_uid)
         if versioned:
-            name = f"{name}.{temp.sha256[:16]}"
-        return self._spool.publish(temp, temp.path.with_name(f"{name}.dcm"))
+            name = f"{name}.{sealed.sha256[:16]}"
+        folder = self._spool.folder_for(header.study_instance_uid, header.series_instance_uid)
+        return self._spool.publish(sealed, folder / f"{name}.dcm")
 
     def _instance_row(self, request: StoreRequest, header: Header, stored: SpooledFile) -> Instance:
         return Instance(

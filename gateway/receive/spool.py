@@ -4,7 +4,8 @@ Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` 
 of an instance; a later copy with other content is ``<SOPInstanceUID>.<sha256[:16]>.dcm`` beside it,
 so no copy ever overwrites another. Paths are built only from UIDs that ``validate`` has checked
 against the UID grammar (digits and dots), so no patient data and no ``..`` can reach a path.
-``incoming/`` holds what pynetdicom is still receiving; ``*.tmp`` files are never acknowledged.
+``incoming/`` holds what pynetdicom is receiving, already as a Part-10 file; a kept instance is
+synced there and renamed into place. ``*.tmp`` files (from rewrites) are never acknowledged.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom.uid import UID
 
@@ -49,36 +49,30 @@ class Spool:
     def folder_for(self, study_uid: UID, series_uid: UID) -> Path:
         return self.root / study_uid / series_uid
 
-    def write_temp(self, folder: Path, header: bytes, source: BinaryIO, offset: int) -> SpooledFile:
-        """Write ``header`` and ``source`` from ``offset`` to a synced temp file in ``folder``.
+    def seal(self, received: Path, dataset_offset: int) -> SpooledFile:
+        """Sync a received file to disk and hash its data set.
 
-        The SHA-256 covers the dataset bytes only (not the file meta, which names the sender), so
+        The SHA-256 covers the data set bytes only (not the file meta, which names the sender), so
         the same object sent by two modalities hashes alike.
         """
-        folder.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        tmp = folder / f".{os.urandom(8).hex()}.tmp"
-        size = 0
-        try:
-            with open(tmp, "wb") as out:
-                out.write(header)
-                source.seek(offset)
-                while chunk := source.read(COPY_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return SpooledFile(tmp, digest.hexdigest(), size + len(header))
+        with open(received, "rb") as fp:
+            fp.seek(dataset_offset)
+            while chunk := fp.read(COPY_CHUNK):
+                digest.update(chunk)
+            os.fsync(fp.fileno())
+        return SpooledFile(received, digest.hexdigest(), received.stat().st_size)
 
-    def publish(self, temp: SpooledFile, final: Path) -> SpooledFile:
-        """Rename a synced temp file to its final name and sync the folder, making the name durable."""
-        os.rename(temp.path, final)
+    def publish(self, sealed: SpooledFile, final: Path) -> SpooledFile:
+        """Rename a synced file to its final name and sync the folder, making the name durable.
+
+        The received file lives in ``incoming/`` on the same filesystem, so the rename is atomic:
+        the final name either does not exist or names the complete, synced file.
+        """
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(sealed.path, final)
         fsync_dir(final.parent)
-        return SpooledFile(final, temp.sha256, temp.size_bytes)
+        return SpooledFile(final, sealed.sha256, sealed.size_bytes)
 
     def discard(self, path: Path) -> None:
         path.unlink(missing_ok=True)

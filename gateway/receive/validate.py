@@ -1,7 +1,9 @@
 """Decide whether a received dataset can be kept, and pull out what the ledger indexes.
 
-The whole dataset is decoded once (every element, every sequence item) inside one guarded block,
-so a malformed object is refused before anything is written. Large values are not read into
+The whole dataset is decoded once inside one guarded block: every element's header, every
+sequence item at every depth, and the pixel data's fragment structure, so a malformed object is
+refused before anything is kept. Values are not converted: a bad value (a date with letters)
+must not cost a hospital its image, and its encoding is the sender's to answer for. Large values are not read into
 memory (``defer_size``): a 1 GB multi-frame costs its header, not its pixels.
 
 UIDs must be digits and dots, at most 64 characters (PS3.5 9.1). Components with a leading zero
@@ -90,8 +92,21 @@ def _check_not_truncated(ds: Dataset, file_size: int) -> None:
 
 def _walk(ds: Dataset, file_size: int) -> None:
     _check_not_truncated(ds, file_size)
-    for _ in ds.iterall():
-        pass  # converting every raw element is what proves the encoding is sound
+    _decode_sequences(ds)
+
+
+def _decode_sequences(ds: Dataset) -> None:
+    """Decode every sequence, at every depth: that is where structure can still be broken.
+
+    Reading already parsed each top-level element's tag, VR and length; converting values of
+    other elements proves nothing more (value errors are tolerated on purpose, see the module
+    docstring) and cost 2 ms per CT image, a third of the C-STORE handler.
+    """
+    for raw in ds.elements():
+        if raw.VR == "SQ" or (raw.VR == "UN" and getattr(raw, "length", 0) == UNDEFINED_LENGTH):
+            for item in ds[raw.tag].value or ():
+                if isinstance(item, Dataset):
+                    _decode_sequences(item)
 
 
 def _skip_pixel_element(fp: BinaryIO, implicit: bool, little: bool, file_size: int) -> None:
