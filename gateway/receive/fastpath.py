@@ -5,6 +5,12 @@ Why each change, measured on loopback (see ../shared/ARCHITECTURE.md and scripts
   where Linux has it. A sender that leaves Nagle on (DCMTK's default) otherwise waits for our
   delayed ACK, 40-90 ms per message. pynetdicom's ``recv`` also reads 4 KiB at a time into a growing
   bytearray; with large PDUs that is dozens of calls and copies per PDU, so we read into one buffer.
+- ``FastSocket.ready`` / ``FastAssociation._run_reactor``: pynetdicom's two threads per association
+  poll with 1 ms sleeps (the DUL reactor for socket data and outgoing PDUs, the association reactor
+  for complete DIMSE messages). Each C-STORE round trip paid up to two of them, plus one at every
+  PDU boundary. Here the DUL blocks in ``select`` on the socket and a wake-up pipe that every
+  outgoing primitive writes to, and the association reactor blocks on its message queue, woken
+  as well by A-RELEASE/A-ABORT primitives. Idle associations now sleep instead of spinning.
 - ``receive_datasets_into``: pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` streams each C-STORE data
   set to a temporary file instead of memory (a 1 GB multi-frame must not be held whole), but names
   the file in the system temp folder. We give it the spool's ``incoming`` folder, so the data is on
@@ -17,16 +23,23 @@ Why each change, measured on loopback (see ../shared/ARCHITECTURE.md and scripts
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import queue
+import select
 import socket
+import time
+from collections.abc import Callable
 import tempfile
 import threading
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pynetdicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID
-from pynetdicom import _config, dimse_messages
+from pynetdicom import _config, dimse_messages, evt
+from pynetdicom.association import Association
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.transport import AssociationSocket
 
@@ -35,6 +48,8 @@ IMPLEMENTATION_VERSION_NAME = "GATEWAY_010"
 
 PYNETDICOM_SERIES = "3.0."
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+IDLE_WAIT_S = 0.05  # longest a blocked reactor waits before re-checking timers and kill flags
+LOGGER = logging.getLogger("pynetdicom.assoc")
 
 
 def check_version() -> None:
@@ -46,7 +61,22 @@ def check_version() -> None:
         )
 
 
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls ``wake`` after every put, so a thread blocked elsewhere notices it."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
 class FastSocket(AssociationSocket):
+    _wake_r: int
+    _wake_w: int
+
     @classmethod
     def adopt(cls, wrapped: AssociationSocket) -> None:
         """Turn pynetdicom's socket wrapper into a FastSocket in place.
@@ -55,9 +85,22 @@ class FastSocket(AssociationSocket):
         event (Evt5) on the association's state machine.
         """
         wrapped.__class__ = cls
-        assert wrapped.socket is not None
-        wrapped.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cast(FastSocket, wrapped)._rearm_quickack()
+        fast = cast(FastSocket, wrapped)
+        assert fast.socket is not None
+        fast.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fast._rearm_quickack()
+        fast._wake_r, fast._wake_w = os.pipe()
+        os.set_blocking(fast._wake_r, False)
+        os.set_blocking(fast._wake_w, False)
+        dul = fast.assoc.dul
+        dul.to_provider_queue = _WakingQueue(fast._wake)
+        dul._run_loop_delay = 0  # ``ready`` below blocks instead
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already pending, or closed: either way nobody needs another byte
 
     def _rearm_quickack(self) -> None:
         # Linux clears QUICKACK after it fires, so it must be set again before every read.
@@ -66,6 +109,39 @@ class FastSocket(AssociationSocket):
                 self.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
                 pass  # the peer has gone; the read that follows reports it
+
+    @property
+    def ready(self) -> bool:
+        """Wait up to IDLE_WAIT_S for data, unless the DUL has other work queued."""
+        if self.socket is None or not self._is_connected:
+            time.sleep(0.001)  # what pynetdicom's loop did; the DUL is about to stop
+            return False
+        dul = self.assoc.dul
+        busy = (
+            dul.to_provider_queue.qsize()
+            or dul.event_queue.qsize()
+            or dul.state_machine.current_state == "Sta13"
+        )
+        watched: list[Any] = [self.socket, self._wake_r]
+        try:
+            readable, _, _ = select.select(watched, [], [], 0 if busy else IDLE_WAIT_S)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")
+            return False
+        if self._wake_r in readable:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        return self.socket in readable
+
+    def close(self) -> None:
+        super().close()
+        for fd in ("_wake_r", "_wake_w"):
+            number = self.__dict__.pop(fd, None)
+            if number is not None:
+                os.close(number)
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only if the peer closed), as pynetdicom's ``recv``."""
@@ -82,6 +158,69 @@ class FastSocket(AssociationSocket):
                 return buffer[:received]
             received += count
         return buffer
+
+
+class FastAssociation(Association):
+    """pynetdicom's acceptor ``Association`` whose reactor blocks instead of polling."""
+
+    @classmethod
+    def adopt(cls, assoc: Association) -> None:
+        assoc.__class__ = cls
+        assoc.dul.to_user_queue = _WakingQueue(lambda: assoc.dimse.msg_queue.put((None, None)))
+
+    def _run_reactor(self) -> None:
+        """pynetdicom 3.0.4's ``Association._run_reactor``, with ``time.sleep(0.001)`` and a
+        non-blocking ``get_msg`` replaced by a blocking get; a ``(None, None)`` item (put when
+        an ACSE primitive arrives) only wakes it. The rest is unchanged, in the same order."""
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=IDLE_WAIT_S)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                LOGGER.info(log_msg)
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
 
 
 def _file_meta(

@@ -24,7 +24,7 @@ from gateway.dicom.peers import PeerPolicy, RejectReason
 from gateway.dicom.status import Status
 from gateway.metrics import Metrics
 from gateway.receive.associations import AssociationLedger, AssociationStats
-from gateway.receive.fastpath import FastSocket
+from gateway.receive.fastpath import FastAssociation, FastSocket
 from gateway.receive.ingest import Ingest, StoreRequest
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ def _handler_class(receiver: Receiver) -> type[RequestHandler]:
         def _create_association(self) -> Association:
             assoc = super()._create_association()
             FastSocket.adopt(cast(Any, assoc.dul.socket))
+            FastAssociation.adopt(assoc)
             assoc.acse = GatewayACSE(assoc, receiver)
             return assoc
 
