@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Spool:
         self.incoming = root / INCOMING
         self.min_free_bytes = min_free_bytes
         self._free_bytes = free_bytes or filesystem_free_bytes
+        self._sealer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-seal")
         self.incoming.mkdir(parents=True, exist_ok=True)
 
     def free_bytes(self) -> int:
@@ -48,6 +50,9 @@ class Spool:
 
     def folder_for(self, study_uid: UID, series_uid: UID) -> Path:
         return self.root / study_uid / series_uid
+
+    def seal_in_background(self, received: Path, dataset_offset: int) -> Future[SpooledFile]:
+        return self._sealer.submit(self.seal, received, dataset_offset)
 
     def seal(self, received: Path, dataset_offset: int) -> SpooledFile:
         """Sync a received file to disk and hash its data set.
