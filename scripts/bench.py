@@ -1,12 +1,16 @@
-"""Receive benchmark: how fast the gateway takes C-STOREs compared with DCMTK ``storescp``.
+"""Receive benchmark: how fast the gateway takes C-STOREs compared with DCMTK ``storescp`` and with
+a bare pynetdicom SCP.
 
 Why this shape: the targets are relative (gateway CT throughput at least half of ``storescp``'s;
 with a Nagle-on sender of small images, at least 3x ``storescp``), so both receivers are measured
 back to back on the same machine, with the same sender (DCMTK ``storescu``, one association, every
-file), the same files and loopback only. The repetitions alternate which receiver goes first so
-that neither always gets the warmer page cache or the quieter minute. Only the ``storescu`` command
-is timed; each receiver is started fresh in its own temp dir and must have written every image,
-since a run that loses images is a bug, not a fast result.
+file), the same files and loopback only. A third receiver, ``scripts/bare_scp.py`` (a tuned
+pynetdicom SCP that only writes what it receives), is measured the same way as a reference with no
+target: it is the floor a pynetdicom-based receiver starts from, which the gateway has to beat while
+doing more. The repetitions rotate which receiver goes first so that none always gets the warmer
+page cache or the quieter minute. Only the ``storescu`` command is timed; each receiver is started
+fresh in its own temp dir and must have written every image, since a run that loses images is a
+bug, not a fast result.
 
 Test data is synthetic and cached outside git (``~/.cache/gateway-bench``): N CT images of
 512x512 16-bit (about 0.53 MB each, like a real CT slice) and 100 small 64x64 images, built from
@@ -51,6 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "gateway-bench"
 CONFIG = REPO / "config" / "gateway.toml"
 GATEWAY_BIN = REPO / ".venv" / "bin" / "gateway"
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+BARE_SCP = REPO / "scripts" / "bare_scp.py"
 LOOPBACK = "127.0.0.1"
 CALLING_AE = "BENCH"
 STORESCP_PDU = 131072
@@ -70,8 +76,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _HIGH_BYTE_MASK = bytes(b & 0x0F for b in range(256))
 
 SetName = Literal["ct", "small"]
-TargetName = Literal["storescp", "gateway"]
-TARGETS: tuple[TargetName, TargetName] = ("storescp", "gateway")
+TargetName = Literal["storescp", "gateway", "pynetdicom"]
+TARGETS: tuple[TargetName, ...] = ("storescp", "gateway", "pynetdicom")
 
 
 class BenchError(Exception):
@@ -393,6 +399,56 @@ class GatewayServer:
             raise BenchError(f"gateway exited with status {status} on SIGTERM:\n{tail(self.log)}")
 
 
+class BarePynetdicomScp:
+    """``scripts/bare_scp.py``: a tuned pynetdicom SCP that renames each streamed dataset into
+    ``received`` and answers Success, nothing more. A reference, not a target: the gateway's rate
+    divided by this one says what the gateway's own work costs on top of pynetdicom."""
+
+    name: TargetName = "pynetdicom"
+    called_ae = "BARESCP"
+
+    def __init__(self, workdir: Path) -> None:
+        self.out = workdir / "received"
+        self.log = workdir / "bare_scp.log"
+        self.port = free_port()
+        command = [str(VENV_PYTHON), str(BARE_SCP), "--port", str(self.port),
+                   "--out", str(self.out), "--aet", self.called_ae]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=base_env(), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        wait_for_port(self.port, self.process, self.log, "bare pynetdicom SCP")
+
+    def received(self) -> int:
+        return sum(1 for f in self.out.iterdir() if f.is_file())
+
+    def stop(self) -> None:
+        """SIGTERM; it blocks the signal from start-up and waits for it, so it must exit 0."""
+        if self.process.poll() is not None:
+            raise BenchError(f"bare pynetdicom SCP died during the run (status "
+                             f"{self.process.returncode}):\n{tail(self.log)}")
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise BenchError(f"bare pynetdicom SCP did not stop within {STOP_TIMEOUT_S} s")
+        if status != 0:
+            raise BenchError(
+                f"bare pynetdicom SCP exited with status {status} on SIGTERM:\n{tail(self.log)}"
+            )
+
+
+def make_receiver(target: TargetName, storescp: Path, workdir: Path) -> Receiver:
+    if target == "storescp":
+        return Storescp(storescp, workdir)
+    if target == "gateway":
+        return GatewayServer(workdir)
+    return BarePynetdicomScp(workdir)
+
+
 # --- one run ---------------------------------------------------------------------------------
 
 
@@ -454,7 +510,7 @@ def run_once(target: TargetName, images: ImageSet, rep: int, storescu: Path, sto
     workdir = Path(tempfile.mkdtemp(prefix=f"gateway-bench-{target}-{images.name}-", dir="/tmp"))
     receiver: Receiver | None = None
     try:
-        receiver = Storescp(storescp, workdir) if target == "storescp" else GatewayServer(workdir)
+        receiver = make_receiver(target, storescp, workdir)
         pid = receiver.process.pid
         cpu_before = cpu_seconds(pid)
         busy_before, total_before = machine_ticks()
@@ -500,7 +556,7 @@ def report(runs: Sequence[Run], sets: Sequence[ImageSet]) -> str:
     """The table: per set and receiver the medians and every repetition, then the ratios against
     their targets and what the gateway cost in memory and CPU."""
     header = (
-        f"{'set':<18} {'receiver':<9} {'inst/s':>8} {'MB/s':>7} {'recv CPU':>9} "
+        f"{'set':<18} {'receiver':<10} {'inst/s':>8} {'MB/s':>7} {'recv CPU':>9} "
         f"{'send CPU':>9} {'machine':>8} {'peak RSS':>9}   inst/s of each rep (wall s)"
     )
     lines = ["", header]
@@ -512,7 +568,7 @@ def report(runs: Sequence[Run], sets: Sequence[ImageSet]) -> str:
             wall = sum(r.seconds for r in mine)
             each = "  ".join(f"{r.per_second:.1f} ({r.seconds:.2f})" for r in mine)
             lines.append(
-                f"{images.name + ' ' + images.label:<18} {target:<9} "
+                f"{images.name + ' ' + images.label:<18} {target:<10} "
                 f"{median_rate(mine):>8.1f} {statistics.median(r.mb_per_second for r in mine):>7.1f} "
                 f"{sum(r.server_cpu_s for r in mine) / wall:>8.0%} "
                 f"{sum(r.sender_cpu_s for r in mine) / wall:>8.0%} "
@@ -539,6 +595,16 @@ def report(runs: Sequence[Run], sets: Sequence[ImageSet]) -> str:
             f"ratio gateway/storescp, {title} ({images.label}): {ratio:.2f}"
             f"   target >= {goal:.1f}: {verdict}"
         )
+    for images in sets:
+        gateway = [r for r in runs if r.image_set is images and r.target == "gateway"]
+        bare = [r for r in runs if r.image_set is images and r.target == "pynetdicom"]
+        if not gateway or not bare:
+            continue
+        title = targets[images.name][0]
+        lines.append(
+            f"ratio gateway/pynetdicom-bare, {title} ({images.label}): "
+            f"{median_rate(gateway) / median_rate(bare):.2f}   (reference, no target)"
+        )
     gateway_runs = [r for r in runs if r.target == "gateway"]
     if gateway_runs:
         rss = [r.peak_rss_kib / 1024 for r in gateway_runs]
@@ -562,8 +628,8 @@ def report(runs: Sequence[Run], sets: Sequence[ImageSet]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="Time DCMTK storescu sending to DCMTK storescp and to the gateway (loopback, "
-        "one association) and compare against the receive targets.",
+        description="Time DCMTK storescu sending to DCMTK storescp, to the gateway and to a bare "
+        "pynetdicom SCP (loopback, one association) and compare against the receive targets.",
     )
     parser.add_argument("--count", type=int, default=1000, help="CT instances (default 1000)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per receiver (default 3)")
@@ -580,21 +646,25 @@ def run(args: argparse.Namespace) -> int:
     storescp = find_dcmtk("storescp")
     if not GATEWAY_BIN.exists():
         raise BenchError(f"{GATEWAY_BIN} is missing; run scripts/bench (it installs the gateway)")
+    if not VENV_PYTHON.exists():
+        raise BenchError(f"{VENV_PYTHON} is missing; run scripts/bench (it sets up .venv)")
     sets: list[ImageSet] = []
     if args.only in (None, "ct"):
         sets.append(image_set("ct", args.count, CT_SIDE, nodelay=True))
     if args.only in (None, "small"):
         sets.append(image_set("small", SMALL_COUNT, SMALL_SIDE, nodelay=False))
     print(f"bench: storescu {storescu}, storescp {storescp} (-pdu {STORESCP_PDU}), "
-          f"gateway {GATEWAY_BIN}; {args.reps} rep(s)", file=sys.stderr)
+          f"gateway {GATEWAY_BIN}, bare pynetdicom SCP {BARE_SCP.name}; {args.reps} rep(s)",
+          file=sys.stderr)
     runs: list[Run] = []
     for rep in range(args.reps):
-        order = TARGETS if rep % 2 == 0 else TARGETS[::-1]
+        shift = rep % len(TARGETS)  # rotate: each receiver goes first, second, third in turn
+        order = TARGETS[shift:] + TARGETS[:shift]
         for images in sets:
             for target in order:
                 result = run_once(target, images, rep, storescu, storescp, args.keep)
                 runs.append(result)
-                print(f"bench: rep {rep + 1} {images.name:<5} {target:<8} "
+                print(f"bench: rep {rep + 1} {images.name:<5} {target:<10} "
                       f"{result.seconds:7.2f} s {result.per_second:8.1f} inst/s "
                       f"{result.mb_per_second:7.1f} MB/s  ({result.overall_s:.1f} s with start "
                       "and stop)", file=sys.stderr)
