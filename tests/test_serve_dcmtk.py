@@ -215,3 +215,17 @@ def test_parallel_senders_are_all_stored(served, tmp_path: Path) -> None:
     assert results == [0, 0, 0, 0]
     assert len(spool_files(gateway.spool)) == 40
     assert len(rows(gateway.db_url, "SELECT id FROM instances")) == 40
+
+
+def test_associations_do_not_leak_file_descriptors(served, tmp_path: Path) -> None:
+    gateway = served()
+    fds = Path(f"/proc/{gateway.process.pid}/fd")
+    assert dcmtk("echoscu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port)).returncode == 0
+    before = len(list(fds.iterdir()))
+    files = write_study(tmp_path / "study", 3)
+    for _ in range(15):
+        assert dcmtk("echoscu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port)).returncode == 0
+        assert dcmtk("storescu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port),
+                     *map(str, files)).returncode == 0
+    wait_for(lambda: len(list(fds.iterdir())) <= before + 2, 10,
+             f"descriptors back to {before} (now {len(list(fds.iterdir()))})")

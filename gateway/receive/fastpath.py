@@ -138,6 +138,12 @@ class FastSocket(AssociationSocket):
 
     def close(self) -> None:
         super().close()
+        self.release_wakeup()
+
+    def release_wakeup(self) -> None:
+        """Close the wake-up pipe; idempotent. pynetdicom does not close the socket wrapper on
+        every path (a released association only shuts the socket down), so the association's
+        thread also calls this when it ends."""
         for fd in ("_wake_r", "_wake_w"):
             number = self.__dict__.pop(fd, None)
             if number is not None:
@@ -167,6 +173,14 @@ class FastAssociation(Association):
     def adopt(cls, assoc: Association) -> None:
         assoc.__class__ = cls
         assoc.dul.to_user_queue = _WakingQueue(lambda: assoc.dimse.msg_queue.put((None, None)))
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            wrapped = self.dul.socket
+            if isinstance(wrapped, FastSocket):
+                wrapped.release_wakeup()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's ``Association._run_reactor``, with ``time.sleep(0.001)`` and a
