@@ -27,9 +27,7 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         message = f"{name} not found: install it (scripts/test does, with apt)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(message) if IN_CI else pytest.skip(message)
     return path
 
 
