@@ -119,10 +119,6 @@ class Receiver:
                             assoc.requestor.ae_title, grace_s)
             assoc.abort()
 
-    def active_count(self) -> int:
-        with self._lock:
-            return len(self._open)
-
     # -- admission (called by GatewayACSE in the association's thread) -------------------------
 
     def admit(self, assoc: Association, calling_ae: str, called_ae: str) -> RejectReason | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
-COPY_CHUNK = 1 << 20
+READ_CHUNK = 1 << 20
 INCOMING = "incoming"
 
 
@@ -63,7 +63,7 @@ class Spool:
         digest = hashlib.sha256()
         with open(received, "rb") as fp:
             fp.seek(dataset_offset)
-            while chunk := fp.read(COPY_CHUNK):
+            while chunk := fp.read(READ_CHUNK):
                 digest.update(chunk)
             os.fsync(fp.fileno())
         return SpooledFile(received, digest.hexdigest(), received.stat().st_size)
@@ -84,9 +84,6 @@ class Spool:
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
-
-    def absolute(self, relative: str) -> Path:
-        return self.root / relative
 
     def recover(self) -> int:
         """Remove what a crash left half-done: temp files and partly received incoming files.
