@@ -56,7 +56,7 @@ class Gateway:
         self.receiver = Receiver(
             config.dicom,
             PeerPolicy(config.security, config.dicom.ae_title),
-            Ingest(self.spool, self.sessions, config.storage.duplicate_policy),
+            Ingest(self.spool, self.engine, config.storage.duplicate_policy),
             AssociationLedger(self.sessions),
             self.metrics,
         )

@@ -94,3 +94,20 @@ def test_reject_answers_0111_and_keeps_nothing_of_the_second(make_gateway, db_ur
     assert len(spool_files(app.spool.root)) == 1
     assert not list(app.spool.root.rglob("*.tmp"))
     assert _metric(app, "rejected") == 1
+
+
+def test_a_file_left_without_its_row_is_replaced_by_the_next_copy(make_gateway, db_url: str) -> None:
+    """A crash between naming a file and committing its row leaves an unacknowledged file; the
+    sender's retry must be stored over it, not refused or counted as a duplicate."""
+    app = make_gateway(db=db_url)
+    ds = make_dataset(PatientName="RETRIED^COPY")
+    orphan = app.spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"half of an image nobody acknowledged")
+
+    assert store(app.receiver.address[1], ds) == Status.SUCCESS
+    [current] = rows(db_url, "SELECT spool_path FROM instances")
+    assert app.spool.root / current.spool_path == orphan
+    assert pydicom.dcmread(orphan).PatientName == "RETRIED^COPY"
+    assert rows(db_url, "SELECT id FROM instance_versions") == []
+    assert not _metric(app, "identical")

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import insert, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from gateway.config import DuplicatePolicy
+from gateway.db.engine import make_sessions
 from gateway.db.models import Instance, InstanceVersion
 from gateway.dicom.status import Status
 from gateway.receive.spool import Spool, SpooledFile
@@ -31,6 +32,9 @@ from gateway.receive.validate import Header, Refused, dataset_offset, read_heade
 
 log = logging.getLogger(__name__)
 
+# Built once: SQLAlchemy then finds the compiled statement in its cache on every image.
+_INSERT_INSTANCE = insert(Instance)
+_DELETE_INSTANCE = delete(Instance)
 
 
 @dataclass(frozen=True)
@@ -58,12 +62,13 @@ class Ingest:
     def __init__(
         self,
         spool: Spool,
-        sessions: sessionmaker[Session],
+        engine: Engine,
         duplicate_policy: DuplicatePolicy,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._spool = spool
-        self._sessions = sessions
+        self._engine = engine
+        self._sessions = make_sessions(engine)
         self._policy = duplicate_policy
         self._clock = clock
         # One decision at a time per SOP Instance UID: two associations sending the same UID must
@@ -100,15 +105,57 @@ class Ingest:
             return StoreOutcome(Status.OUT_OF_RESOURCES, reason="database unavailable")
 
     def _record(self, request: StoreRequest, header: Header, sealed: SpooledFile) -> StoreOutcome:
-        """Publish and commit together: a failed commit takes the published file back out.
+        """The common case first: a new SOP Instance UID is one hard link and one INSERT.
 
-        A received file that is not published stays in ``incoming/``, where pynetdicom removes
-        it after the handler returns.
+        The link claims the final name atomically and fails when a file already holds it, so the
+        database is asked nothing before the insert; only a name already taken, or a row without
+        its file, goes the longer way through ``_record_again``. The caller holds this UID's lock.
+        """
+        final = self._final_path(header, sealed, versioned=False)
+        if self._spool.claim(sealed, final):
+            published = SpooledFile(final, sealed.sha256, sealed.size_bytes)
+            try:
+                self._insert_new(request, header, published)
+                return StoreOutcome(Status.SUCCESS, kept_bytes=published.size_bytes)
+            except IntegrityError:
+                self._spool.discard(final)  # a row without its file: decided below
+            except BaseException:
+                self._spool.discard(final)
+                raise
+        return self._record_again(request, header, sealed)
+
+    def _insert_new(self, request: StoreRequest, header: Header, published: SpooledFile) -> None:
+        """Commit the row while another thread syncs the folder; both must succeed.
+
+        Success may only follow both, so a folder sync that fails after the commit takes the row
+        back out: the caller then removes the file and answers 0xA700.
+        """
+        syncing = self._spool.sync_folder_in_background(published.path.parent)
+        try:
+            with self._engine.begin() as connection:
+                connection.execute(
+                    _INSERT_INSTANCE, self._instance_values(request, header, published)
+                )
+        finally:
+            synced = syncing.exception()
+        if synced is not None:
+            with self._engine.begin() as connection:
+                connection.execute(
+                    _DELETE_INSTANCE.where(Instance.sop_instance_uid == header.sop_instance_uid)
+                )
+            raise synced
+
+    def _record_again(
+        self, request: StoreRequest, header: Header, sealed: SpooledFile
+    ) -> StoreOutcome:
+        """A known UID (duplicate policy), or a final name left without a row by a crash.
+
+        A failed commit takes the published file back out. A received file that is not published
+        stays in ``incoming/``, where pynetdicom removes it after the handler returns.
         """
         published: SpooledFile | None = None
         try:
             with self._sessions() as session, session.begin():
-                # Core statements on the hot path: the ORM's unit of work cost about 1 ms an image.
                 current_id = session.scalar(
                     select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid)
                 )
@@ -185,11 +232,14 @@ class Ingest:
         return StoreOutcome(Status.SUCCESS, published.size_bytes, "replaced"), published
 
     def _publish(self, sealed: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
+        return self._spool.publish(sealed, self._final_path(header, sealed, versioned))
+
+    def _final_path(self, header: Header, sealed: SpooledFile, versioned: bool) -> Path:
         name = str(header.sop_instance_uid)
         if versioned:
             name = f"{name}.{sealed.sha256[:16]}"
         folder = self._spool.folder_for(header.study_instance_uid, header.series_instance_uid)
-        return self._spool.publish(sealed, folder / f"{name}.dcm")
+        return folder / f"{name}.dcm"
 
     def _instance_values(
         self, request: StoreRequest, header: Header, stored: SpooledFile

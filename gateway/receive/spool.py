@@ -31,6 +31,22 @@ class SpooledFile:
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class Sealing:
+    """A received file being synced and hashed; joined by the caller, never by a worker, so
+    that a busy pool cannot wait on itself."""
+
+    path: Path
+    syncing: Future[None]
+    hashing: Future[str]
+
+    def result(self) -> SpooledFile:
+        """The sealed file, once both are done; the first error otherwise."""
+        digest = self.hashing.result()
+        self.syncing.result()
+        return SpooledFile(self.path, digest, self.path.stat().st_size)
+
+
 class Spool:
     def __init__(
         self, root: Path, min_free_bytes: int, free_bytes: Callable[[Path], int] | None = None
@@ -51,33 +67,59 @@ class Spool:
     def folder_for(self, study_uid: UID, series_uid: UID) -> Path:
         return self.root / study_uid / series_uid
 
-    def seal_in_background(self, received: Path, dataset_offset: int) -> Future[SpooledFile]:
-        return self._sealer.submit(self.seal, received, dataset_offset)
+    def seal_in_background(self, received: Path, dataset_offset: int) -> Sealing:
+        """Sync and hash a received file in worker threads, the two at once.
 
-    def seal(self, received: Path, dataset_offset: int) -> SpooledFile:
-        """Sync a received file to disk and hash its data set.
-
-        The SHA-256 covers the data set bytes only (not the file meta, which names the sender), so
-        the same object sent by two modalities hashes alike.
+        Both release the GIL, so they run beside each other and beside the caller's header decode;
+        the fsync is the longest single wait of a C-STORE.
         """
-        digest = hashlib.sha256()
-        with open(received, "rb") as fp:
-            fp.seek(dataset_offset)
-            while chunk := fp.read(READ_CHUNK):
-                digest.update(chunk)
-            os.fsync(fp.fileno())
-        return SpooledFile(received, digest.hexdigest(), received.stat().st_size)
+        return Sealing(
+            received,
+            self._sealer.submit(fsync_file, received),
+            self._sealer.submit(hash_dataset, received, dataset_offset),
+        )
+
+    def claim(self, sealed: SpooledFile, final: Path) -> bool:
+        """Give a synced file its final name unless a file already has it; the folder is not
+        synced yet (``sync_folder_in_background``), so the name is not durable on return.
+
+        A hard link, because it is atomic and never replaces: the final name either does not
+        exist or names the complete, synced file, and an existing one is reported, not lost. The
+        ``incoming/`` name is removed by pynetdicom once the handler returns.
+        """
+        self._make_folder(final.parent)
+        try:
+            os.link(sealed.path, final)
+        except FileExistsError:
+            return False
+        return True
+
+    def sync_folder_in_background(self, folder: Path) -> Future[None]:
+        return self._sealer.submit(fsync_dir, folder)
 
     def publish(self, sealed: SpooledFile, final: Path) -> SpooledFile:
-        """Rename a synced file to its final name and sync the folder, making the name durable.
+        """Rename a synced file to its final name, replacing any file there, and sync the folder.
 
-        The received file lives in ``incoming/`` on the same filesystem, so the rename is atomic:
-        the final name either does not exist or names the complete, synced file.
+        For the cases ``claim`` declines: the ledger has decided the name may be taken (a crash's
+        orphan) or the name is a new version's. The rename is atomic, as the link is.
         """
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._make_folder(final.parent)
         os.rename(sealed.path, final)
         fsync_dir(final.parent)
         return SpooledFile(final, sealed.sha256, sealed.size_bytes)
+
+    def _make_folder(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents so that each new name survives a power cut:
+        a folder's entry is durable only once the folder holding it is synced."""
+        if folder.is_dir():
+            return
+        missing = []
+        while not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for created in reversed(missing):
+            created.mkdir(exist_ok=True)
+            fsync_dir(created.parent)
 
     def discard(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -108,6 +150,23 @@ class Spool:
 def filesystem_free_bytes(path: Path) -> int:
     stats = os.statvfs(path)
     return stats.f_bavail * stats.f_frsize
+
+
+def hash_dataset(path: Path, dataset_offset: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        fp.seek(dataset_offset)
+        while chunk := fp.read(READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:
