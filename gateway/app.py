@@ -16,6 +16,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine, make_sessions
+from gateway.remap.rules import load_rules
+from gateway.remap.stage import Remapper
+from gateway.remap.worker import RemapWorker
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
 from gateway.http import HttpEndpoint
@@ -53,10 +56,21 @@ class Gateway:
         fastpath.receive_datasets_into(self.spool.incoming)
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.watch_spool(self.spool.free_bytes)
+        self.remapper: Remapper | None = None
+        self.remap_worker: RemapWorker | None = None
+        if config.remap.rules_file is not None:
+            self.remapper = Remapper(load_rules(config.remap.rules_file), config.remap, self.engine)
+            self.remap_worker = RemapWorker(self.remapper, self.spool.root, config.remap.workers)
         self.receiver = Receiver(
             config.dicom,
             PeerPolicy(config.security, config.dicom.ae_title),
-            Ingest(self.spool, self.engine, config.storage.duplicate_policy),
+            Ingest(
+                self.spool,
+                self.engine,
+                config.storage.duplicate_policy,
+                remapper=self.remapper,
+                on_pending=self.remap_worker.notify if self.remap_worker else lambda _: None,
+            ),
             AssociationLedger(self.sessions),
             self.metrics,
         )
@@ -76,12 +90,16 @@ class Gateway:
         return {"database": database, "spool_free": self.spool.has_room_for(0)}
 
     def start(self) -> None:
+        if self.remap_worker is not None:
+            self.remap_worker.start()
         if self.http is not None:
             self.http.start()
         self.receiver.start()
 
     def stop(self) -> None:
         self.receiver.stop(self.config.dicom.shutdown_grace_s)
+        if self.remap_worker is not None:
+            self.remap_worker.stop()
         if self.http is not None:
             self.http.stop()
         self.engine.dispose()

@@ -104,6 +104,28 @@ class DatabaseConfig(_Model):
         return url
 
 
+class RemapConfig(_Model):
+    """Tag remapping at ingest (gateway.remap). Without a rules file instances are kept as received."""
+
+    rules_file: Path | None = None
+    issuer_of_patient_id: str = Field("HOSPITAL", min_length=1, max_length=64)
+    modifying_system: str = Field("GATEWAY", min_length=1, max_length=64)
+    uid_root: str = Field("2.25", description="root under which regenerated UIDs are derived")
+    coerced_status: Literal["success", "warning"] = "success"
+    order_window_h: float = Field(24.0, gt=0)
+    workers: int = Field(1, ge=1, le=16)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, root: str) -> str:
+        if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", root) or len(root) > 24:
+            raise ValueError(
+                "a UID root is digits and dots, at most 24 characters (e.g. 2.25, or your "
+                "organisation's registered root)"
+            )
+        return root
+
+
 class MetricsConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -119,6 +141,7 @@ class GatewayConfig(_Model):
     security: SecurityConfig = SecurityConfig()
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
+    remap: RemapConfig = RemapConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -176,14 +199,23 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_describe(e, origins, str(path)) for e in exc.errors()])
-    return _absolute_spool(config)
+    config = _absolute_paths(config)
+    if config.remap.rules_file is not None:
+        from gateway.remap.rules import load_rules
+
+        load_rules(config.remap.rules_file)  # its errors are configuration errors too
+    return config
 
 
-def _absolute_spool(config: GatewayConfig) -> GatewayConfig:
-    """A relative spool path is relative to the working directory, as an operator expects from a
-    command line; it is made absolute once so that nothing later can move it."""
+def _absolute_paths(config: GatewayConfig) -> GatewayConfig:
+    """Relative paths are relative to the working directory, as an operator expects from a
+    command line; they are made absolute once so that nothing later can move them."""
     spool = config.storage.spool_dir
     if not spool.is_absolute():
         spool = Path.cwd() / spool
     storage = config.storage.model_copy(update={"spool_dir": spool})
-    return config.model_copy(update={"storage": storage})
+    rules = config.remap.rules_file
+    if rules is not None and not rules.is_absolute():
+        rules = Path.cwd() / rules
+    remap = config.remap.model_copy(update={"rules_file": rules})
+    return config.model_copy(update={"storage": storage, "remap": remap})

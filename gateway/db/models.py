@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UID_LEN = 64
@@ -62,6 +62,17 @@ class Instance(Base):
     spool_path: Mapped[str] = mapped_column(String(400))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    # Remap (gateway.remap): patient_id, patient_name and accession_number above hold the values
+    # the instance carries after remapping; the received ones are kept here. ``remap_state``:
+    # none (no rule changed it), pending (file not rewritten yet; ``remap_plan`` says how), held
+    # (its study waits for an operator), done (file rewritten), failed (rewrite refused; see log).
+    remap_state: Mapped[str] = mapped_column(
+        String(16), default="none", server_default="none", index=True
+    )
+    remap_plan: Mapped[str | None] = mapped_column(Text)
+    original_patient_id: Mapped[str | None] = mapped_column(String(64))
+    original_patient_name: Mapped[str | None] = mapped_column(String(324))
+    original_accession_number: Mapped[str | None] = mapped_column(String(64))
 
 
 class InstanceVersion(Base):
@@ -81,3 +92,79 @@ class InstanceVersion(Base):
     spool_path: Mapped[str] = mapped_column(String(400))
     calling_ae: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PatientIdentity(Base):
+    """Device or local patient ID -> the hospital MRN, keyed by issuer (or the calling AE title
+    when the object names no Issuer of Patient ID)."""
+
+    __tablename__ = "patient_identities"
+    __table_args__ = (UniqueConstraint("issuer", "local_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(64))
+    local_id: Mapped[str] = mapped_column(String(64))
+    mrn: Mapped[str] = mapped_column(String(64), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Order(Base):
+    """A scheduled procedure from the hospital's order system; the worklist builds on it too.
+
+    ``scheduled_at`` is local wall-clock time without a zone, as DICOM dates and times are.
+    """
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(64), unique=True)
+    mrn: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    scheduled_at: Mapped[datetime] = mapped_column(DateTime(timezone=False), index=True)
+    requested_procedure_id: Mapped[str | None] = mapped_column(String(64))
+    requested_procedure_description: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="scheduled")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyDecision(Base):
+    """One decision per study, so every instance of it gets the same mapping, across
+    associations and restarts. ``state``: ready (apply it) or held (waits for an operator;
+    ``candidates`` lists the orders that could fit, as JSON)."""
+
+    __tablename__ = "study_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    hold_reason: Mapped[str | None] = mapped_column(String(200))
+    # The answers the study's instances replay (gateway.remap.lookup.StoredResolver), as JSON.
+    identity: Mapped[str | None] = mapped_column(Text)
+    order_match: Mapped[str | None] = mapped_column(Text)
+    candidates: Mapped[str] = mapped_column(Text, default="[]")
+    mrn: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    rules: Mapped[str] = mapped_column(Text, default="[]")
+    decided_by: Mapped[str] = mapped_column(String(64))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Who did what and when: automatic decisions (actor ``gateway``) and operators' commands.
+    ``detail`` is JSON and may hold patient values: it is the record, not the service log."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
+    detail: Mapped[str] = mapped_column(Text, default="{}")

@@ -29,6 +29,10 @@ from gateway.db.models import Instance, InstanceVersion
 from gateway.dicom.status import Status
 from gateway.receive.spool import Spool, SpooledFile
 from gateway.receive.validate import Header, Refused, dataset_offset, read_header
+from gateway.remap.plan import Subject
+from gateway.remap.stage import Decided, Plan, Remapper, plan_json
+
+_AS_RECEIVED = Decided(Plan(), "none")
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class StoreRequest:
     affected_sop_instance: str
     transfer_syntax: str
     calling_ae: str
+    called_ae: str
     peer_address: str
     association_id: int | None
 
@@ -65,7 +70,11 @@ class Ingest:
         engine: Engine,
         duplicate_policy: DuplicatePolicy,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        remapper: Remapper | None = None,
+        on_pending: Callable[[int], None] = lambda instance_id: None,
     ) -> None:
+        self._remapper = remapper
+        self._on_pending = on_pending
         self._spool = spool
         self._engine = engine
         self._sessions = make_sessions(engine)
@@ -96,15 +105,35 @@ class Ingest:
             log.error("spool write failed for %s: %s", request.affected_sop_instance, exc.strerror)
             return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool write failed")
         try:
+            decided = self._decide(request, header)
             with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
-                return self._record(request, header, sealed)
+                outcome, pending_id = self._record(request, header, sealed, decided)
+            if pending_id is not None:
+                self._on_pending(pending_id)
+            return outcome
         except SQLAlchemyError as exc:
             # IntegrityError included: only another process can race us on one UID (the lock
             # covers this one), and the sender's retry will then find the stored copy.
             log.error("database unavailable, answering 0xA700: %s", type(exc).__name__)
             return StoreOutcome(Status.OUT_OF_RESOURCES, reason="database unavailable")
 
-    def _record(self, request: StoreRequest, header: Header, sealed: SpooledFile) -> StoreOutcome:
+    def _decide(self, request: StoreRequest, header: Header) -> Decided:
+        """Which rules apply and whether the study is held: decided here, carried out later."""
+        if self._remapper is None:
+            return _AS_RECEIVED
+        return self._remapper.decide(Subject(request.calling_ae, request.called_ae), header.dataset)
+
+    def _success(self, decided: Decided, kept_bytes: int, duplicate: str | None = None) -> StoreOutcome:
+        """PS3.4 B.2.3: 0xB000 tells the sender its data elements were coerced, when the
+        configuration asks for it; by default Success, which every sender takes as such."""
+        if decided.coerced and self._remapper and self._remapper.config.coerced_status == "warning":
+            return StoreOutcome(Status.COERCION_OF_DATA_ELEMENTS, kept_bytes, duplicate,
+                                reason="data elements coerced by rules " + ", ".join(decided.plan.rules))
+        return StoreOutcome(Status.SUCCESS, kept_bytes, duplicate)
+
+    def _record(
+        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided
+    ) -> tuple[StoreOutcome, int | None]:
         """The common case first: a new SOP Instance UID is one hard link and one INSERT.
 
         The link claims the final name atomically and fails when a file already holds it, so the
@@ -115,16 +144,19 @@ class Ingest:
         if self._spool.claim(sealed, final):
             published = SpooledFile(final, sealed.sha256, sealed.size_bytes)
             try:
-                self._insert_new(request, header, published)
-                return StoreOutcome(Status.SUCCESS, kept_bytes=published.size_bytes)
+                instance_id = self._insert_new(request, header, published, decided)
+                pending = instance_id if decided.state == "pending" else None
+                return self._success(decided, published.size_bytes), pending
             except IntegrityError:
                 self._spool.discard(final)  # a row without its file: decided below
             except BaseException:
                 self._spool.discard(final)
                 raise
-        return self._record_again(request, header, sealed)
+        return self._record_again(request, header, sealed, decided)
 
-    def _insert_new(self, request: StoreRequest, header: Header, published: SpooledFile) -> None:
+    def _insert_new(
+        self, request: StoreRequest, header: Header, published: SpooledFile, decided: Decided
+    ) -> int:
         """Commit the row while another thread syncs the folder; both must succeed.
 
         Success may only follow both, so a folder sync that fails after the commit takes the row
@@ -133,8 +165,8 @@ class Ingest:
         syncing = self._spool.sync_folder_in_background(published.path.parent)
         try:
             with self._engine.begin() as connection:
-                connection.execute(
-                    _INSERT_INSTANCE, self._instance_values(request, header, published)
+                inserted = connection.execute(
+                    _INSERT_INSTANCE, self._instance_values(request, header, published, decided)
                 )
         finally:
             synced = syncing.exception()
@@ -144,10 +176,13 @@ class Ingest:
                     _DELETE_INSTANCE.where(Instance.sop_instance_uid == header.sop_instance_uid)
                 )
             raise synced
+        key = inserted.inserted_primary_key
+        assert key is not None
+        return int(key[0])
 
     def _record_again(
-        self, request: StoreRequest, header: Header, sealed: SpooledFile
-    ) -> StoreOutcome:
+        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided
+    ) -> tuple[StoreOutcome, int | None]:
         """A known UID (duplicate policy), or a final name left without a row by a crash.
 
         A failed commit takes the published file back out. A received file that is not published
@@ -161,14 +196,18 @@ class Ingest:
                 )
                 if current_id is None:
                     published = self._publish(sealed, header, versioned=False)
-                    session.execute(
-                        insert(Instance).values(self._instance_values(request, header, published))
+                    values = self._instance_values(request, header, published, decided)
+                    current_id = session.scalar(
+                        insert(Instance).values(values).returning(Instance.id)
                     )
-                    outcome = StoreOutcome(Status.SUCCESS, kept_bytes=published.size_bytes)
+                    outcome = self._success(decided, published.size_bytes)
                 else:
                     current = session.get_one(Instance, current_id)
-                    outcome, published = self._second_copy(session, request, header, sealed, current)
-            return outcome
+                    outcome, published = self._second_copy(
+                        session, request, header, sealed, current, decided
+                    )
+            now_current = outcome.duplicate in (None, "replaced")
+            return outcome, current_id if now_current and decided.state == "pending" else None
         except BaseException:
             if published is not None:
                 self._spool.discard(published.path)
@@ -181,6 +220,7 @@ class Ingest:
         header: Header,
         sealed: SpooledFile,
         current: Instance,
+        decided: Decided,
     ) -> tuple[StoreOutcome, SpooledFile | None]:
         """Duplicate policy. An identical copy is always Success and changes nothing."""
         known = {current.sha256} | set(
@@ -227,9 +267,9 @@ class Ingest:
                 received_at=current.received_at,
             )
         )
-        for column, value in self._instance_values(request, header, published).items():
+        for column, value in self._instance_values(request, header, published, decided).items():
             setattr(current, column, value)
-        return StoreOutcome(Status.SUCCESS, published.size_bytes, "replaced"), published
+        return self._success(decided, published.size_bytes, "replaced"), published
 
     def _publish(self, sealed: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
         return self._spool.publish(sealed, self._final_path(header, sealed, versioned))
@@ -242,16 +282,29 @@ class Ingest:
         return folder / f"{name}.dcm"
 
     def _instance_values(
-        self, request: StoreRequest, header: Header, stored: SpooledFile
+        self, request: StoreRequest, header: Header, stored: SpooledFile, decided: Decided
     ) -> dict[str, object]:
+        """The patient columns hold the values the object carries once remapped; the received
+        ones are kept beside them."""
+        changes = decided.plan.changes if decided.state == "pending" else {}
+
+        def current(keyword: str, received: str | None) -> str | None:
+            value = changes.get(keyword, received)
+            return str(value[0]) if isinstance(value, list) else value
+
         return dict(
             sop_instance_uid=str(header.sop_instance_uid),
             sop_class_uid=str(header.sop_class_uid),
             study_instance_uid=str(header.study_instance_uid),
             series_instance_uid=str(header.series_instance_uid),
-            patient_id=header.patient_id,
-            patient_name=header.patient_name,
-            accession_number=header.accession_number,
+            patient_id=current("PatientID", header.patient_id),
+            patient_name=current("PatientName", header.patient_name),
+            accession_number=current("AccessionNumber", header.accession_number),
+            original_patient_id=header.patient_id,
+            original_patient_name=header.patient_name,
+            original_accession_number=header.accession_number,
+            remap_state=decided.state,
+            remap_plan=plan_json(decided.plan) if decided.state == "pending" else None,
             modality=header.modality,
             study_date=header.study_date,
             calling_ae=request.calling_ae,

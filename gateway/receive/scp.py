@@ -35,6 +35,7 @@ class _Open:
     """What the gateway knows about one accepted association while it runs."""
 
     calling_ae: str
+    called_ae: str
     peer: str
     services: frozenset[Service]
     stats: AssociationStats
@@ -129,7 +130,7 @@ class Receiver:
             # Count admitted associations, not connections: a bare TCP probe holds a pynetdicom
             # thread for the ACSE timeout and must not use up a modality's slot. Checked and
             # reserved under one lock so two simultaneous requests cannot both take the last slot.
-            state = _Open(calling_ae, f"{peer[0]}:{peer[1]}", admission.services,
+            state = _Open(calling_ae, called_ae, f"{peer[0]}:{peer[1]}", admission.services,
                           AssociationStats(None))
             with self._lock:
                 if len(self._open) >= self._config.max_associations:
@@ -185,6 +186,7 @@ class Receiver:
                     affected_sop_instance=sop_instance,
                     transfer_syntax=str(event.context.transfer_syntax),
                     calling_ae=state.calling_ae,
+                    called_ae=state.called_ae,
                     peer_address=state.peer,
                     association_id=state.stats.record_id,
                 )

@@ -56,6 +56,7 @@ class Header:
     accession_number: str | None
     modality: str | None
     study_date: str | None
+    dataset: Dataset  # decoded, without pixel data: what remap rules match and plan on
 
 
 def dataset_offset(fp: BinaryIO) -> int:
@@ -190,4 +191,5 @@ def read_header(fp: BinaryIO, affected_sop_class: str, affected_sop_instance: st
         accession_number=_text(ds, "AccessionNumber"),
         modality=_text(ds, "Modality"),
         study_date=_text(ds, "StudyDate"),
+        dataset=ds,
     )

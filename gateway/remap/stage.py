@@ -1,0 +1,304 @@
+"""The remap stage: one decision per study in the C-STORE handler, rewrites after it.
+
+Why two halves: decoding, editing and re-encoding an object costs more than receiving it, so the
+handler only decides (rules matched on the header it has already decoded, the study's decision
+looked up or made once), records the plan with the instance in the same transaction, and answers.
+The files are rewritten later by ``RemapWorker`` in worker processes (the second core, no GIL
+shared with the receiver), or by ``gateway reconcile assign`` for the held studies it releases.
+
+Instance ``remap_state``: none -> kept as received; pending -> plan recorded, file not rewritten
+yet; rewriting -> claimed by one rewriter; done; held -> its study waits for an operator; failed.
+A claim is an UPDATE ... WHERE remap_state = 'pending', so two rewriters (the service and an
+operator's command) never rewrite one file twice; and a rewrite drops the plan's values the file
+already has, so one repeated after a crash changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gateway import audit
+from gateway.config import RemapConfig
+from gateway.db.engine import make_sessions
+from gateway.db.models import AssociationRecord, Instance, StudyDecision
+from gateway.remap.apply import Modification, rewrite_file
+from gateway.remap.lookup import DbResolver, StoredResolver, dump
+from gateway.remap.plan import (
+    Identity,
+    OrderAnswer,
+    OrderQuery,
+    Plan,
+    Resolver,
+    Settings,
+    Subject,
+    Value,
+    make_plan,
+    matching_rules,
+)
+from gateway.remap.rules import MapIdentityAction, ReconcileOrderAction, RuleSet
+
+log = logging.getLogger(__name__)
+CACHED_DECISIONS = 10_000
+ACTOR = "gateway"
+REASON_KEY = "__reason__"  # not a keyword, so never an element: the plan's COERCE or CORRECT
+
+
+@dataclass(frozen=True)
+class Decided:
+    plan: Plan
+    state: str  # none | pending | held
+
+    @property
+    def coerced(self) -> bool:
+        return self.state == "pending" and bool(self.plan.changes)
+
+
+class _NoLookup:
+    """For rule sets without identity or order actions: never asked."""
+
+    def identity(self, issuer: str, local_id: str) -> Identity | None:
+        raise AssertionError("rules without map_identity asked for an identity")
+
+    def order(self, query: OrderQuery) -> OrderAnswer:
+        raise AssertionError("rules without reconcile_order asked for an order")
+
+
+class Remapper:
+    def __init__(
+        self,
+        rules: RuleSet,
+        config: RemapConfig,
+        engine: Engine,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.rules = rules
+        self.config = config
+        self.settings = Settings(config.issuer_of_patient_id, config.uid_root)
+        self._sessions = make_sessions(engine)
+        self._clock = clock
+        self._window = timedelta(hours=config.order_window_h)
+        self._ready: OrderedDict[str, StoredResolver] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._study_locks = [threading.Lock() for _ in range(64)]
+
+    # -- in the C-STORE handler ----------------------------------------------------------------
+
+    def decide(self, subject: Subject, ds: Dataset) -> Decided:
+        rules = matching_rules(self.rules, subject, ds)
+        if not rules:
+            return Decided(Plan(), "none")
+        looks_up = any(
+            isinstance(a, (MapIdentityAction, ReconcileOrderAction)) for r in rules for a in r.actions
+        )
+        if looks_up:
+            plan = self._plan_for_study(subject, ds, str(ds.StudyInstanceUID))
+        else:
+            plan = make_plan(self.rules, subject, ds, _NoLookup(), self.settings)
+        if plan.held:
+            return Decided(plan, "held")
+        return Decided(plan, "pending" if plan.changes else "none")
+
+    def _plan_for_study(self, subject: Subject, ds: Dataset, study: str) -> Plan:
+        cached = self._cached(study)
+        if cached is not None:
+            return make_plan(self.rules, subject, ds, cached, self.settings)
+        with self._study_locks[hash(study) % len(self._study_locks)]:
+            try:
+                return self._decide_study(subject, ds, study)
+            except IntegrityError:
+                # Another process decided this study between our read and our insert: use theirs.
+                return self._decide_study(subject, ds, study)
+
+    def _decide_study(self, subject: Subject, ds: Dataset, study: str) -> Plan:
+        with self._sessions() as session, session.begin():
+            decision = session.scalar(
+                select(StudyDecision).where(StudyDecision.study_instance_uid == study)
+            )
+            if decision is not None:
+                resolver: Resolver = StoredResolver(decision)
+                plan = make_plan(self.rules, subject, ds, resolver, self.settings)
+            else:
+                plan = make_plan(
+                    self.rules, subject, ds, DbResolver(session, self._window), self.settings
+                )
+                decision = self._record_decision(session, study, plan)
+            if decision.state == "ready":
+                self._remember(study, StoredResolver(decision))
+        return plan
+
+    def _record_decision(self, session: Session, study: str, plan: Plan) -> StudyDecision:
+        answer = plan.order
+        decision = StudyDecision(
+            study_instance_uid=study,
+            state="held" if plan.held else "ready",
+            hold_reason="; ".join(plan.holds)[:200] or None,
+            identity=dump(plan.identity),
+            order_match=dump(answer.order if answer else None),
+            candidates=json.dumps(list(answer.candidates) if answer else []),
+            mrn=_text(plan.changes.get("PatientID")) or (plan.identity.mrn if plan.identity else None),
+            accession_number=answer.order.accession_number if answer and answer.order else None,
+            rules=json.dumps(plan.rules),
+            decided_by=ACTOR,
+            decided_at=self._clock(),
+        )
+        session.add(decision)
+        session.flush()
+        audit.record(
+            session, ACTOR, "study_held" if plan.held else "study_decided", study, self._clock(),
+            rules=plan.rules, holds=plan.holds, flags=plan.flags,
+            candidates=list(answer.candidates) if answer else [],
+            changes=sorted(plan.changes),
+        )
+        return decision
+
+    def _cached(self, study: str) -> StoredResolver | None:
+        with self._cache_lock:
+            resolver = self._ready.get(study)
+            if resolver is not None:
+                self._ready.move_to_end(study)
+            return resolver
+
+    def _remember(self, study: str, resolver: StoredResolver) -> None:
+        with self._cache_lock:
+            self._ready[study] = resolver
+            while len(self._ready) > CACHED_DECISIONS:
+                self._ready.popitem(last=False)
+
+    # -- releasing held studies ----------------------------------------------------------------
+
+    def release_held(self, spool_root: Path, study: str | None = None) -> list[int]:
+        """Plan every held instance whose study now has a ready decision; mark them pending.
+
+        Runs in the operator's command right after an assignment, and in the service now and
+        then, for an instance that was recorded as held while the assignment was being made.
+        """
+        released: list[int] = []
+        with self._sessions() as session, session.begin():
+            query = (
+                select(Instance, StudyDecision)
+                .join(StudyDecision, StudyDecision.study_instance_uid == Instance.study_instance_uid)
+                .where(Instance.remap_state == "held", StudyDecision.state == "ready")
+            )
+            if study is not None:
+                query = query.where(Instance.study_instance_uid == study)
+            for instance, decision in session.execute(query).all():
+                with open(spool_root / instance.spool_path, "rb") as fp:
+                    ds = dcmread(fp, stop_before_pixels=True)
+                subject = Subject(instance.calling_ae, _called_ae(session, instance))
+                plan = make_plan(self.rules, subject, ds, StoredResolver(decision), self.settings)
+                instance.remap_plan = plan_json(plan)
+                instance.remap_state = "pending" if plan.changes else "none"
+                _current_values(instance, plan.changes)
+                released.append(instance.id)
+        return released
+
+    # -- rewriting -----------------------------------------------------------------------------
+
+    def claim(self, instance_id: int) -> tuple[Path, dict[str, Value], Modification] | None:
+        """Take one pending instance for rewriting; None when another rewriter has it."""
+        with self._sessions() as session, session.begin():
+            taken = session.execute(
+                update(Instance)
+                .where(Instance.id == instance_id, Instance.remap_state == "pending")
+                .values(remap_state="rewriting")
+            )
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            instance = session.get_one(Instance, instance_id)
+            changes = json.loads(instance.remap_plan or "{}")
+            why = Modification(
+                reason=str(changes.pop(REASON_KEY, "COERCE")),
+                modifying_system=self.config.modifying_system,
+                source_of_previous_values=instance.calling_ae,
+                at=self._clock(),
+            )
+            return Path(instance.spool_path), changes, why
+
+    def finish(self, instance_id: int, size_bytes: int | None, error: str | None = None) -> None:
+        with self._sessions() as session, session.begin():
+            values: dict[str, object] = {"remap_state": "failed" if error else "done"}
+            if size_bytes is not None:
+                values["size_bytes"] = size_bytes
+            session.execute(update(Instance).where(Instance.id == instance_id).values(**values))
+            if error:
+                audit.record(session, ACTOR, "rewrite_failed", None, self._clock(),
+                             instance_id=instance_id, error=error)
+
+    def requeue_interrupted(self) -> None:
+        """A rewrite interrupted by a stop is done again: the file holds either version."""
+        with self._sessions() as session, session.begin():
+            session.execute(
+                update(Instance)
+                .where(Instance.remap_state == "rewriting")
+                .values(remap_state="pending")
+            )
+
+    def pending_ids(self, limit: int = 1000) -> list[int]:
+        with self._sessions() as session:
+            return list(
+                session.scalars(
+                    select(Instance.id)
+                    .where(Instance.remap_state == "pending")
+                    .order_by(Instance.id)
+                    .limit(limit)
+                )
+            )
+
+    def rewrite_now(self, spool_root: Path, instance_id: int) -> bool:
+        """Rewrite one instance in this process (operators' commands); False if not pending."""
+        claimed = self.claim(instance_id)
+        if claimed is None:
+            return False
+        relative, changes, why = claimed
+        try:
+            size = rewrite_file(spool_root / relative, changes, why)
+        except Exception as exc:
+            self.finish(instance_id, None, f"{type(exc).__name__}: {exc}")
+            raise
+        self.finish(instance_id, size)
+        return True
+
+
+def plan_json(plan: Plan) -> str | None:
+    """The plan as stored with the instance; the reason travels with it."""
+    if not plan.changes:
+        return None
+    return json.dumps({**plan.changes, REASON_KEY: plan.reason}, ensure_ascii=False)
+
+
+def _text(value: Value) -> str | None:
+    if isinstance(value, list):
+        return str(value[0]) if value else None
+    return value
+
+
+def _current_values(instance: Instance, changes: dict[str, Value]) -> None:
+    """The ledger's patient columns show the values the object will carry."""
+    if "PatientID" in changes:
+        instance.patient_id = _text(changes["PatientID"])
+    if "PatientName" in changes:
+        instance.patient_name = _text(changes["PatientName"])
+    if "AccessionNumber" in changes:
+        instance.accession_number = _text(changes["AccessionNumber"])
+
+
+def _called_ae(session: Session, instance: Instance) -> str:
+    if instance.association_id is None:
+        return ""
+    called = session.scalar(
+        select(AssociationRecord.called_ae).where(AssociationRecord.id == instance.association_id)
+    )
+    return called or ""

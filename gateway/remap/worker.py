@@ -1,0 +1,116 @@
+"""Rewrites pending instances in worker processes, so the receiver keeps its core.
+
+One thread feeds a process pool: instance ids arrive from the C-STORE handler after its commit,
+and a sweep every ``SWEEP_S`` picks up what the queue cannot know about (instances pending from
+before a restart, held instances whose study an operator has since assigned). Each rewrite is
+claimed in the database first, so an operator's command running at the same time never rewrites
+the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from pydicom import config as pydicom_config
+
+from gateway.remap.apply import rewrite_file
+from gateway.remap.stage import Remapper
+
+log = logging.getLogger(__name__)
+SWEEP_S = 2.0
+IDLE_WAIT_S = 0.5
+
+
+def _init_process() -> None:
+    # As in the service: values that break VR rules must not stop a rewrite; structure must.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+
+
+class RemapWorker:
+    def __init__(self, remapper: Remapper, spool_root: Path, processes: int) -> None:
+        self._remapper = remapper
+        self._spool_root = spool_root
+        self._processes = processes
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ProcessPoolExecutor | None = None
+
+    def notify(self, instance_id: int) -> None:
+        self._queue.put(instance_id)
+
+    def start(self) -> None:
+        self._remapper.requeue_interrupted()
+        # forkserver: the service has many threads, and forking them (the default) is unsafe.
+        self._pool = ProcessPoolExecutor(
+            self._processes,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=_init_process,
+        )
+        self._thread = threading.Thread(target=self._run, name="remap-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self) -> None:
+        in_flight: dict[Future[int], int] = {}
+        next_sweep = 0.0
+        while not self._stopping.is_set():
+            wanted: list[int] = []
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_S
+                try:
+                    self._remapper.release_held(self._spool_root)
+                    wanted.extend(self._remapper.pending_ids())
+                except Exception:
+                    log.exception("remap sweep failed; retrying in %.0f s", SWEEP_S)
+            try:
+                block = not in_flight and not wanted
+                wanted.append(self._queue.get(timeout=IDLE_WAIT_S if block else 0.001))
+                while True:
+                    wanted.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            busy = set(in_flight.values())
+            for instance_id in dict.fromkeys(wanted):
+                if instance_id not in busy:
+                    self._submit(instance_id, in_flight)
+            if in_flight:
+                done, _ = wait(list(in_flight), timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self._finish(in_flight.pop(future), future)
+
+    def _submit(self, instance_id: int, in_flight: dict[Future[int], int]) -> None:
+        assert self._pool is not None
+        try:
+            claimed = self._remapper.claim(instance_id)
+        except Exception:
+            log.exception("could not claim instance %d for rewriting; the sweep retries", instance_id)
+            return
+        if claimed is None:
+            return
+        relative, changes, why = claimed
+        future = self._pool.submit(rewrite_file, self._spool_root / relative, changes, why)
+        in_flight[future] = instance_id
+
+    def _finish(self, instance_id: int, future: Future[int]) -> None:
+        error = future.exception()
+        try:
+            if error is None:
+                self._remapper.finish(instance_id, future.result())
+            else:
+                log.error("rewrite of instance %d failed: %s", instance_id, type(error).__name__)
+                self._remapper.finish(instance_id, None, f"{type(error).__name__}: {error}")
+        except Exception:
+            log.exception("could not record the rewrite of instance %d", instance_id)
