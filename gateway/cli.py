@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from gateway.config import GatewayConfig, load
 from gateway.errors import ConfigError
@@ -90,6 +91,154 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator() -> str:
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator"
+
+
+class _Database:
+    """An operator command's view of the configured database (migrated first)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        from gateway.db.engine import make_engine, make_sessions
+        from gateway.db.migrate import upgrade
+
+        self.engine = make_engine(config.database.url, config.database.busy_timeout_s)
+        upgrade(self.engine)
+        self.sessions = make_sessions(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _import(args: argparse.Namespace, kind: str) -> int:
+    from gateway.remap.imports import import_identities, import_orders
+
+    config = _load_or_exit(args.config)
+    db = _Database(config)
+    load = import_identities if kind == "identities" else import_orders
+    try:
+        with db.sessions() as session, session.begin():
+            report = load(session, args.file, _operator())
+    except (OSError, ValueError) as exc:
+        print(f"{args.file}: cannot import: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print("\n".join(report.lines()))
+    return 1 if report.rejected and not (report.added or report.updated or report.unchanged) else 0
+
+
+def _remapper(config: GatewayConfig, rules_path: Path | None, db: _Database) -> Any:
+    from gateway.errors import ConfigError
+    from gateway.remap.rules import load_rules
+    from gateway.remap.stage import Remapper
+
+    path = rules_path or config.remap.rules_file
+    if path is None:
+        print("no rules: set remap.rules_file in the configuration or pass --rules", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    try:
+        rules = load_rules(path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return Remapper(rules, config.remap, db.engine)
+
+
+def cmd_remap_test(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from gateway.remap.dryrun import test_files
+    from gateway.remap.lookup import DbResolver
+
+    config = _load_or_exit(args.config)
+    db = _Database(config)
+    remapper = _remapper(config, args.rules, db)
+    try:
+        with db.sessions() as session:  # read only: rolled back when it closes
+            resolver = DbResolver(session, timedelta(hours=config.remap.order_window_h))
+            for line in test_files(remapper.rules, remapper.settings, resolver, args.paths,
+                                   args.calling_ae, args.called_ae or config.dicom.ae_title):
+                print(line)
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_remap_replay(args: argparse.Namespace) -> int:
+    from datetime import datetime, timedelta
+
+    from gateway.remap.dryrun import replay
+    from gateway.remap.lookup import DbResolver
+
+    config = _load_or_exit(args.config)
+    try:
+        since = datetime.fromisoformat(args.since)
+    except ValueError:
+        print(f"--since {args.since!r}: use a date like 2026-11-23 or 2026-11-23T08:00", file=sys.stderr)
+        return EXIT_CONFIG
+    if since.tzinfo is None:
+        since = since.astimezone()
+    db = _Database(config)
+    remapper = _remapper(config, args.rules, db)
+    try:
+        with db.sessions() as session:
+            resolver = DbResolver(session, timedelta(hours=config.remap.order_window_h))
+            for line in replay(session, remapper.rules, remapper.settings, resolver,
+                               config.storage.spool_dir, since, config.remap.modifying_system):
+                print(line)
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_reconcile_list(args: argparse.Namespace) -> int:
+    from gateway.remap.reconcile import held_studies
+
+    config = _load_or_exit(args.config)
+    db = _Database(config)
+    try:
+        with db.sessions() as session:
+            held = held_studies(session)
+    finally:
+        db.close()
+    if not held:
+        print("no held studies")
+    for study in held:
+        print(f"{study.study_instance_uid}: {study.instances} held instance(s) from "
+              f"{study.calling_ae}; {study.reason}")
+        print(f"  received: patient ID {study.patient_id!r}, name {study.patient_name!r}, "
+              f"accession {study.accession_number!r}, {study.modality} on {study.study_date}")
+        for order in study.candidates:
+            print(f"  candidate {order.accession_number}: MRN {order.mrn}, {order.modality} "
+                  f"at {order.scheduled_at:%Y-%m-%d %H:%M}, "
+                  f"{order.requested_procedure_description or ''} ({order.status})")
+        if not study.candidates:
+            print("  no candidate orders")
+    return 0
+
+
+def cmd_reconcile_assign(args: argparse.Namespace) -> int:
+    from gateway.errors import PermanentError
+    from gateway.remap.reconcile import assign
+
+    config = _load_or_exit(args.config)
+    db = _Database(config)
+    remapper = _remapper(config, None, db)
+    try:
+        with db.sessions() as session:
+            done = assign(remapper, session, config.storage.spool_dir, args.study, args.accession,
+                          args.by or _operator())
+    except PermanentError as exc:
+        print(f"cannot assign: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(f"study {args.study} assigned to accession {args.accession}: "
+          f"{done.released} instance(s) released, {done.rewritten} rewritten")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="DICOM gateway: receive, keep, remap and forward images."
@@ -113,6 +262,42 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = db_commands.add_parser("upgrade", help="apply schema migrations up to the latest")
     upgrade.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
     upgrade.set_defaults(func=cmd_db_upgrade)
+
+    def group(name: str, help: str) -> Any:
+        parent = commands.add_parser(name, help=help, description=help)
+        return parent.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+
+    def sub(parent: Any, name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, help=help, description=help)
+        parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+        parser.set_defaults(func=func)
+        return parser
+
+    identities = group("identities", "the patient identity table (local ID -> MRN)")
+    sub(identities, "import", "load identities from CSV (issuer,local_id,mrn,patient_name,"
+        "birth_date,sex); idempotent", lambda a: _import(a, "identities")
+        ).add_argument("file", type=Path)
+    orders = group("orders", "the orders table (accession numbers)")
+    sub(orders, "import", "load orders from CSV or JSON (accession_number,mrn,modality,"
+        "scheduled_at,...); idempotent", lambda a: _import(a, "orders")).add_argument("file", type=Path)
+    remap = group("remap", "try remap rules without sending anything")
+    test = sub(remap, "test", "print, per file, the tags the rules would change (old -> new); "
+               "writes nothing", cmd_remap_test)
+    test.add_argument("--rules", type=Path, help="rules file (default: remap.rules_file)")
+    test.add_argument("--calling-ae", help="sender to match on (default: the file's Source AE)")
+    test.add_argument("--called-ae", help="called AE to match on (default: dicom.ae_title)")
+    test.add_argument("paths", type=Path, nargs="+", help="files or folders")
+    replay = sub(remap, "replay", "run candidate rules over instances already received and "
+                 "summarise what would differ from what was done", cmd_remap_replay)
+    replay.add_argument("--rules", type=Path, required=True, help="candidate rules file")
+    replay.add_argument("--since", required=True, help="received since (2026-11-23[T08:00])")
+    reconcile = group("reconcile", "studies held for an operator")
+    sub(reconcile, "list", "held studies with their candidate orders", cmd_reconcile_list)
+    assign = sub(reconcile, "assign", "decide a held study by an order, rewrite and release it",
+                 cmd_reconcile_assign)
+    assign.add_argument("study", help="Study Instance UID")
+    assign.add_argument("accession", help="accession number of the order")
+    assign.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
     return parser
 
 

@@ -119,7 +119,7 @@ def plain(value: Any) -> Value:
     return str(value)
 
 
-class _Working:
+class Working:
     """The object's top-level values with the plan's edits laid over them."""
 
     def __init__(self, ds: Dataset) -> None:
@@ -134,9 +134,10 @@ class _Working:
     def original(self, keyword: str) -> Value:
         if keyword not in self._ds:
             return None
-        value = self._ds[keyword].value
-        if isinstance(value, list) and value and isinstance(value[0], Dataset):
-            return [{e.keyword: str(e.value) for e in item if e.keyword} for item in value]
+        element = self._ds[keyword]
+        value = element.value
+        if element.VR == "SQ":
+            return [{e.keyword: str(e.value) for e in item if e.keyword} for item in value or []] or None
         text = plain(value)
         return None if text == "" else text
 
@@ -212,7 +213,7 @@ def make_plan(
     rules: RuleSet, subject: Subject, ds: Dataset, resolver: Resolver, settings: Settings
 ) -> Plan:
     plan = Plan()
-    work = _Working(ds)
+    work = Working(ds)
     for rule in matching_rules(rules, subject, ds):
         plan.rules.append(rule.name)
         if rule.reason == "CORRECT":
@@ -225,7 +226,7 @@ def make_plan(
 
 def _apply(
     action: Action,
-    work: _Working,
+    work: Working,
     subject: Subject,
     resolver: Resolver,
     settings: Settings,
@@ -264,7 +265,7 @@ def regenerate_uid(old: str, root: str) -> str:
 
 def _map_identity(
     action: MapIdentityAction,
-    work: _Working,
+    work: Working,
     subject: Subject,
     resolver: Resolver,
     settings: Settings,
@@ -283,14 +284,14 @@ def _map_identity(
     _demographics(work, identity.patient_name, identity.birth_date, identity.sex)
 
 
-def _demographics(work: _Working, name: str | None, birth: str | None, sex: str | None) -> None:
+def _demographics(work: Working, name: str | None, birth: str | None, sex: str | None) -> None:
     for keyword, value in (("PatientName", name), ("PatientBirthDate", birth), ("PatientSex", sex)):
         if value:
             work.set(keyword, value)
 
 
 def _reconcile_order(
-    action: ReconcileOrderAction, work: _Working, resolver: Resolver, plan: Plan
+    action: ReconcileOrderAction, work: Working, resolver: Resolver, plan: Plan
 ) -> None:
     answer = resolver.order(
         OrderQuery(
@@ -319,5 +320,5 @@ def _reconcile_order(
 
 def describe(changes: dict[str, Value], ds: Dataset) -> list[tuple[str, Value, Value]]:
     """(keyword, old, new) for printing; old values as the object holds them."""
-    work = _Working(ds)
+    work = Working(ds)
     return [(keyword, work.original(keyword), new) for keyword, new in changes.items()]

@@ -1,0 +1,266 @@
+"""Remapping at ingest, end to end: DCMTK storescu sends studies through rules; the spool files,
+the ledger rows, the study decisions and the audit rows show what happened and why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from gateway.dicom.status import Status
+from tests.conftest import GATEWAY_BIN, rows, wait_for
+from tests.factory import make_dataset, write_file, write_study
+from tests.peers import dcmtk, spool_files, store
+
+RULES = """
+[[rules]]
+name = "ct identity and order"
+match = { calling_ae = ["CT1"], modality = ["CT"] }
+actions = [
+  { type = "map_identity", unmatched = "hold" },
+  { type = "reconcile_order", unmatched = "hold" },
+  { type = "set", tag = "InstitutionName", value = "General Hospital" },
+]
+"""
+
+IDENTITIES = """issuer,local_id,mrn,patient_name,birth_date,sex
+CT1,DEV-42,MRN0042,DOE^JANE,19800202,F
+CT1,DEV-77,MRN0077,ROE^RICHARD,19700707,M
+"""
+
+ORDERS = """accession_number,mrn,modality,scheduled_at,requested_procedure_id,requested_procedure_description
+ACC-1,MRN0042,CT,2026-11-23T10:00,RP1,CT HEAD
+ACC-MR,MRN0042,MR,2026-11-23T10:30,RP2,MR KNEE
+ACC-A,MRN0077,CT,2026-11-23T09:00,RP3,CT CHEST
+ACC-B,MRN0077,CT,2026-11-23T11:00,RP4,CT ABDOMEN
+"""
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(GATEWAY_BIN), *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def remap_gateway(served: Any, tmp_path: Path) -> Any:
+    def start(rules: str = RULES, db: str | None = None, **remap: Any) -> Any:
+        rules_path = tmp_path / "rules.toml"
+        rules_path.write_text(rules, encoding="utf-8")
+        server = served(db=db, remap={"rules_file": str(rules_path), "issuer_of_patient_id": "HOSPITAL",
+                               **remap})
+        (tmp_path / "identities.csv").write_text(IDENTITIES, encoding="utf-8")
+        (tmp_path / "orders.csv").write_text(ORDERS, encoding="utf-8")
+        for kind in ("identities", "orders"):
+            result = cli(server.config_path, kind, "import", str(tmp_path / f"{kind}.csv"))
+            assert result.returncode == 0, result.stderr
+        return server
+
+    return start
+
+
+def send(port: int, files: list[Path], calling_ae: str = "CT1") -> None:
+    result = dcmtk("storescu", "-aet", calling_ae, "-aec", "GATEWAY", "127.0.0.1", str(port),
+                   *map(str, files))
+    assert result.returncode == 0, result.stderr
+
+
+def wait_remapped(db: str, count: int, state: str = "done") -> list[Any]:
+    return wait_for(
+        lambda: (r := rows(db, "SELECT * FROM instances WHERE remap_state = :s", s=state))
+        and len(r) == count and r,
+        30, f"{count} instances {state}",
+    )
+
+
+def test_identity_and_unique_order_applied_with_originals_kept(
+    remap_gateway, tmp_path: Path, db_url: str
+) -> None:
+    server = remap_gateway(db=db_url)
+    files = write_study(tmp_path / "study", 3, PatientID="DEV-42", AccessionNumber=None,
+                        InstitutionName=None)
+    send(server.port, files)
+
+    done = wait_remapped(server.db_url, 3)
+    assert {(r.patient_id, r.original_patient_id, r.accession_number, r.original_accession_number,
+             r.patient_name, r.original_patient_name) for r in done} == {
+        ("MRN0042", "DEV-42", "ACC-1", None, "DOE^JANE", "TEST^PATIENT")}
+    for path in spool_files(server.spool):
+        ds = pydicom.dcmread(path)
+        assert (ds.PatientID, ds.IssuerOfPatientID, str(ds.PatientName), ds.PatientBirthDate,
+                ds.PatientSex, ds.AccessionNumber, ds.InstitutionName) == (
+            "MRN0042", "HOSPITAL", "DOE^JANE", "19800202", "F", "ACC-1", "General Hospital")
+        request = ds.RequestAttributesSequence[0]
+        assert (request.RequestedProcedureID, request.RequestedProcedureDescription,
+                request.AccessionNumber) == ("RP1", "CT HEAD", "ACC-1")
+        [item] = ds.OriginalAttributesSequence
+        [previous] = item.ModifiedAttributesSequence
+        assert previous.PatientID == "DEV-42"
+        assert str(previous.PatientName) == "TEST^PATIENT"
+        assert previous.PatientBirthDate == "19700101"
+        assert previous.PatientSex == "O"
+        for added in ("AccessionNumber", "IssuerOfPatientID", "InstitutionName",
+                      "RequestAttributesSequence"):
+            assert added in previous and previous[added].is_empty, added
+        assert item.ModifyingSystem == "GATEWAY"
+        assert item.SourceOfPreviousValues == "CT1"
+        assert item.ReasonForTheAttributeModification == "COERCE"
+        assert len(item.AttributeModificationDateTime) >= 14
+        assert ds.PixelData == pydicom.dcmread(files[0]).PixelData
+    [decision] = rows(server.db_url, "SELECT state, mrn, accession_number, decided_by FROM study_decisions")
+    assert tuple(decision) == ("ready", "MRN0042", "ACC-1", "gateway")
+    assert [r.action for r in rows(server.db_url, "SELECT action FROM audit_events "
+                                   "WHERE study_instance_uid IS NOT NULL")] == ["study_decided"]
+    assert "DEV-42" not in server.log() and "DOE^JANE" not in server.log()
+
+
+def test_one_study_one_decision_across_associations_and_table_changes(
+    remap_gateway, tmp_path: Path, db_url: str
+) -> None:
+    server = remap_gateway(db=db_url)
+    files = write_study(tmp_path / "study", 3, PatientID="DEV-42", AccessionNumber=None)
+    send(server.port, files[:1])
+    wait_remapped(server.db_url, 1)
+    # The identity table changes between the two associations: the study keeps its decision.
+    (tmp_path / "changed.csv").write_text("issuer,local_id,mrn\nCT1,DEV-42,MRN9999\n")
+    assert cli(server.config_path, "identities", "import", str(tmp_path / "changed.csv")).returncode == 0
+    send(server.port, files[1:])
+
+    done = wait_remapped(server.db_url, 3)
+    assert {r.patient_id for r in done} == {"MRN0042"}
+    assert {pydicom.dcmread(p).PatientID for p in spool_files(server.spool)} == {"MRN0042"}
+    assert len(rows(server.db_url, "SELECT id FROM study_decisions")) == 1
+    assert len(rows(server.db_url, "SELECT id FROM associations WHERE result = 'accepted'")) == 2
+
+
+def test_ambiguous_study_is_held_listed_and_released_by_assign(
+    remap_gateway, tmp_path: Path, db_url: str
+) -> None:
+    server = remap_gateway(db=db_url)
+    files = write_study(tmp_path / "study", 2, PatientID="DEV-77", AccessionNumber=None,
+                        StudyTime="100000")
+    study = pydicom.dcmread(files[0]).StudyInstanceUID
+    send(server.port, files)
+
+    held = wait_remapped(server.db_url, 2, "held")
+    assert {r.patient_id for r in held} == {"DEV-77"}  # nothing applied while held
+    assert {pydicom.dcmread(p).PatientID for p in spool_files(server.spool)} == {"DEV-77"}
+    listing = cli(server.config_path, "reconcile", "list")
+    assert listing.returncode == 0, listing.stderr
+    assert study in listing.stdout and "ACC-A" in listing.stdout and "ACC-B" in listing.stdout
+    assert "2 orders match" in listing.stdout
+
+    assigned = cli(server.config_path, "reconcile", "assign", study, "ACC-B", "--by", "alice")
+    assert assigned.returncode == 0, assigned.stderr
+    assert "2 instance(s) released, 2 rewritten" in assigned.stdout
+    done = rows(server.db_url, "SELECT patient_id, accession_number, remap_state FROM instances")
+    assert {tuple(r) for r in done} == {("MRN0077", "ACC-B", "done")}
+    for path in spool_files(server.spool):
+        ds = pydicom.dcmread(path)
+        assert (ds.PatientID, ds.AccessionNumber) == ("MRN0077", "ACC-B")
+        assert ds.RequestAttributesSequence[0].RequestedProcedureID == "RP4"
+    audit = rows(server.db_url, "SELECT actor, action, detail FROM audit_events "
+                 "WHERE study_instance_uid = :s ORDER BY id", s=study)
+    assert [(a.actor, a.action) for a in audit] == [("gateway", "study_held"), ("alice", "study_assigned")]
+    assert json.loads(audit[1].detail)["previous"]["candidates"] == ["ACC-A", "ACC-B"]
+    # A later instance of the same study follows the operator's decision.
+    late = write_file(pydicom.dcmread(files[0]), tmp_path / "late.dcm")
+    late_ds = pydicom.dcmread(late)
+    late_ds.SOPInstanceUID = generate_uid()
+    write_file(late_ds, late)
+    send(server.port, [late])
+    wait_remapped(server.db_url, 3)
+
+    refused = cli(server.config_path, "reconcile", "assign", study, "ACC-A")
+    assert refused.returncode == 1 and "is not held" in refused.stderr
+
+
+def test_unknown_patient_passes_unchanged_when_the_rule_says_pass(remap_gateway, tmp_path: Path) -> None:
+    rules = RULES.replace('type = "map_identity", unmatched = "hold"', 'type = "map_identity", unmatched = "pass"')
+    rules = rules.replace('type = "reconcile_order", unmatched = "hold"', 'type = "reconcile_order", unmatched = "pass"')
+    server = remap_gateway(rules)
+    files = write_study(tmp_path / "study", 1, PatientID="NOBODY", AccessionNumber=None)
+    send(server.port, files)
+    [row] = wait_remapped(server.db_url, 1)
+    assert (row.patient_id, row.original_patient_id) == ("NOBODY", "NOBODY")
+    assert pydicom.dcmread(spool_files(server.spool)[0]).InstitutionName == "General Hospital"
+
+
+def test_coerced_status_is_configurable(make_gateway, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = "InstitutionName", '
+                     'value = "General Hospital" }]\n')
+    warning = make_gateway(remap={"rules_file": str(rules), "coerced_status": "warning"})
+    assert store(warning.receiver.address[1], make_dataset()) == Status.COERCION_OF_DATA_ELEMENTS
+    unchanged = make_dataset(InstitutionName="General Hospital")
+    assert store(warning.receiver.address[1], unchanged) == Status.SUCCESS
+
+
+def test_regenerated_uids_are_consistent_and_under_the_root(make_gateway, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nname = "new uids"\nactions = [{ type = "regenerate_uid", tag = '
+                     '"StudyInstanceUID" }, { type = "regenerate_uid", tag = "SOPInstanceUID" }]\n')
+    app = make_gateway(remap={"rules_file": str(rules), "uid_root": "1.2.826.0.1.3680043.9.7"})
+    study = generate_uid()
+    first, second = make_dataset(StudyInstanceUID=study), make_dataset(StudyInstanceUID=study)
+    for ds in (first, second):
+        assert store(app.receiver.address[1], ds) == Status.SUCCESS
+    db = f"sqlite:///{app.config.database.url.removeprefix('sqlite:///')}"
+    wait_remapped(db, 2)
+    written = [pydicom.dcmread(p) for p in spool_files(app.spool.root)]
+    new_studies = {ds.StudyInstanceUID for ds in written}
+    assert len(new_studies) == 1 and study not in new_studies
+    assert next(iter(new_studies)).startswith("1.2.826.0.1.3680043.9.7.")
+    for ds in written:
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.SOPInstanceUID not in (first.SOPInstanceUID, second.SOPInstanceUID)
+
+
+def test_bad_rules_are_reported_with_rule_key_and_fix(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        '[[rules]]\nname = "typo"\nactions = [{ type = "set", tag = "PatientIdd", value = "x" }]\n'
+        '[[rules]]\nname = "bad regex"\nmatch = { tags = [{ tag = "PatientID", regex = "(" }] }\n'
+        'actions = [{ type = "delete", tag = "PatientAddress" }]\n'
+        '[[rules]]\nname = "uid"\nactions = [{ type = "set", tag = "StudyInstanceUID", value = "1.2" }]\n'
+    )
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[remap]\nrules_file = "{rules}"\n')
+    result = cli(config, "check-config")
+    assert result.returncode == 2
+    assert "rule #1 'typo'" in result.stderr and "'PatientIdd' is not a DICOM keyword" in result.stderr
+    assert "rule #2 'bad regex'" in result.stderr and "not a valid regular expression" in result.stderr
+    assert "rule #3 'uid'" in result.stderr and "use an action of type regenerate_uid" in result.stderr
+
+
+def test_remap_test_prints_changes_and_writes_nothing(remap_gateway, tmp_path: Path) -> None:
+    server = remap_gateway()
+    [path] = write_study(tmp_path / "sample", 1, PatientID="DEV-42", AccessionNumber=None)
+    before = path.read_bytes()
+    result = cli(server.config_path, "remap", "test", "--calling-ae", "CT1", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "PatientID: 'DEV-42' -> 'MRN0042'" in result.stdout
+    assert "AccessionNumber: (absent) -> 'ACC-1'" in result.stdout
+    assert path.read_bytes() == before
+    assert rows(server.db_url, "SELECT id FROM instances") == []
+    assert rows(server.db_url, "SELECT id FROM study_decisions") == []
+
+
+def test_remap_replay_summarises_what_candidate_rules_would_change(remap_gateway, tmp_path: Path) -> None:
+    server = remap_gateway()
+    send(server.port, write_study(tmp_path / "study", 2, PatientID="DEV-42", AccessionNumber=None))
+    wait_remapped(server.db_url, 2)
+    candidate = tmp_path / "candidate.toml"
+    candidate.write_text(RULES.replace("General Hospital", "Other Hospital"), encoding="utf-8")
+    result = cli(server.config_path, "remap", "replay", "--rules", str(candidate), "--since", "2000-01-01")
+    assert result.returncode == 0, result.stderr
+    assert "examined 2 instance(s)" in result.stdout and "2 would differ" in result.stdout
+    assert "InstitutionName: 2 instance(s)" in result.stdout
+    assert "'General Hospital' -> 'Other Hospital'" in result.stdout
+    same = cli(server.config_path, "remap", "replay", "--rules", str(tmp_path / "rules.toml"),
+               "--since", "2000-01-01")
+    assert "0 would differ" in same.stdout, same.stdout
