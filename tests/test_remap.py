@@ -264,3 +264,85 @@ def test_remap_replay_summarises_what_candidate_rules_would_change(remap_gateway
     same = cli(server.config_path, "remap", "replay", "--rules", str(tmp_path / "rules.toml"),
                "--since", "2000-01-01")
     assert "0 would differ" in same.stdout, same.stdout
+
+
+# pydicom's bundled character set files, and the name the identity table gives each patient:
+# the first five fit the file's own character set, the last two force the move to UTF-8.
+CHARSET_CASES = [
+    ("chrH31.dcm", "山田^花子", None),  # ISO 2022 IR 87 (Japanese)
+    ("chrX2.dcm", "王^小红", None),  # GB18030
+    ("chrFren.dcm", "Müller^Jürgen", None),  # ISO_IR 100 (Latin-1)
+    ("chrRuss.dcm", "Петров^Пётр", None),  # ISO_IR 144 (Cyrillic)
+    ("chrI2.dcm", "김^철수", None),  # ISO 2022 IR 149 (Korean)
+    ("chrFren.dcm", "山田^太郎", "ISO_IR 192"),  # Japanese in a Latin-1 object
+    ("chrH31.dcm", "Müller^Jürgen", "ISO_IR 192"),  # no u-umlaut in ISO 2022 IR 87
+]
+
+
+def test_new_names_round_trip_in_every_character_set(remap_gateway, tmp_path: Path) -> None:
+    from pydicom import config as pydicom_config
+    from pydicom.data import get_charset_files
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    rules = ('[[rules]]\nname = "identity"\nmatch = { calling_ae = ["CT1"] }\n'
+             'actions = [{ type = "map_identity", unmatched = "hold" }]\n')
+    server = remap_gateway(rules)
+    identities = ["issuer,local_id,mrn,patient_name"]
+    files, expected = [], {}
+    for number, (name, new_name, new_charset) in enumerate(CHARSET_CASES):
+        ds = pydicom.dcmread(get_charset_files(name)[0])
+        ds.PatientID = f"CHARSET-{number}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        files.append(write_file(ds, tmp_path / "charsets" / f"{number}.dcm"))
+        identities.append(f'CT1,CHARSET-{number},MRN-C{number},"{new_name}"')
+        expected[ds.SOPInstanceUID] = (new_name, new_charset or ds.SpecificCharacterSet,
+                                       str(ds.PatientName))
+    (tmp_path / "charsets.csv").write_text("\n".join(identities) + "\n", encoding="utf-8")
+    assert cli(server.config_path, "identities", "import", str(tmp_path / "charsets.csv")).returncode == 0
+    send(server.port, files)
+
+    wait_remapped(server.db_url, len(CHARSET_CASES))
+    saved = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+    try:
+        for path in spool_files(server.spool):
+            ds = pydicom.dcmread(path)
+            new_name, charset, old_name = expected[ds.SOPInstanceUID]
+            assert str(ds.PatientName) == new_name
+            assert ds.SpecificCharacterSet == charset
+            previous = ds.OriginalAttributesSequence[0].ModifiedAttributesSequence[0]
+            assert str(previous.PatientName) == old_name
+            # Every text value encodes in the declared set without replacement characters.
+            buffer = DicomBytesIO()
+            buffer.is_little_endian, buffer.is_implicit_VR = True, False
+            write_dataset(buffer, ds)
+    finally:
+        pydicom_config.settings.writing_validation_mode = saved
+
+
+def _dciodvfy_findings(path: Path) -> set[str]:
+    from tests.peers import require_tool
+
+    result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True,
+                            timeout=60)
+    return {line.strip() for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith(("Error", "Warning"))}
+
+
+def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(remap_gateway, tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    server = remap_gateway()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientID = "DEV-42"
+    del ds.AccessionNumber
+    ds.StudyDate, ds.StudyTime = "20261123", "101500"
+    sent = write_file(ds, tmp_path / "ct.dcm")
+    send(server.port, [sent])
+
+    wait_remapped(server.db_url, 1)
+    [stored] = spool_files(server.spool)
+    assert pydicom.dcmread(stored).PatientID == "MRN0042"
+    assert _dciodvfy_findings(stored) <= _dciodvfy_findings(sent)
