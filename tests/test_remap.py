@@ -346,3 +346,29 @@ def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(remap_gateway, tmp_
     [stored] = spool_files(server.spool)
     assert pydicom.dcmread(stored).PatientID == "MRN0042"
     assert _dciodvfy_findings(stored) <= _dciodvfy_findings(sent)
+
+
+def test_rewrite_interrupted_by_a_stop_is_finished_once_after_restart(
+    make_gateway, tmp_path: Path, sqlite_url: str
+) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = "InstitutionName", '
+                     'value = "General Hospital" }]\n')
+    first = make_gateway(remap={"rules_file": str(rules)})
+    assert store(first.receiver.address[1], make_dataset()) == Status.SUCCESS
+    wait_remapped(sqlite_url, 1)
+    first.stop()
+    # As if the service had stopped between renaming the rewritten file and recording it.
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE instances SET remap_state = 'rewriting'"))
+    engine.dispose()
+
+    make_gateway(remap={"rules_file": str(rules)})
+    wait_remapped(sqlite_url, 1)
+    [path] = spool_files(tmp_path / "spool")
+    ds = pydicom.dcmread(path)
+    assert ds.InstitutionName == "General Hospital"
+    assert len(ds.OriginalAttributesSequence) == 1

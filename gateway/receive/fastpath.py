@@ -28,10 +28,10 @@ import os
 import queue
 import select
 import socket
-import time
-from collections.abc import Callable
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 

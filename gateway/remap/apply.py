@@ -31,8 +31,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from gateway.remap.plan import Value
 from gateway.receive.spool import fsync_dir
+from gateway.remap.plan import Value, Working
 
 UTF8 = "ISO_IR 192"
 _TEXT_VRS = {"SH", "LO", "ST", "PN", "LT", "UC", "UT"}
@@ -166,7 +166,8 @@ def apply_changes(ds: Dataset, changes: dict[str, Value], why: Modification) -> 
 
 def rewrite_file(path: Path, changes: dict[str, Value], why: Modification) -> int:
     """Rewrite a spool file with the plan applied: temp file beside it, fsync, rename over it,
-    fsync the folder. Returns the new size in bytes."""
+    fsync the folder. Returns the new size in bytes. Idempotent: values the file already has
+    are not changed again, so a repeated rewrite adds no second Original Attributes item."""
     temp = path.with_name(path.name + ".tmp")
     with open(path, "rb") as source:
         ds = dcmread(source, stop_before_pixels=True)
@@ -174,6 +175,11 @@ def rewrite_file(path: Path, changes: dict[str, Value], why: Modification) -> in
             source.seek(0)  # deflated bytes cannot be copied past the header: read it whole
             ds = dcmread(source)
         tail_offset = source.tell()
+        current = Working(ds)
+        # A rewrite repeated after a crash finds its values already there and changes nothing.
+        changes = {k: v for k, v in changes.items() if current.original(k) != v}
+        if not changes:
+            return path.stat().st_size
         apply_changes(ds, changes, why)
         try:
             with open(temp, "wb") as target, _strict_writing():

@@ -145,7 +145,7 @@ def _upsert(
     session: Session,
     path: Path,
     row_model: type[_Row],
-    table: type[PatientIdentity] | type[Order],
+    table: type[PatientIdentity | Order],
     key: Callable[[Any], object],
     action: str,
     actor: str,

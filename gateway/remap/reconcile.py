@@ -116,5 +116,5 @@ def assign(
         decision.decided_at = now
         audit.record(sessions, actor, "study_assigned", study, now, accession=accession, previous=previous)
     released = remapper.release_held(spool_root, study)
-    rewritten = sum(1 for instance_id in released if remapper.rewrite_now(spool_root, instance_id))
+    rewritten = remapper.rewrite_now(spool_root, released)
     return Assignment(len(released), rewritten)

@@ -66,6 +66,21 @@ class Decided:
         return self.state == "pending" and bool(self.plan.changes)
 
 
+@dataclass(frozen=True)
+class Claimed:
+    instance_id: int
+    spool_path: Path  # relative to the spool
+    changes: dict[str, Value]
+    why: Modification
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    instance_id: int
+    size_bytes: int | None
+    error: str | None = None
+
+
 class _NoLookup:
     """For rule sets without identity or order actions: never asked."""
 
@@ -207,44 +222,56 @@ class Remapper:
 
     # -- rewriting -----------------------------------------------------------------------------
 
-    def claim(self, instance_id: int) -> tuple[Path, dict[str, Value], Modification] | None:
-        """Take one pending instance for rewriting; None when another rewriter has it."""
+    def claim(self, instance_ids: list[int]) -> list[Claimed]:
+        """Take pending instances for rewriting, in one statement; the ones another rewriter
+        holds (or that are no longer pending) are left out."""
+        if not instance_ids:
+            return []
         with self._sessions() as session, session.begin():
             taken = session.execute(
                 update(Instance)
-                .where(Instance.id == instance_id, Instance.remap_state == "pending")
+                .where(Instance.id.in_(instance_ids), Instance.remap_state == "pending")
                 .values(remap_state="rewriting")
-            )
-            if taken.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            instance = session.get_one(Instance, instance_id)
-            changes = json.loads(instance.remap_plan or "{}")
+                .returning(Instance.id, Instance.spool_path, Instance.remap_plan, Instance.calling_ae)
+            ).all()
+        claimed = []
+        for instance_id, spool_path, plan, calling_ae in taken:
+            changes = json.loads(plan or "{}")
             why = Modification(
                 reason=str(changes.pop(REASON_KEY, "COERCE")),
                 modifying_system=self.config.modifying_system,
-                source_of_previous_values=instance.calling_ae,
+                source_of_previous_values=calling_ae,
                 at=self._clock(),
             )
-            return Path(instance.spool_path), changes, why
+            claimed.append(Claimed(instance_id, Path(spool_path), changes, why))
+        return claimed
 
-    def finish(self, instance_id: int, size_bytes: int | None, error: str | None = None) -> None:
-        with self._sessions() as session, session.begin():
-            values: dict[str, object] = {"remap_state": "failed" if error else "done"}
-            if size_bytes is not None:
-                values["size_bytes"] = size_bytes
-            session.execute(update(Instance).where(Instance.id == instance_id).values(**values))
-            if error:
-                audit.record(session, ACTOR, "rewrite_failed", None, self._clock(),
-                             instance_id=instance_id, error=error)
-
-    def requeue_interrupted(self) -> None:
-        """A rewrite interrupted by a stop is done again: the file holds either version."""
+    def finish(self, results: list[Rewritten]) -> None:
+        """Record finished rewrites, many in one transaction."""
+        if not results:
+            return
         with self._sessions() as session, session.begin():
             session.execute(
-                update(Instance)
-                .where(Instance.remap_state == "rewriting")
-                .values(remap_state="pending")
+                update(Instance),
+                [
+                    {"id": r.instance_id, "remap_state": "failed" if r.error else "done"}
+                    | ({"size_bytes": r.size_bytes} if r.size_bytes is not None else {})
+                    for r in results
+                ],
             )
+            for failed in (r for r in results if r.error):
+                audit.record(session, ACTOR, "rewrite_failed", None, self._clock(),
+                             instance_id=failed.instance_id, error=failed.error)
+
+    def requeue_interrupted(self, instance_ids: list[int] | None = None) -> None:
+        """A rewrite interrupted by a stop (all of them, at start) or by a worker process that
+        died (those given) is done again: the file holds either version, and a rewrite is
+        idempotent."""
+        query = update(Instance).where(Instance.remap_state == "rewriting")
+        if instance_ids is not None:
+            query = query.where(Instance.id.in_(instance_ids))
+        with self._sessions() as session, session.begin():
+            session.execute(query.values(remap_state="pending"))
 
     def pending_ids(self, limit: int = 1000) -> list[int]:
         with self._sessions() as session:
@@ -257,19 +284,18 @@ class Remapper:
                 )
             )
 
-    def rewrite_now(self, spool_root: Path, instance_id: int) -> bool:
-        """Rewrite one instance in this process (operators' commands); False if not pending."""
-        claimed = self.claim(instance_id)
-        if claimed is None:
-            return False
-        relative, changes, why = claimed
-        try:
-            size = rewrite_file(spool_root / relative, changes, why)
-        except Exception as exc:
-            self.finish(instance_id, None, f"{type(exc).__name__}: {exc}")
-            raise
-        self.finish(instance_id, size)
-        return True
+    def rewrite_now(self, spool_root: Path, instance_ids: list[int]) -> int:
+        """Rewrite in this process (operators' commands); returns how many were rewritten."""
+        done = 0
+        for claimed in self.claim(instance_ids):
+            try:
+                size = rewrite_file(spool_root / claimed.spool_path, claimed.changes, claimed.why)
+            except Exception as exc:
+                self.finish([Rewritten(claimed.instance_id, None, f"{type(exc).__name__}: {exc}")])
+                raise
+            self.finish([Rewritten(claimed.instance_id, size)])
+            done += 1
+        return done
 
 
 def plan_json(plan: Plan) -> str | None:

@@ -11,23 +11,28 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from pydicom import config as pydicom_config
 
 from gateway.remap.apply import rewrite_file
-from gateway.remap.stage import Remapper
+from gateway.remap.stage import Remapper, Rewritten
 
 log = logging.getLogger(__name__)
 SWEEP_S = 2.0
 IDLE_WAIT_S = 0.5
+NICENESS = 10
 
 
 def _init_process() -> None:
+    # Rewriting is background work: the receiver (and the modality waiting on it) comes first.
+    os.nice(NICENESS)
     # As in the service: values that break VR rules must not stop a rewrite; structure must.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
@@ -47,14 +52,17 @@ class RemapWorker:
 
     def start(self) -> None:
         self._remapper.requeue_interrupted()
+        self._pool = self._new_pool()
+        self._thread = threading.Thread(target=self._run, name="remap-worker", daemon=True)
+        self._thread.start()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
         # forkserver: the service has many threads, and forking them (the default) is unsafe.
-        self._pool = ProcessPoolExecutor(
+        return ProcessPoolExecutor(
             self._processes,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_init_process,
         )
-        self._thread = threading.Thread(target=self._run, name="remap-worker", daemon=True)
-        self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
@@ -83,34 +91,49 @@ class RemapWorker:
             except queue.Empty:
                 pass
             busy = set(in_flight.values())
-            for instance_id in dict.fromkeys(wanted):
-                if instance_id not in busy:
-                    self._submit(instance_id, in_flight)
+            self._submit([i for i in dict.fromkeys(wanted) if i not in busy], in_flight)
             if in_flight:
                 done, _ = wait(list(in_flight), timeout=0.2, return_when=FIRST_COMPLETED)
-                for future in done:
-                    self._finish(in_flight.pop(future), future)
+                self._finish([(in_flight.pop(future), future) for future in done])
 
-    def _submit(self, instance_id: int, in_flight: dict[Future[int], int]) -> None:
+    def _submit(self, instance_ids: list[int], in_flight: dict[Future[int], int]) -> None:
         assert self._pool is not None
         try:
-            claimed = self._remapper.claim(instance_id)
+            claimed = self._remapper.claim(instance_ids)
         except Exception:
-            log.exception("could not claim instance %d for rewriting; the sweep retries", instance_id)
+            log.exception("could not claim %d instance(s) for rewriting; the sweep retries",
+                          len(instance_ids))
             return
-        if claimed is None:
-            return
-        relative, changes, why = claimed
-        future = self._pool.submit(rewrite_file, self._spool_root / relative, changes, why)
-        in_flight[future] = instance_id
+        for job in claimed:
+            future = self._pool.submit(
+                rewrite_file, self._spool_root / job.spool_path, job.changes, job.why
+            )
+            in_flight[future] = job.instance_id
 
-    def _finish(self, instance_id: int, future: Future[int]) -> None:
-        error = future.exception()
-        try:
-            if error is None:
-                self._remapper.finish(instance_id, future.result())
+    def _finish(self, done: list[tuple[int, Future[int]]]) -> None:
+        results = []
+        broken = []
+        for instance_id, future in done:
+            error = future.exception()
+            if isinstance(error, BrokenProcessPool):
+                broken.append(instance_id)  # the process died, not the rewrite: do it again
+            elif error is None:
+                results.append(Rewritten(instance_id, future.result()))
             else:
                 log.error("rewrite of instance %d failed: %s", instance_id, type(error).__name__)
-                self._remapper.finish(instance_id, None, f"{type(error).__name__}: {error}")
+                results.append(Rewritten(instance_id, None, f"{type(error).__name__}: {error}"))
+        if broken:
+            log.error("a rewrite process died; starting a new pool and retrying %d rewrite(s)",
+                      len(broken))
+            assert self._pool is not None
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            try:
+                self._remapper.requeue_interrupted(broken)
+            except Exception:
+                log.exception("could not requeue %d rewrite(s); a restart does", len(broken))
+        try:
+            self._remapper.finish(results)
         except Exception:
-            log.exception("could not record the rewrite of instance %d", instance_id)
+            log.exception("could not record %d rewrite(s); they are done again after a restart",
+                          len(results))
