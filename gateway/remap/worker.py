@@ -32,7 +32,11 @@ NICENESS = 10
 
 def _init_process() -> None:
     # Rewriting is background work: the receiver (and the modality waiting on it) comes first.
-    os.nice(NICENESS)
+    # SCHED_IDLE runs it only on CPU time nobody else wants; where that is unavailable, nice.
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(NICENESS)
     # As in the service: values that break VR rules must not stop a rewrite; structure must.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
