@@ -75,7 +75,7 @@ class Spool:
         """
         return Sealing(
             received,
-            self._sealer.submit(fsync_file, received),
+            self._sealer.submit(fsync_path, received),
             self._sealer.submit(hash_dataset, received, dataset_offset),
         )
 
@@ -95,7 +95,7 @@ class Spool:
         return True
 
     def sync_folder_in_background(self, folder: Path) -> Future[None]:
-        return self._sealer.submit(fsync_dir, folder)
+        return self._sealer.submit(fsync_path, folder)
 
     def publish(self, sealed: SpooledFile, final: Path) -> SpooledFile:
         """Rename a synced file to its final name, replacing any file there, and sync the folder.
@@ -105,7 +105,7 @@ class Spool:
         """
         self._make_folder(final.parent)
         os.rename(sealed.path, final)
-        fsync_dir(final.parent)
+        fsync_path(final.parent)
         return SpooledFile(final, sealed.sha256, sealed.size_bytes)
 
     def _make_folder(self, folder: Path) -> None:
@@ -119,7 +119,7 @@ class Spool:
             folder = folder.parent
         for created in reversed(missing):
             created.mkdir(exist_ok=True)
-            fsync_dir(created.parent)
+            fsync_path(created.parent)
 
     def discard(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -161,16 +161,9 @@ def hash_dataset(path: Path, dataset_offset: int) -> str:
     return digest.hexdigest()
 
 
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Sync a file's data, or a folder's entries (what makes a new or renamed name durable)."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

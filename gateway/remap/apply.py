@@ -31,7 +31,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from gateway.receive.spool import fsync_dir
+from gateway.receive.spool import fsync_path
 from gateway.remap.plan import Value, Working
 
 UTF8 = "ISO_IR 192"
@@ -192,5 +192,5 @@ def rewrite_file(path: Path, changes: dict[str, Value], why: Modification) -> in
             temp.unlink(missing_ok=True)
             raise
     os.replace(temp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path.stat().st_size
