@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,31 +147,38 @@ def _remapper(config: GatewayConfig, rules_path: Path | None, db: _Database) -> 
     return Remapper(rules, config.remap, db.engine)
 
 
-def cmd_remap_test(args: argparse.Namespace) -> int:
+@contextmanager
+def _dry_run(config: GatewayConfig, rules_path: Path | None) -> Iterator[tuple[Any, Any, Any]]:
+    """(remapper, session, resolver) for commands that look but never write: the session is
+    rolled back when it closes."""
     from datetime import timedelta
 
-    from gateway.remap.dryrun import test_files
     from gateway.remap.lookup import DbResolver
 
-    config = _load_or_exit(args.config)
     db = _Database(config)
-    remapper = _remapper(config, args.rules, db)
     try:
-        with db.sessions() as session:  # read only: rolled back when it closes
-            resolver = DbResolver(session, timedelta(hours=config.remap.order_window_h))
-            for line in test_files(remapper.rules, remapper.settings, resolver, args.paths,
-                                   args.calling_ae, args.called_ae or config.dicom.ae_title):
-                print(line)
+        remapper = _remapper(config, rules_path, db)
+        with db.sessions() as session:
+            yield remapper, session, DbResolver(session, timedelta(hours=config.remap.order_window_h))
     finally:
         db.close()
+
+
+def cmd_remap_test(args: argparse.Namespace) -> int:
+    from gateway.remap.dryrun import test_files
+
+    config = _load_or_exit(args.config)
+    with _dry_run(config, args.rules) as (remapper, _session, resolver):
+        for line in test_files(remapper.rules, remapper.settings, resolver, args.paths,
+                               args.calling_ae, args.called_ae or config.dicom.ae_title):
+            print(line)
     return 0
 
 
 def cmd_remap_replay(args: argparse.Namespace) -> int:
-    from datetime import datetime, timedelta
+    from datetime import datetime
 
     from gateway.remap.dryrun import replay
-    from gateway.remap.lookup import DbResolver
 
     config = _load_or_exit(args.config)
     try:
@@ -179,16 +188,10 @@ def cmd_remap_replay(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if since.tzinfo is None:
         since = since.astimezone()
-    db = _Database(config)
-    remapper = _remapper(config, args.rules, db)
-    try:
-        with db.sessions() as session:
-            resolver = DbResolver(session, timedelta(hours=config.remap.order_window_h))
-            for line in replay(session, remapper.rules, remapper.settings, resolver,
-                               config.storage.spool_dir, since, config.remap.modifying_system):
-                print(line)
-    finally:
-        db.close()
+    with _dry_run(config, args.rules) as (remapper, session, resolver):
+        for line in replay(session, remapper.rules, remapper.settings, resolver,
+                           config.storage.spool_dir, since, config.remap.modifying_system):
+            print(line)
     return 0
 
 

@@ -104,13 +104,13 @@ def _encodable(changes: dict[str, Value], encodings: list[str]) -> bool:
     return True
 
 
-def _decode_all(ds: Dataset) -> None:
-    """Turn every raw element into a decoded one while the old character set still applies."""
+def _move_to_utf8(ds: Dataset) -> None:
+    """Decode every text value with the old character set (iterating converts raw elements;
+    PersonName decodes lazily, so names become plain text now), then declare UTF-8."""
     for element in ds.iterall():
         if element.VR == "PN" and element.value:
-            values = element.value if element.VM > 1 else [element.value]
-            for name in values:
-                str(name)  # PersonName decodes lazily; force it with the old encodings
+            element.value = str(element.value) if element.VM == 1 else [str(v) for v in element.value]
+    ds.SpecificCharacterSet = UTF8
 
 
 def _element(keyword: str, value: Value) -> DataElement:
@@ -133,11 +133,7 @@ def apply_changes(ds: Dataset, changes: dict[str, Value], why: Modification) -> 
     if not changes:
         return
     if not _encodable(changes, strict_encodings(ds)):
-        _decode_all(ds)
-        ds.SpecificCharacterSet = UTF8
-        for element in ds.iterall():
-            if element.VR == "PN" and element.value:
-                element.value = str(element.value) if element.VM == 1 else [str(v) for v in element.value]
+        _move_to_utf8(ds)
     previous = Dataset()
     for keyword in changes:
         if keyword in ds:

@@ -80,7 +80,7 @@ class Assignment:
 
 def assign(
     remapper: Remapper,
-    sessions: Session,
+    session: Session,
     spool_root: Path,
     study: str,
     accession: str,
@@ -89,15 +89,15 @@ def assign(
 ) -> Assignment:
     """Decide a held study by an operator's choice of order, then release its instances."""
     now = now or datetime.now(UTC)
-    with sessions.begin():
-        decision = sessions.scalar(
+    with session.begin():
+        decision = session.scalar(
             select(StudyDecision).where(StudyDecision.study_instance_uid == study)
         )
         if decision is None:
             raise PermanentError(f"study {study} has no remap decision; `gateway reconcile list` shows held studies")
         if decision.state != "held":
             raise PermanentError(f"study {study} is not held (its decision is {decision.state}); nothing to assign")
-        order = sessions.scalar(select(Order).where(Order.accession_number == accession))
+        order = session.scalar(select(Order).where(Order.accession_number == accession))
         if order is None:
             raise PermanentError(
                 f"no order with accession number {accession}; import it with `gateway orders import` first"
@@ -114,7 +114,7 @@ def assign(
         decision.accession_number = order.accession_number
         decision.decided_by = actor
         decision.decided_at = now
-        audit.record(sessions, actor, "study_assigned", study, now, accession=accession, previous=previous)
+        audit.record(session, actor, "study_assigned", study, now, accession=accession, previous=previous)
     released = remapper.release_held(spool_root, study)
     rewritten = remapper.rewrite_now(spool_root, released)
     return Assignment(len(released), rewritten)
