@@ -21,6 +21,10 @@ from gateway.remap.stage import Remapper
 from gateway.remap.worker import RemapWorker
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
+from gateway.forward.outbox import Outbox, queue_stats
+from gateway.forward.retention import Retention
+from gateway.forward.routes import Router
+from gateway.forward.service import Forwarder
 from gateway.http import HttpEndpoint
 from gateway.logs import quiet_pynetdicom
 from gateway.metrics import Metrics
@@ -61,6 +65,15 @@ class Gateway:
         if config.remap.rules_file is not None:
             self.remapper = Remapper(load_rules(config.remap.rules_file), config.remap, self.engine)
             self.remap_worker = RemapWorker(self.remapper, self.spool.root, config.remap.workers)
+        self.forwarder: Forwarder | None = None
+        router: Router | None = None
+        if config.forward.destinations:
+            outbox = Outbox(self.engine, self.spool.root, config.forward.node_name)
+            retention = Retention(self.engine, self.spool, config.retention)
+            self.forwarder = Forwarder(config, outbox, retention, self.metrics)
+            router = Router(config.forward)
+            names = [d.name for d in config.forward.destinations]
+            self.metrics.watch_queue(lambda: queue_stats(self.engine, names))
         self.receiver = Receiver(
             config.dicom,
             PeerPolicy(config.security, config.dicom.ae_title),
@@ -70,6 +83,8 @@ class Gateway:
                 config.storage.duplicate_policy,
                 remapper=self.remapper,
                 on_pending=self.remap_worker.notify if self.remap_worker else lambda _: None,
+                router=router,
+                on_queued=self.forwarder.notify if self.forwarder else lambda: None,
             ),
             AssociationLedger(self.sessions),
             self.metrics,
@@ -92,6 +107,8 @@ class Gateway:
     def start(self) -> None:
         if self.remap_worker is not None:
             self.remap_worker.start()
+        if self.forwarder is not None:
+            self.forwarder.start()
         if self.http is not None:
             self.http.start()
         self.receiver.start()
@@ -100,6 +117,8 @@ class Gateway:
         self.receiver.stop(self.config.dicom.shutdown_grace_s)
         if self.remap_worker is not None:
             self.remap_worker.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop(self.config.dicom.shutdown_grace_s)
         if self.http is not None:
             self.http.stop()
         self.engine.dispose()

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
+from gateway.remap.rules import Match
 
 ENV_PREFIX = "GATEWAY_"
 Service = Literal["echo", "store"]
@@ -126,6 +128,154 @@ class RemapConfig(_Model):
         return root
 
 
+class RetryPolicy(_Model):
+    """Exponential backoff with full jitter, capped; after ``max_attempts`` or ``max_age_h`` a job
+    goes to the dead letters, where an operator sees it and can retry it."""
+
+    first_delay_s: float = Field(2.0, gt=0)
+    max_delay_s: float = Field(300.0, gt=0)
+    max_attempts: int = Field(100, ge=1)
+    max_age_h: float = Field(72.0, gt=0)
+
+
+class BreakerConfig(_Model):
+    """After ``failures_to_open`` failed sends in a row the destination is left alone and only
+    probed (C-ECHO, ``GET /system``, QIDO) every ``probe_interval_s`` until it answers."""
+
+    failures_to_open: int = Field(3, ge=1)
+    probe_interval_s: float = Field(5.0, gt=0)
+
+
+_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class _Destination(_Model):
+    name: str = Field(pattern=_NAME)
+    concurrency: int = Field(1, ge=1, le=16, description="parallel sends (threads)")
+    batch_size: int = Field(20, ge=1, le=500, description="instances taken per claim")
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class _HttpDestination(_Destination):
+    url: str = Field(pattern=r"^https?://")
+    username: str | None = None
+    password_env: str | None = Field(None, description="environment variable holding the password")
+    password_file: Path | None = Field(None, description="file holding the password")
+    verify_tls: bool = True
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> _HttpDestination:
+        if self.password_env and self.password_file:
+            raise ValueError("give password_env or password_file, not both")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("a password needs a username; add username")
+        return self
+
+    def password(self, environ: Mapping[str, str]) -> str | None:
+        """Read when the destination is built, so a secret never sits in the config model."""
+        if self.password_env:
+            if self.password_env not in environ:
+                raise ConfigError(
+                    [f"destination {self.name}: environment variable {self.password_env} is not "
+                     "set; export it or use password_file"]
+                )
+            return environ[self.password_env]
+        if self.password_file:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    [f"destination {self.name}: cannot read password_file {self.password_file} "
+                     f"({exc.strerror}); fix the path or its permissions"]
+                ) from None
+        return None
+
+
+class OrthancDestination(_HttpDestination):
+    """Orthanc's REST API: ``POST /instances`` per instance, answers checked."""
+
+    type: Literal["orthanc"]
+    concurrency: int = Field(2, ge=1, le=16)
+
+
+class DicomwebDestination(_HttpDestination):
+    """STOW-RS to ``{url}/studies`` (``url`` is the service root, e.g. .../dicom-web)."""
+
+    type: Literal["dicomweb"]
+    instances_per_request: int = Field(10, ge=1, le=200)
+
+
+class DimseDestination(_Destination):
+    """C-STORE SCU; ``verify`` says how delivery is proven: C-FIND at IMAGE level, or ``none``
+    (trust the C-STORE status, for peers without a query service)."""
+
+    type: Literal["dimse"]
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    verify: Literal["find", "none"] = "find"
+    batch_size: int = Field(100, ge=1, le=1000)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+Destination = Annotated[
+    OrthancDestination | DicomwebDestination | DimseDestination, Field(discriminator="type")
+]
+
+
+class Route(_Model):
+    """Instances whose received header fits ``match`` go to ``destinations``; every matching
+    route adds its destinations. ``match`` is the remap rules' match (gateway.remap.rules)."""
+
+    name: str = Field(pattern=_NAME)
+    match: Match = Match()
+    destinations: tuple[str, ...] = Field(min_length=1)
+
+
+class ForwardConfig(_Model):
+    """Where instances go after they are kept (gateway.forward). Without destinations, nowhere.
+
+    Instances that no route matches go to ``default_destinations`` (all destinations when it is
+    not given)."""
+
+    destinations: tuple[Destination, ...] = ()
+    routes: tuple[Route, ...] = ()
+    default_destinations: tuple[str, ...] | None = None
+    stable_after_s: float = Field(60.0, ge=0, description="a study is complete after this quiet")
+    check_interval_s: float = Field(2.0, gt=0)
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerConfig = BreakerConfig()
+
+    @model_validator(mode="after")
+    def _known_names(self) -> ForwardConfig:
+        names = [d.name for d in self.destinations]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"destination names must be unique: {', '.join(twice)} given twice")
+        wanted = [(f"route {r.name}", d) for r in self.routes for d in r.destinations]
+        wanted += [("default_destinations", d) for d in self.default_destinations or ()]
+        for where, name in wanted:
+            if name not in names:
+                raise ValueError(
+                    f"{where} names destination {name!r}, which is not defined; define it under "
+                    f"[[forward.destinations]] or use one of: {', '.join(names) or '(none yet)'}"
+                )
+        return self
+
+
+class RetentionConfig(_Model):
+    """When spool files may go: only once confirmed at every destination, and older than
+    ``keep_days``; below ``cleanup_below_free_mb`` free, confirmed files go early, oldest first.
+    Files not confirmed everywhere are never removed."""
+
+    keep_days: float = Field(7.0, ge=0)
+    cleanup_below_free_mb: int = Field(0, ge=0, description="0 turns early cleanup off")
+    check_interval_s: float = Field(60.0, gt=0)
+
+
 class MetricsConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -142,6 +292,8 @@ class GatewayConfig(_Model):
     storage: StorageConfig = StorageConfig()
     database: DatabaseConfig = DatabaseConfig()
     remap: RemapConfig = RemapConfig()
+    forward: ForwardConfig = ForwardConfig()
+    retention: RetentionConfig = RetentionConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 

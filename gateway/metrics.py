@@ -5,11 +5,24 @@ Labels carry AE titles, statuses and reasons only: never patient values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 STORE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LATENCY_BUCKETS_S = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+class QueueRow(Protocol):
+    @property
+    def destination(self) -> str: ...
+    @property
+    def oldest_unconfirmed(self) -> datetime | None: ...
 
 
 class Metrics:
@@ -52,6 +65,62 @@ class Metrics:
             "gateway_spool_free_bytes", "Free space on the spool's filesystem", registry=registry
         )
 
+        d = ["destination"]
+        self.forwarded = Counter("gateway_forwarded", "Instances a destination said it stored",
+                                 d, registry=registry)
+        self.forward_failures = Counter(
+            "gateway_forward_failures", "Failed sends by destination and kind (retriable, permanent)",
+            d + ["kind"], registry=registry)
+        self.dead_letters = Counter("gateway_forward_dead", "Jobs moved to the dead letters",
+                                    d, registry=registry)
+        self.confirmed = Counter("gateway_forward_confirmed",
+                                 "Instances the destination was asked about and holds", d,
+                                 registry=registry)
+        self.requeued_missing = Counter(
+            "gateway_forward_requeued_missing",
+            "Forwarded instances the destination did not hold when verified (sent again)", d,
+            registry=registry)
+        self.forward_latency = Histogram(
+            "gateway_forward_latency_seconds", "From received to confirmed at the destination",
+            d, buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.forward_batch_seconds = Histogram(
+            "gateway_forward_batch_seconds", "Time to send one claimed batch", d,
+            buckets=STORE_BUCKETS_S, registry=registry)
+        self.breaker_open = Gauge("gateway_forward_breaker_open",
+                                  "1 while the destination's circuit breaker is open", d,
+                                  registry=registry)
+
+    def watch_queue(self, stats: Callable[[], Sequence[QueueRow]]) -> None:
+        """Queue depth and age are read from the outbox at scrape time."""
+        self.registry.register(_QueueCollector(stats))
+
     def watch_spool(self, free_bytes: Callable[[], int]) -> None:
         """Read free space at scrape time, so the gauge is never stale."""
         self.spool_free_bytes.set_function(lambda: float(free_bytes()))
+
+
+class _QueueCollector(Collector):
+    def __init__(self, stats: Callable[[], Sequence[QueueRow]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            rows = self._stats()
+        except SQLAlchemyError:
+            return  # the database is away: no queue figures rather than a failed scrape
+        depth = GaugeMetricFamily("gateway_forward_queue_depth",
+                                  "Jobs by destination and state (not yet confirmed)",
+                                  labels=["destination", "state"])
+        age = GaugeMetricFamily("gateway_forward_oldest_unconfirmed_seconds",
+                                "Age of the oldest job not yet confirmed", labels=["destination"])
+        now = datetime.now(UTC)
+        for row in rows:
+            for state in ("queued", "waiting_remap", "sending", "forwarded", "dead"):
+                depth.add_metric([row.destination, state], getattr(row, state))
+            oldest = row.oldest_unconfirmed
+            age.add_metric([row.destination], (now - oldest).total_seconds() if oldest else 0.0)
+        yield depth
+        yield age
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UID_LEN = 64
@@ -73,6 +82,8 @@ class Instance(Base):
     original_patient_id: Mapped[str | None] = mapped_column(String(64))
     original_patient_name: Mapped[str | None] = mapped_column(String(324))
     original_accession_number: Mapped[str | None] = mapped_column(String(64))
+    # Retention (gateway.forward.retention) removed the file once every destination confirmed it.
+    spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class InstanceVersion(Base):
@@ -168,3 +179,54 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
     detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class ForwardJob(Base):
+    """One instance on its way to one destination: the outbox row and the delivery ledger.
+
+    ``state``: queued (waits for ``next_attempt_at``, and for its instance's remap) -> sending
+    (claimed by ``owner`` until ``lease_until``) -> forwarded (the destination said stored) ->
+    confirmed (the destination was asked and holds it); or dead (permanent refusal, too many
+    attempts or too old; ``last_error`` says why) and purged (an operator gave up on it).
+    Created in the transaction that records the instance, so no kept instance lacks its jobs.
+    """
+
+    __tablename__ = "forward_jobs"
+    __table_args__ = (
+        UniqueConstraint("instance_id", "destination"),
+        Index("ix_forward_jobs_ready", "destination", "state", "next_attempt_at"),
+        Index("ix_forward_jobs_study", "destination", "study_instance_uid", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    forwarded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What the destination knows the instance by: its UIDs as sent (after any regeneration) and
+    # the destination's own identifier where it has one (Orthanc's instance ID).
+    sent_study_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    sent_series_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    sent_sop_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    remote_id: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(String(400))
+
+
+class DestinationState(Base):
+    """Each destination's circuit breaker, written on every change so that ``gateway queue``
+    (another process) shows it."""
+
+    __tablename__ = "destination_states"
+
+    destination: Mapped[str] = mapped_column(String(64), primary_key=True)
+    breaker: Mapped[str] = mapped_column(String(16))  # closed | open
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(String(400))

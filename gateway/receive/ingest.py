@@ -25,10 +25,12 @@ from sqlalchemy.orm import Session
 
 from gateway.config import DuplicatePolicy
 from gateway.db.engine import make_sessions
-from gateway.db.models import Instance, InstanceVersion
+from gateway.db.models import ForwardJob, Instance, InstanceVersion
 from gateway.dicom.status import Status
 from gateway.receive.spool import Spool, SpooledFile
 from gateway.receive.validate import Header, Refused, dataset_offset, read_header
+from gateway.forward.outbox import new_jobs, requeue_for_new_copy
+from gateway.forward.routes import Router
 from gateway.remap.plan import Subject
 from gateway.remap.stage import Decided, Plan, Remapper, plan_json
 
@@ -72,7 +74,11 @@ class Ingest:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         remapper: Remapper | None = None,
         on_pending: Callable[[int], None] = lambda instance_id: None,
+        router: Router | None = None,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
+        self._router = router
+        self._on_queued = on_queued
         self._remapper = remapper
         self._on_pending = on_pending
         self._spool = spool
@@ -106,10 +112,13 @@ class Ingest:
             return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool write failed")
         try:
             decided = self._decide(request, header)
+            routed = self._route(request, header)
             with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
-                outcome, pending_id = self._record(request, header, sealed, decided)
+                outcome, pending_id = self._record(request, header, sealed, decided, routed)
             if pending_id is not None:
                 self._on_pending(pending_id)
+            if routed and outcome.duplicate in (None, "replaced"):
+                self._on_queued()
             return outcome
         except SQLAlchemyError as exc:
             # IntegrityError included: only another process can race us on one UID (the lock
@@ -123,6 +132,13 @@ class Ingest:
             return _AS_RECEIVED
         return self._remapper.decide(Subject(request.calling_ae, request.called_ae), header.dataset)
 
+    def _route(self, request: StoreRequest, header: Header) -> tuple[str, ...]:
+        """Destinations for the forward outbox, from the header as received."""
+        if self._router is None:
+            return ()
+        subject = Subject(request.calling_ae, request.called_ae)
+        return self._router.destinations_for(subject, header.dataset)
+
     def _success(self, decided: Decided, kept_bytes: int, duplicate: str | None = None) -> StoreOutcome:
         """PS3.4 B.2.3: 0xB000 tells the sender its data elements were coerced, when the
         configuration asks for it; by default Success, which every sender takes as such."""
@@ -132,7 +148,8 @@ class Ingest:
         return StoreOutcome(Status.SUCCESS, kept_bytes, duplicate)
 
     def _record(
-        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided
+        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided,
+        routed: tuple[str, ...],
     ) -> tuple[StoreOutcome, int | None]:
         """The common case first: a new SOP Instance UID is one hard link and one INSERT.
 
@@ -144,7 +161,7 @@ class Ingest:
         if self._spool.claim(sealed, final):
             published = SpooledFile(final, sealed.sha256, sealed.size_bytes)
             try:
-                instance_id = self._insert_new(request, header, published, decided)
+                instance_id = self._insert_new(request, header, published, decided, routed)
                 pending = instance_id if decided.state == "pending" else None
                 return self._success(decided, published.size_bytes), pending
             except IntegrityError:
@@ -152,10 +169,11 @@ class Ingest:
             except BaseException:
                 self._spool.discard(final)
                 raise
-        return self._record_again(request, header, sealed, decided)
+        return self._record_again(request, header, sealed, decided, routed)
 
     def _insert_new(
-        self, request: StoreRequest, header: Header, published: SpooledFile, decided: Decided
+        self, request: StoreRequest, header: Header, published: SpooledFile, decided: Decided,
+        routed: tuple[str, ...],
     ) -> int:
         """Commit the row while another thread syncs the folder; both must succeed.
 
@@ -164,24 +182,27 @@ class Ingest:
         """
         syncing = self._spool.sync_folder_in_background(published.path.parent)
         try:
+            values = self._instance_values(request, header, published, decided)
             with self._engine.begin() as connection:
-                inserted = connection.execute(
-                    _INSERT_INSTANCE, self._instance_values(request, header, published, decided)
-                )
+                inserted = connection.execute(_INSERT_INSTANCE, values)
+                key = inserted.inserted_primary_key
+                assert key is not None
+                new_jobs(connection, int(key[0]), str(header.study_instance_uid), routed,
+                         values["received_at"])  # type: ignore[arg-type]
         finally:
             synced = syncing.exception()
         if synced is not None:
             with self._engine.begin() as connection:
+                connection.execute(delete(ForwardJob).where(ForwardJob.instance_id == int(key[0])))
                 connection.execute(
                     _DELETE_INSTANCE.where(Instance.sop_instance_uid == header.sop_instance_uid)
                 )
             raise synced
-        key = inserted.inserted_primary_key
-        assert key is not None
         return int(key[0])
 
     def _record_again(
-        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided
+        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided,
+        routed: tuple[str, ...],
     ) -> tuple[StoreOutcome, int | None]:
         """A known UID (duplicate policy), or a final name left without a row by a crash.
 
@@ -200,12 +221,18 @@ class Ingest:
                     current_id = session.scalar(
                         insert(Instance).values(values).returning(Instance.id)
                     )
+                    assert current_id is not None
+                    new_jobs(session.connection(), current_id, str(header.study_instance_uid),
+                             routed, values["received_at"])  # type: ignore[arg-type]
                     outcome = self._success(decided, published.size_bytes)
                 else:
                     current = session.get_one(Instance, current_id)
                     outcome, published = self._second_copy(
                         session, request, header, sealed, current, decided
                     )
+                    if outcome.duplicate == "replaced":
+                        session.flush()
+                        requeue_for_new_copy(session.connection(), current_id, self._clock())
             now_current = outcome.duplicate in (None, "replaced")
             return outcome, current_id if now_current and decided.state == "pending" else None
         except BaseException:

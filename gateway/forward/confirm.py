@@ -1,0 +1,68 @@
+"""Proof of delivery: a study is confirmed at a destination only once the destination is asked and
+holds every instance that was forwarded to it.
+
+A study is checked once it is stable: nothing left to send to that destination and no instance
+received for ``stable_after_s``. What the destination lacks is queued again at once; what it holds
+moves to ``confirmed`` with its time, which is what retention waits for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from gateway.errors import GatewayError
+from gateway.forward.destinations.base import Destination
+from gateway.forward.outbox import Outbox
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Confirmer:
+    def __init__(
+        self,
+        destinations: list[Destination],
+        outbox: Outbox,
+        stable_after_s: float,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._destinations = destinations
+        self._outbox = outbox
+        self._quiet = timedelta(seconds=stable_after_s)
+        self._metrics = metrics
+        self._clock = clock
+
+    def run_once(self) -> int:
+        """Check every stable study once; returns how many instances were confirmed."""
+        confirmed = 0
+        for destination in self._destinations:
+            for study in self._outbox.stable_studies(destination.name, self._quiet):
+                try:
+                    confirmed += self._check(destination, study)
+                except GatewayError as exc:
+                    log.info("verify at %s failed, will try again: %s", destination.name, exc)
+                    break
+        return confirmed
+
+    def _check(self, destination: Destination, study: str) -> int:
+        sent = self._outbox.forwarded(destination.name, study)
+        if not sent:
+            return 0
+        held = destination.holds(sent[0].study_uid, sent)
+        present = [s for s in sent if s.sop_uid in held]
+        missing = [s for s in sent if s.sop_uid not in held]
+        self._outbox.confirm(present, missing)
+        now = self._clock()
+        for s in present:
+            self._metrics.forward_latency.labels(destination.name).observe(
+                (now - s.created_at).total_seconds()
+            )
+        self._metrics.confirmed.labels(destination.name).inc(len(present))
+        if missing:
+            self._metrics.requeued_missing.labels(destination.name).inc(len(missing))
+            log.warning("verify at %s: study %s lacks %d of %d forwarded instances; sending again",
+                        destination.name, study, len(missing), len(sent))
+        return len(present)

@@ -1,0 +1,94 @@
+"""The forward stage put together: senders per destination, and one housekeeping thread that
+verifies stable studies (proof of delivery) and applies retention.
+
+Built by ``gateway.app`` only; ingest calls ``notify`` after it commits an instance with jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.config import DicomwebDestination, DimseDestination, GatewayConfig, OrthancDestination
+from gateway.forward.confirm import Confirmer
+from gateway.forward.destinations.base import Destination
+from gateway.forward.destinations.dicomweb import Dicomweb
+from gateway.forward.destinations.dimse import Dimse
+from gateway.forward.destinations.orthanc import Orthanc
+from gateway.forward.outbox import Outbox
+from gateway.forward.retention import Retention
+from gateway.forward.worker import DestinationSenders
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def build_destination(
+    config: OrthancDestination | DicomwebDestination | DimseDestination, calling_ae: str
+) -> Destination:
+    if isinstance(config, OrthancDestination):
+        return Orthanc(config)
+    if isinstance(config, DicomwebDestination):
+        return Dicomweb(config)
+    return Dimse(config, calling_ae)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        outbox: Outbox,
+        retention: Retention,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        forward = config.forward
+        self._outbox = outbox
+        self._retention = retention
+        self._check_s = forward.check_interval_s
+        self._retention_s = config.retention.check_interval_s
+        destinations = [build_destination(d, config.dicom.ae_title) for d in forward.destinations]
+        self.senders = [
+            DestinationSenders(dest, cfg.concurrency, cfg.batch_size, forward, outbox, metrics, clock)
+            for dest, cfg in zip(destinations, forward.destinations, strict=True)
+        ]
+        self.confirmer = Confirmer(destinations, outbox, forward.stable_after_s, metrics, clock)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._housekeeping, name="forward-check", daemon=True)
+
+    def start(self) -> None:
+        requeued = self._outbox.requeue_interrupted()
+        if requeued:
+            log.warning("queued again %d forward jobs interrupted by the previous stop", requeued)
+        for senders in self.senders:
+            senders.start()
+        self._thread.start()
+
+    def notify(self) -> None:
+        for senders in self.senders:
+            senders.notify()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
+        for senders in self.senders:
+            senders.stop(timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _housekeeping(self) -> None:
+        next_retention = time.monotonic()
+        while not self._stopping.wait(self._check_s):
+            try:
+                self.confirmer.run_once()
+                if time.monotonic() >= next_retention:
+                    self._retention.run_once()
+                    next_retention = time.monotonic() + self._retention_s
+            except SQLAlchemyError as exc:
+                log.warning("forward checks skipped, database unavailable: %s", type(exc).__name__)
+            except Exception:
+                log.exception("forward checks failed")
