@@ -242,6 +242,35 @@ def cmd_reconcile_assign(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from gateway.forward import operator
+    from gateway.forward.outbox import queue_stats
+
+    config = _load_or_exit(args.config)
+    db = _Database(config)
+    try:
+        action = getattr(args, "queue_command", None)
+        if action == "retry":
+            count = operator.retry(db.engine, args.by or _operator(), args.destination, args.study,
+                                   args.dead)
+            print(f"{count} job(s) queued to be sent now")
+            return 0
+        if action == "purge-dead":
+            try:
+                older = operator.parse_duration(args.older_than)
+            except ValueError as exc:
+                print(f"--older-than: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            count = operator.purge_dead(db.engine, args.by or _operator(), older)
+            print(f"{count} dead job(s) purged (their files stay in the spool)")
+            return 0
+        names = [d.name for d in config.forward.destinations]
+        print(operator.queue_table(queue_stats(db.engine, names)))
+        return 0
+    finally:
+        db.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="DICOM gateway: receive, keep, remap and forward images."
@@ -301,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     assign.add_argument("study", help="Study Instance UID")
     assign.add_argument("accession", help="accession number of the order")
     assign.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
+    queue = command("queue", "forward queue per destination: depth, in flight, unconfirmed, dead, "
+                    "oldest, breaker")
+    queue.set_defaults(func=cmd_queue)
+    queue_actions = queue.add_subparsers(dest="queue_command", metavar="ACTION")
+    retry = sub(queue_actions, "retry", "send waiting jobs now (or, with --dead, dead letters "
+                "again)", cmd_queue)
+    retry.add_argument("--destination", help="only this destination")
+    retry.add_argument("--study", help="only this Study Instance UID")
+    retry.add_argument("--dead", action="store_true", help="dead letters, attempts reset")
+    retry.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
+    purge = sub(queue_actions, "purge-dead", "give up on dead letters older than a duration",
+                cmd_queue)
+    purge.add_argument("--older-than", required=True, help="e.g. 7d, 12h, 30m")
+    purge.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
     return parser
 
 

@@ -197,3 +197,7 @@ def rows(db: str, sql: str, **params: Any) -> list[Any]:
             return list(c.execute(sa.text(sql), params).all())
     finally:
         engine.dispose()
+
+
+# At the end: tests.orthanc uses free_port and wait_for from this module.
+from tests.orthanc import orthanc_factory  # noqa: E402, F401

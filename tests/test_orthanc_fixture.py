@@ -13,13 +13,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.factory import make_dataset, write_file
-from tests.orthanc import Orthanc, orthanc_factory  # noqa: F401
+from tests.orthanc import Orthanc
+
 
 OrthancFactory = Callable[..., Orthanc]
 
 
 def test_stores_and_keeps_instances_across_restart(
-    orthanc_factory: OrthancFactory, tmp_path: Path  # noqa: F811
+    orthanc_factory: OrthancFactory, tmp_path: Path
 ) -> None:
     orthanc = orthanc_factory()
     ds = make_dataset()
@@ -50,7 +51,7 @@ def test_stores_and_keeps_instances_across_restart(
     error.value.close()
 
 
-def test_modalities_and_dicom_port(orthanc_factory: OrthancFactory) -> None:  # noqa: F811
+def test_modalities_and_dicom_port(orthanc_factory: OrthancFactory) -> None:
     orthanc = orthanc_factory(modalities={"gateway": ("GATEWAY", "127.0.0.1", 11112)})
 
     assert orthanc.get_json("/modalities") == ["gateway"]
@@ -67,7 +68,7 @@ def test_modalities_and_dicom_port(orthanc_factory: OrthancFactory) -> None:  # 
         assoc.release()
 
 
-def test_dicomweb_stow_and_qido(orthanc_factory: OrthancFactory, tmp_path: Path) -> None:  # noqa: F811
+def test_dicomweb_stow_and_qido(orthanc_factory: OrthancFactory, tmp_path: Path) -> None:
     orthanc = orthanc_factory(dicomweb=True)
     ds = make_dataset()
     data = write_file(ds, tmp_path / "one.dcm").read_bytes()

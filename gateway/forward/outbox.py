@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, and_, case, func, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
 
 from gateway.db.models import DestinationState, ForwardJob, Instance
 
@@ -230,10 +231,10 @@ class Outbox:
             )
         back = [{"id": j.job_id, "state": "queued", "owner": None, "lease_until": None}
                 for j in untried]
-        with self._engine.begin() as c:
+        with Session(self._engine) as session, session.begin():
             for rows in (delivered, failed, back):
-                if rows:
-                    c.execute(update(ForwardJob), rows)
+                if rows:  # ORM bulk UPDATE by primary key: one statement per kind
+                    session.execute(update(ForwardJob), rows)
         return dead
 
     def requeue_interrupted(self) -> int:

@@ -140,7 +140,7 @@ class DestinationSenders:
         name = self.destination.name
         self._metrics.breaker_open.labels(name).set(1 if change.state == "open" else 0)
         if change.state == "open":
-            log.warning("forward to %s: %d failures in a row, breaker open; probing every %.0f s",
+            log.warning("forward to %s: %d failures in a row, breaker open; probing every %g s",
                         name, change.failures, self._config.breaker.probe_interval_s)
         else:
             log.info("forward to %s: destination answers again, breaker closed", name)

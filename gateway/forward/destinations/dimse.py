@@ -49,7 +49,14 @@ class Dimse:
         contexts = _contexts_for(batch)
         included = {(c.abstract_syntax, c.transfer_syntax[0]) for c in contexts}
         batch = [j for j in batch if (j.sop_class_uid, j.transfer_syntax_uid) in included]
-        assoc = self._associate(contexts)
+        try:
+            assoc = self._associate(contexts)
+        except _NotAccepted as exc:
+            self.probe()  # down (retriable) or up and refusing these SOP classes (permanent)?
+            classes = ", ".join(sorted({str(c.abstract_syntax) for c in contexts}))
+            raise PermanentError(
+                f"{self.name} answers C-ECHO but {exc.why} an association for SOP class {classes}"
+            ) from exc
         try:
             return send_each(batch, lambda job: self._store(assoc, job))
         finally:
@@ -121,14 +128,24 @@ class Dimse:
         timeout = self._config.timeout_s
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         assoc = ae.associate(self._config.host, self._config.port, ae_title=self._config.ae_title)
+        if assoc.is_rejected or assoc.is_aborted:
+            raise _NotAccepted(self.name, "rejected" if assoc.is_rejected else "aborted")
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "refused"
-            raise RetriableError(f"{self.name}: association {why}")
+            raise RetriableError(f"{self.name}: no association (connection refused or timed out)")
         # Nagle against the peer's delayed ACKs costs 40-90 ms per message on a LAN.
         raw = assoc.dul.socket.socket if assoc.dul.socket else None
         if raw is not None:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return assoc
+
+
+class _NotAccepted(RetriableError):
+    """The peer answered, then rejected or aborted the association (DCMTK rejects one in which
+    it accepts no presentation context)."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"{name}: association {why}")
+        self.why = why
 
 
 def _contexts_for(batch: Sequence[Outgoing]) -> list[PresentationContext]:

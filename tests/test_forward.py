@@ -1,0 +1,387 @@
+"""Forwarding with real peers: DCMTK sends to the gateway, which forwards to a real Orthanc (REST,
+DICOMweb, DIMSE) or DCMTK ``storescp``; what arrived is checked at the destination and in the ledger.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit
+
+from gateway.app import Gateway
+from tests.conftest import GATEWAY_BIN, Served, free_port, port_open, rows, wait_for
+from tests.factory import make_dataset, write_file, write_study
+from tests.orthanc import Orthanc
+from tests.peers import dcmtk, require_tool
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+OUTAGE_S = 60
+# Quick enough for tests: a study is verified 0.3 s after its last instance; backoff stays short.
+FAST: dict[str, Any] = {
+    "stable_after_s": 0.3,
+    "check_interval_s": 0.2,
+    "retry": {"first_delay_s": 0.2, "max_delay_s": 1.0},
+    "breaker": {"failures_to_open": 3, "probe_interval_s": 0.5},
+}
+
+
+def orthanc_destination(orthanc: Orthanc, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    secret = tmp_path / "orthanc-password"
+    secret.write_text(orthanc.password + "\n", encoding="utf-8")
+    return {"type": "orthanc", "name": "orthanc", "url": orthanc.url,
+            "username": orthanc.username, "password_file": str(secret), **extra}
+
+
+def jobs(db: str, state: str | None = None) -> list[Any]:
+    where = "" if state is None else f" WHERE state = '{state}'"
+    return rows(db, "SELECT * FROM forward_jobs" + where + " ORDER BY id")
+
+
+def send(port: int, files: list[Path], calling_ae: str = "CT_ROOM1") -> None:
+    result = dcmtk("storescu", "-aet", calling_ae, "-aec", "GATEWAY", "127.0.0.1", str(port),
+                   *map(str, files), timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def new_instance_events(orthanc: Orthanc) -> int:
+    """How many times Orthanc stored a new instance: a second copy would show as a second event
+    only if it were stored twice, which Orthanc's changes log would record."""
+    changes = orthanc.get_json("/changes?limit=10000")
+    return sum(1 for c in changes["Changes"] if c["ChangeType"] == "NewInstance")
+
+
+def test_storescu_to_orthanc_every_instance_confirmed_with_equal_pixels(
+    make_gateway: Callable[..., Gateway], orthanc_factory: Callable[..., Orthanc],
+    db_url: str, tmp_path: Path,
+) -> None:
+    orthanc = orthanc_factory()
+    app = make_gateway(db=db_url, forward={
+        **FAST, "destinations": [orthanc_destination(orthanc, tmp_path, concurrency=2)]})
+    files = write_study(tmp_path / "study", 12) + write_study(tmp_path / "other", 5)
+    send(app.config.dicom.port, files)
+
+    wait_for(lambda: len(jobs(db_url, "confirmed")) == 17, 30, "every job confirmed")
+    sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in files}
+    assert orthanc.sop_instance_uids() == set(sent)
+    for uid, ds in sent.items():
+        arrived = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(uid)))
+        assert arrived.PixelData == ds.PixelData
+    ledger = jobs(db_url)
+    assert all(j.forwarded_at is not None and j.confirmed_at >= j.forwarded_at for j in ledger)
+    assert all(j.remote_id for j in ledger) and all(j.attempts == 0 for j in ledger)
+    # instances of a study left in the order they arrived
+    first = [j for j in ledger if j.study_instance_uid == str(sent[next(iter(sent))].StudyInstanceUID)]
+    assert [j.forwarded_at for j in first] == sorted(j.forwarded_at for j in first)
+
+
+def test_orthanc_down_for_a_minute_then_everything_arrives_once(
+    served: Callable[..., Served], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+) -> None:
+    orthanc = orthanc_factory()
+    gateway = served(forward={**FAST, "destinations": [orthanc_destination(orthanc, tmp_path)]})
+    files = write_study(tmp_path / "a", 250) + write_study(tmp_path / "b", 250)
+    sender = threading.Thread(target=send, args=(gateway.port, files))
+    sender.start()
+    wait_for(lambda: len(jobs(gateway.db_url, "forwarded") + jobs(gateway.db_url, "confirmed")) >= 20,
+             60, "forwarding under way")
+    orthanc.stop()
+    sender.join(timeout=300)  # the modality notices nothing: every C-STORE answered Success
+    assert not sender.is_alive()
+    assert len(rows(gateway.db_url, "SELECT id FROM instances")) == 500
+
+    def queue() -> str:
+        result = subprocess.run([str(GATEWAY_BIN), "queue", "--config", str(gateway.config_path)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    wait_for(lambda: "open" in queue(), 30, "breaker open while Orthanc is away")
+    before = queue()
+    orthanc_row = before.splitlines()[1].split()
+    assert orthanc_row[0] == "orthanc" and int(orthanc_row[1]) > 0  # queued
+    time.sleep(OUTAGE_S)  # the outage itself; the modality already finished meanwhile
+    orthanc.start()
+
+    wait_for(lambda: len(jobs(gateway.db_url, "confirmed")) == 500, 180, "all 500 confirmed")
+    assert orthanc.instance_count() == 500
+    assert new_instance_events(orthanc) == 500
+    assert jobs(gateway.db_url, "dead") == []
+    assert "closed" in queue()
+    assert gateway.stop() == 0
+
+
+def test_gateway_killed_mid_forward_each_instance_arrives_exactly_once(
+    served: Callable[..., Served], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+) -> None:
+    orthanc = orthanc_factory()
+    orthanc.stop()  # the queue fills first, so that the kill lands in the middle of draining it
+    forward = {**FAST, "destinations": [orthanc_destination(orthanc, tmp_path, concurrency=1,
+                                                            batch_size=1)]}
+    gateway = served(forward=forward)
+    files = write_study(tmp_path / "study", 150)
+    send(gateway.port, files)
+    orthanc.start()
+
+    def done() -> int:
+        return len(rows(gateway.db_url, "SELECT id FROM forward_jobs WHERE state IN "
+                        "('forwarded', 'confirmed')"))
+
+    wait_for(lambda: done() >= 10, 60, "forwarding under way")
+    gateway.stop(signal.SIGKILL)
+    assert done() < 150, "the kill came too late to test anything"
+
+    again = served(forward=forward)
+    wait_for(lambda: len(jobs(again.db_url, "confirmed")) == 150, 120, "all confirmed after restart")
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert orthanc.sop_instance_uids() == sent
+    assert new_instance_events(orthanc) == 150
+    ledger = jobs(again.db_url)
+    assert len(ledger) == 150 and all(j.state == "confirmed" for j in ledger)
+    assert again.stop() == 0
+
+
+def storescp_profile(path: Path, sop_class_keyword: str) -> Path:
+    """A DCMTK association profile accepting one storage SOP class (and C-ECHO), uncompressed."""
+    path.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "TransferSyntax2 = OppositeEndianExplicit\nTransferSyntax3 = LittleEndianImplicit\n"
+        "[[PresentationContexts]]\n[Only]\n"
+        f"PresentationContext1 = {sop_class_keyword}\\Uncompressed\n"
+        "PresentationContext2 = VerificationSOPClass\\Uncompressed\n"
+        "[[Profiles]]\n[Default]\nPresentationContexts = Only\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def start_storescp(folder: Path, *options: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "PACS", "-od", str(folder), *options, str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: port_open(port), 10, "storescp to listen")
+    return process, port
+
+
+def dimse_destination(name: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "dimse", "name": name, "ae_title": "PACS", "host": "127.0.0.1", "port": port,
+            "verify": "none", **extra}
+
+
+def test_refused_sop_class_is_dead_lettered_and_blocks_nothing(
+    make_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    profile = storescp_profile(tmp_path / "mr-only.cfg", "MRImageStorage")
+    process, port = start_storescp(tmp_path / "pacs", "-xf", str(profile), "Default")
+    try:
+        app = make_gateway(forward={**FAST, "destinations": [dimse_destination("pacs", port)]})
+        ct = write_study(tmp_path / "ct", 3)
+        mr = write_study(tmp_path / "mr", 4, SOPClassUID=MR_IMAGE_STORAGE, Modality="MR")
+        send(app.config.dicom.port, ct + mr)
+        db = app.config.database.url
+        wait_for(lambda: len(jobs(db, "confirmed")) == 4 and len(jobs(db, "dead")) == 3, 30,
+                 "MR confirmed, CT dead-lettered")
+        for job in jobs(db, "dead"):
+            assert "SOP class 1.2.840.10008.5.1.4.1.1.2" in job.last_error
+            assert job.attempts == 1  # refused once: not retried
+        assert len(list((tmp_path / "pacs").iterdir())) == 4
+
+        result = subprocess.run([str(GATEWAY_BIN), "queue", "--config", str(_config_file(app, tmp_path))],
+                                capture_output=True, text=True, timeout=60)
+        row = result.stdout.splitlines()[1].split()
+        assert row[0] == "pacs" and row[5] == "4" and row[6] == "3", result.stdout
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _config_file(app: Gateway, tmp_path: Path) -> Path:
+    from tests.conftest import write_toml
+
+    return write_toml(tmp_path / "cli.toml", {"database": {"url": app.config.database.url},
+                                              "storage": {"spool_dir": str(app.spool.root)},
+                                              "forward": {"destinations": [
+                                                  d.model_dump(mode="json")
+                                                  for d in app.config.forward.destinations]}})
+
+
+def jpeg_file(path: Path) -> Path:
+    """A JPEG baseline RGB image, compressed with Pillow, as a modality might send one."""
+    image = Image.new("RGB", (64, 48))
+    image.putdata([(x * 4, y * 5, (x + y) % 256) for y in range(48) for x in range(64)])
+    buffer = pydicom.filebase.DicomBytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    ds = make_dataset(rows=48, columns=64, SOPClassUID="1.2.840.10008.5.1.4.1.1.7",
+                      Modality="OT")
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    return write_file(ds, path, JPEGBaseline8Bit)
+
+
+def test_jpeg_to_a_peer_that_takes_only_uncompressed_is_transcoded(
+    make_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    process, port = start_storescp(tmp_path / "pacs")  # storescp's default: uncompressed only
+    try:
+        app = make_gateway(forward={**FAST, "destinations": [dimse_destination("pacs", port)]})
+        original = jpeg_file(tmp_path / "jpeg.dcm")
+        result = dcmtk("dcmsend", "-aet", "US_ROOM", "-aec", "GATEWAY", "127.0.0.1",
+                       str(app.config.dicom.port), str(original))  # proposes the file's own syntax
+        assert result.returncode == 0, result.stderr
+        db = app.config.database.url
+        wait_for(lambda: len(jobs(db, "confirmed")) == 1, 30, "transcoded and confirmed")
+        stored = rows(db, "SELECT transfer_syntax_uid FROM instances")[0]
+        assert stored.transfer_syntax_uid == JPEGBaseline8Bit  # kept as received in the spool
+        (arrived,) = (tmp_path / "pacs").iterdir()
+        received = pydicom.dcmread(arrived)
+        assert not received.file_meta.TransferSyntaxUID.is_compressed
+        expected = pydicom.dcmread(original)
+        expected.decompress()
+        assert received.pixel_array.tobytes() == expected.pixel_array.tobytes()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_dicomweb_and_dimse_find_destinations_confirm_by_asking(
+    make_gateway: Callable[..., Gateway], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+) -> None:
+    web = orthanc_factory(dicomweb=True)
+    dimse = orthanc_factory()
+    secret = tmp_path / "web-password"
+    secret.write_text(web.password, encoding="utf-8")
+    app = make_gateway(forward={**FAST, "stable_after_s": 2.0, "destinations": [
+        {"type": "dicomweb", "name": "web", "url": web.url + "/dicom-web", "username": web.username,
+         "password_file": str(secret), "instances_per_request": 4},
+        {"type": "dimse", "name": "archive", "ae_title": dimse.aet, "host": "127.0.0.1",
+         "port": dimse.dicom_port, "verify": "find"},
+    ]})
+    files = write_study(tmp_path / "study", 9)
+    send(app.config.dicom.port, files)
+    db = app.config.database.url
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    wait_for(lambda: len([j for j in jobs(db, "forwarded") if j.destination == "web"]) == 9, 10,
+             "STOW-RS done")
+    # Lost at the destination before the study is stable: verification finds it missing.
+    lost = sorted(sent)[0]
+    web.delete(f"/instances/{web.instance_id(lost)}")
+
+    wait_for(lambda: len(jobs(db, "confirmed")) == 18, 30, "9 confirmed at each destination")
+    assert web.sop_instance_uids() == sent
+    assert dimse.sop_instance_uids() == sent
+    requeued = app.metrics.registry.get_sample_value(
+        "gateway_forward_requeued_missing_total", {"destination": "web"})
+    assert requeued == 1
+
+
+def test_routes_send_each_modality_where_it_belongs(
+    make_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    ct_process, ct_port = start_storescp(tmp_path / "ct-pacs")
+    mr_process, mr_port = start_storescp(tmp_path / "mr-pacs")
+    try:
+        app = make_gateway(forward={**FAST, "destinations": [
+            dimse_destination("ct_pacs", ct_port), dimse_destination("mr_pacs", mr_port)],
+            "routes": [{"name": "mr", "match": {"modality": ["MR"]}, "destinations": ["mr_pacs"]}],
+            "default_destinations": ["ct_pacs"]})
+        send(app.config.dicom.port, write_study(tmp_path / "ct", 2)
+             + write_study(tmp_path / "mr", 3, SOPClassUID=MR_IMAGE_STORAGE, Modality="MR"))
+        db = app.config.database.url
+        wait_for(lambda: len(jobs(db, "confirmed")) == 5, 30, "all confirmed")
+        assert len(list((tmp_path / "ct-pacs").iterdir())) == 2
+        assert len(list((tmp_path / "mr-pacs").iterdir())) == 3
+    finally:
+        for process in (ct_process, mr_process):
+            process.terminate()
+            process.wait(10)
+
+
+def test_retention_removes_only_files_confirmed_everywhere(
+    make_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    profile = storescp_profile(tmp_path / "mr-only.cfg", "MRImageStorage")
+    process, port = start_storescp(tmp_path / "pacs", "-xf", str(profile), "Default")
+    try:
+        app = make_gateway(
+            forward={**FAST, "destinations": [dimse_destination("pacs", port)]},
+            retention={"keep_days": 0, "check_interval_s": 0.2},
+        )
+        send(app.config.dicom.port, write_study(tmp_path / "ct", 2)
+             + write_study(tmp_path / "mr", 3, SOPClassUID=MR_IMAGE_STORAGE, Modality="MR"))
+        db = app.config.database.url
+        wait_for(lambda: len(rows(db, "SELECT id FROM instances WHERE spool_removed_at IS NOT NULL"))
+                 == 3, 30, "the confirmed MR files removed")
+        kept = rows(db, "SELECT spool_path, modality, spool_removed_at FROM instances")
+        for instance in kept:
+            present = (app.spool.root / instance.spool_path).exists()
+            assert present == (instance.modality == "CT")  # dead letters are never removed
+            assert (instance.spool_removed_at is None) == present
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_held_study_leaves_only_when_released_and_arrives_remapped(
+    served: Callable[..., Served], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+) -> None:
+    from tests.test_remap import IDENTITIES, ORDERS, RULES, cli
+
+    orthanc = orthanc_factory()
+    rules = tmp_path / "rules.toml"
+    rules.write_text(RULES, encoding="utf-8")
+    gateway = served(remap={"rules_file": str(rules)},
+                     forward={**FAST, "destinations": [orthanc_destination(orthanc, tmp_path)]})
+    for kind, text in (("identities", IDENTITIES), ("orders", ORDERS)):
+        (tmp_path / f"{kind}.csv").write_text(text, encoding="utf-8")
+        assert cli(gateway.config_path, kind, "import", str(tmp_path / f"{kind}.csv")).returncode == 0
+    files = write_study(tmp_path / "study", 2, PatientID="DEV-77", AccessionNumber=None,
+                        StudyTime="100000")  # two orders fit: held
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    send(gateway.port, files, calling_ae="CT1")
+    wait_for(lambda: len(rows(gateway.db_url, "SELECT id FROM instances WHERE remap_state = 'held'"))
+             == 2, 30, "held")
+    queue = subprocess.run([str(GATEWAY_BIN), "queue", "--config", str(gateway.config_path)],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert queue.splitlines()[1].split()[2] == "2", queue  # shown as held, not as sendable
+    time.sleep(1.5)  # several sender rounds: nothing may leave meanwhile
+    assert orthanc.instance_count() == 0
+
+    assert cli(gateway.config_path, "reconcile", "assign", study, "ACC-B").returncode == 0
+    wait_for(lambda: len(jobs(gateway.db_url, "confirmed")) == 2, 30, "released and confirmed")
+    for uid in orthanc.sop_instance_uids():
+        arrived = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(uid)))
+        assert (arrived.PatientID, arrived.AccessionNumber) == ("MRN0077", "ACC-B")
+    assert gateway.stop() == 0
+
+
+def test_bad_destination_config_names_key_and_fix(tmp_path: Path) -> None:
+    from tests.conftest import config_dict, write_toml
+
+    data = config_dict(tmp_path, f"sqlite:///{tmp_path / 'g.db'}", 11112)
+    data["forward"] = {"destinations": [{"type": "orthanc", "name": "main", "url": "ftp://x"}],
+                       "routes": [{"name": "r", "destinations": ["nowhere"]}]}
+    path = write_toml(tmp_path / "bad.toml", data)
+    result = subprocess.run([str(GATEWAY_BIN), "check-config", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "forward.destinations.0.orthanc.url = 'ftp://x'" in result.stderr
+
+    data["forward"]["destinations"][0]["url"] = "http://127.0.0.1:8042"
+    result = subprocess.run([str(GATEWAY_BIN), "check-config", "--config",
+                             str(write_toml(path, data))], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "route r names destination 'nowhere', which is not defined" in result.stderr
