@@ -52,7 +52,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    gateway = Gateway(config)
+    try:
+        gateway = Gateway(config)
+    except ConfigError as exc:  # found while building: a destination's password, say
+        for problem in exc.problems:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     gateway.start()
     if gateway.http is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, gateway.http.port)

@@ -28,7 +28,9 @@ class Confirmer:
         stable_after_s: float,
         metrics: Metrics,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        unavailable: Callable[[str], bool] = lambda name: False,
     ) -> None:
+        self._unavailable = unavailable
         self._destinations = destinations
         self._outbox = outbox
         self._quiet = timedelta(seconds=stable_after_s)
@@ -39,6 +41,8 @@ class Confirmer:
         """Check every stable study once; returns how many instances were confirmed."""
         confirmed = 0
         for destination in self._destinations:
+            if self._unavailable(destination.name):
+                continue  # its breaker is open: the senders' probe says when it is back
             for study in self._outbox.stable_studies(destination.name, self._quiet):
                 try:
                     confirmed += self._check(destination, study)

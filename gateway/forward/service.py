@@ -57,7 +57,9 @@ class Forwarder:
             DestinationSenders(dest, cfg.concurrency, cfg.batch_size, forward, outbox, metrics, clock)
             for dest, cfg in zip(destinations, forward.destinations, strict=True)
         ]
-        self.confirmer = Confirmer(destinations, outbox, forward.stable_after_s, metrics, clock)
+        open_breakers = {s.destination.name: s.breaker for s in self.senders}
+        self.confirmer = Confirmer(destinations, outbox, forward.stable_after_s, metrics, clock,
+                                   unavailable=lambda name: open_breakers[name].is_open)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._housekeeping, name="forward-check", daemon=True)
 

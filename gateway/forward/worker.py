@@ -128,7 +128,7 @@ class DestinationSenders:
         try:
             self.destination.probe()
         except GatewayError as exc:
-            log.info("forward to %s: probe failed (%s); breaker stays open", self.destination.name, exc)
+            log.debug("forward to %s: probe failed (%s)", self.destination.name, exc)
             return
         self._breaker_changed(self.breaker.succeeded())
         self._outbox.retry_now(self.destination.name)
