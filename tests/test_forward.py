@@ -392,3 +392,28 @@ def test_bad_destination_config_names_key_and_fix(tmp_path: Path) -> None:
                              str(write_toml(path, data))], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "route r names destination 'nowhere', which is not defined" in result.stderr
+
+
+def test_low_disk_removes_confirmed_files_early_and_never_unconfirmed_ones(
+    make_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    profile = storescp_profile(tmp_path / "mr-only.cfg", "MRImageStorage")
+    process, port = start_storescp(tmp_path / "pacs", "-xf", str(profile), "Default")
+    try:
+        mib = 1024 * 1024
+        app = make_gateway(
+            free_bytes=lambda path: 5 * mib,  # always under the 10 MiB watermark
+            forward={**FAST, "destinations": [dimse_destination("pacs", port)]},
+            retention={"keep_days": 365, "cleanup_below_free_mb": 10, "check_interval_s": 0.2},
+        )
+        send(app.config.dicom.port, write_study(tmp_path / "ct", 2)
+             + write_study(tmp_path / "mr", 3, SOPClassUID=MR_IMAGE_STORAGE, Modality="MR"))
+        db = app.config.database.url
+        wait_for(lambda: len(rows(db, "SELECT id FROM instances WHERE spool_removed_at IS NOT NULL"))
+                 == 3, 30, "confirmed files removed early, though young")
+        time.sleep(0.5)  # more retention rounds under pressure
+        for instance in rows(db, "SELECT spool_path, modality FROM instances"):
+            assert (app.spool.root / instance.spool_path).exists() == (instance.modality == "CT")
+    finally:
+        process.terminate()
+        process.wait(10)
