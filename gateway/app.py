@@ -21,6 +21,7 @@ from gateway.remap.stage import Remapper
 from gateway.remap.worker import RemapWorker
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
+from gateway.forward.destinations.orthanc import Orthanc
 from gateway.forward.outbox import Outbox, queue_stats
 from gateway.forward.retention import Retention
 from gateway.forward.routes import Router
@@ -28,6 +29,8 @@ from gateway.forward.service import Forwarder
 from gateway.http import HttpEndpoint
 from gateway.logs import quiet_pynetdicom
 from gateway.metrics import Metrics
+from gateway.query.retrieve import Loader
+from gateway.query.service import QueryService
 from gateway.receive import fastpath
 from gateway.receive.associations import AssociationLedger
 from gateway.receive.ingest import Ingest
@@ -74,6 +77,12 @@ class Gateway:
             router = Router(config.forward)
             names = [d.name for d in config.forward.destinations]
             self.metrics.watch_queue(lambda: queue_stats(self.engine, names))
+        orthancs = {d.name: d for d in self.forwarder.destinations if isinstance(d, Orthanc)} \
+            if self.forwarder else {}
+        query = QueryService(
+            self.engine, config.query, config.dicom.ae_title, config.security.peers,
+            Loader(self.spool.root, orthancs), self.metrics,
+        )
         self.receiver = Receiver(
             config.dicom,
             PeerPolicy(config.security, config.dicom.ae_title),
@@ -88,6 +97,7 @@ class Gateway:
             ),
             AssociationLedger(self.sessions),
             self.metrics,
+            query,
         )
         self.http: HttpEndpoint | None = None
         if config.metrics.enabled:

@@ -22,7 +22,7 @@ from gateway.errors import ConfigError
 from gateway.remap.rules import Match
 
 ENV_PREFIX = "GATEWAY_"
-Service = Literal["echo", "store"]
+Service = Literal["echo", "store", "find", "move", "get"]
 DuplicatePolicy = Literal["keep_first", "replace", "reject"]
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash
 
@@ -61,6 +61,7 @@ class Peer(_Model):
 
     ae_title: AETitle
     host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535, description="where C-MOVE sends to this AE")
     services: tuple[Service, ...] = ("echo", "store")
 
     _ae = field_validator("ae_title")(_check_ae_title)
@@ -276,6 +277,15 @@ class RetentionConfig(_Model):
     check_interval_s: float = Field(60.0, gt=0)
 
 
+class QueryConfig(_Model):
+    """C-FIND / C-MOVE / C-GET over what the gateway holds (gateway.query)."""
+
+    max_results: int = Field(1000, ge=1, description="a C-FIND answers at most this many matches")
+    case_insensitive_names: bool = Field(
+        True, description="person names match regardless of case (PS3.4 C.2.2.2.1 allows it)"
+    )
+
+
 class MetricsConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -294,6 +304,7 @@ class GatewayConfig(_Model):
     remap: RemapConfig = RemapConfig()
     forward: ForwardConfig = ForwardConfig()
     retention: RetentionConfig = RetentionConfig()
+    query: QueryConfig = QueryConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -90,6 +90,15 @@ class Metrics:
                                   "1 while the destination's circuit breaker is open", d,
                                   registry=registry)
 
+        self.queries = Counter("gateway_queries",
+                               "C-FIND, C-MOVE and C-GET requests by kind, calling AE and status",
+                               ["kind", "calling_ae", "status"], registry=registry)
+        self.query_seconds = Histogram("gateway_query_seconds", "C-FIND request to final response",
+                                       buckets=STORE_BUCKETS_S, registry=registry)
+        self.suboperations = Counter("gateway_retrieve_suboperations",
+                                     "Instances offered to C-MOVE and C-GET sub-operations",
+                                     ["kind"], registry=registry)
+
     def watch_queue(self, stats: Callable[[], Sequence[QueueRow]]) -> None:
         """Queue depth and age are read from the outbox at scrape time."""
         self.registry.register(_QueueCollector(stats))

@@ -25,9 +25,11 @@ study would make every instance wait for the last one; for this run the set is c
 Study (and Series) Instance UID every 20 files, like a stream of small exams.
 
 Orthanc runs with TCP_NODELAY=1 in its environment, like the senders and like bench.py's storescp:
-its DCMTK does not turn Nagle off by itself, and a baseline held back by delayed ACKs is not worth
-comparing against. Helpers (test data, DCMTK lookup, /proc accounting, the gateway receiver) come
-from ``scripts/bench.py``. Exit status: 0 when every run completed (targets met or not: the report
+its DCMTK does not turn Nagle off by itself, and without it every C-STORE-RSP waits out a delayed
+ACK (about 20 CT images/s direct instead of about 150 here), a baseline not worth comparing against.
+
+Helpers (test data, DCMTK lookup, /proc accounting, the gateway receiver) come from
+``scripts/bench.py``. Exit status: 0 when every run completed (targets met or not: the report
 says), 1 on an error (a missing tool, a server that does not start, lost or dead-lettered images).
 """
 
@@ -90,6 +92,7 @@ ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 ORTHANC_USER = "bench"
 ORTHANC_PASSWORD = "bench"
 ORTHANC_START_S = 60.0
+ORTHANC_ENV = {"TCP_NODELAY": "1"}  # DCMTK inside Orthanc: Nagle off on its DICOM sockets
 STABLE_AFTER_S = 0.5
 CHECK_INTERVAL_S = 0.2
 FORWARD_CONCURRENCY = 2
@@ -102,6 +105,7 @@ E2E_TARGET = 0.9  # end-to-end through the gateway / direct C-STORE: at least th
 INGEST_TARGET = 0.9  # ingest with forwarding / ingest alone: at least this
 P99_TARGET_S = 2.0  # received -> confirmed at half load: under this
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPECTED = f"accepting unknown caller {bench.CALLING_AE} "  # config/gateway.toml allows any caller
 
 PathName = Literal["direct", "forward", "ingest"]
 PATHS: tuple[PathName, ...] = ("direct", "forward", "ingest")
@@ -145,7 +149,7 @@ class OrthancServer:
         config.write_text(json.dumps(self.config(), indent=2), encoding="utf-8")
         token = base64.b64encode(f"{ORTHANC_USER}:{ORTHANC_PASSWORD}".encode()).decode("ascii")
         self._auth = f"Basic {token}"
-        env = base_env() | {"TCP_NODELAY": "1"}
+        env = base_env() | ORTHANC_ENV
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 [str(ORTHANC_BIN), str(config)], cwd=self.root, env=env, stdout=log,
@@ -286,12 +290,14 @@ class BenchGateway(GatewayServer):
         return [(utc(a), utc(b), utc(c)) for a, b, c in rows]
 
     def log_lines(self) -> list[str]:
-        """The gateway logs warnings and worse here: anything at all is worth a look."""
+        """The gateway logs warnings and worse here: anything is worth a look, except the one
+        warning the default config gives by design for every association of our unlisted
+        sender."""
         try:
             text = self.log.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return []
-        return [line for line in text.splitlines() if line.strip()]
+        return [line for line in text.splitlines() if line.strip() and EXPECTED not in line]
 
 
 def utc(value: str | datetime) -> datetime:
@@ -675,7 +681,8 @@ def report(runs: Sequence[Measure], rest: Measure, rest_client_cpu: float, paced
         lines.append(f"log lines worth a look ({len(notes)}; first 10):")
         lines += [f"  {n[:300]}" for n in notes[:10]]
     else:
-        lines.append("no warnings or errors in the gateway's or Orthanc's logs")
+        lines.append("no warnings or errors in the gateway's or Orthanc's logs (other than "
+                     f"'{EXPECTED.strip()}', once per association)")
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ class Instance(Base):
     patient_name: Mapped[str | None] = mapped_column(String(324))
     accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
     modality: Mapped[str | None] = mapped_column(String(16))
-    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
     calling_ae: Mapped[str] = mapped_column(String(16), index=True)
     peer_address: Mapped[str] = mapped_column(String(80))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LEN))
@@ -82,6 +82,18 @@ class Instance(Base):
     original_patient_id: Mapped[str | None] = mapped_column(String(64))
     original_patient_name: Mapped[str | None] = mapped_column(String(324))
     original_accession_number: Mapped[str | None] = mapped_column(String(64))
+    # What C-FIND answers with (gateway.query.attributes), as the instance carries it (remapped).
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324))
+    series_number: Mapped[str | None] = mapped_column(String(12))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    instance_number: Mapped[str | None] = mapped_column(String(12))
     # Retention (gateway.forward.retention) removed the file once every destination confirmed it.
     spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

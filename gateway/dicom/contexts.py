@@ -59,9 +59,22 @@ def _context(abstract_syntax: str, syntaxes: tuple[UID, ...]) -> PresentationCon
     return cx
 
 
+# PS3.4 C.6: Patient Root and Study Root, FIND / MOVE / GET
+QUERY_RETRIEVE = (
+    "1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3",
+    "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3",
+)
+
+
 def scp_contexts() -> list[PresentationContext]:
-    """Verification plus every Storage SOP class pynetdicom knows, each with all our syntaxes."""
+    """Verification, Query/Retrieve, and every Storage SOP class pynetdicom knows, each with all
+    our syntaxes. Storage contexts also accept the SCP/SCU role selection a C-GET SCU proposes
+    (PS3.7 D.3.3.4), so that its sub-operations can come back on the same association."""
+    plain = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     contexts = [_context(Verification, (ImplicitVRLittleEndian, ExplicitVRLittleEndian))]
+    contexts += [_context(model, plain) for model in QUERY_RETRIEVE]
     for storage in AllStoragePresentationContexts:
-        contexts.append(_context(str(storage.abstract_syntax), STORE_TRANSFER_SYNTAXES))
+        cx = _context(str(storage.abstract_syntax), STORE_TRANSFER_SYNTAXES)
+        cx.scu_role, cx.scp_role = True, True
+        contexts.append(cx)
     return contexts

@@ -21,6 +21,14 @@ class Status(IntEnum):
     # 0xCxxx is "cannot understand" with an implementation-specific low byte; ours says why.
     INVALID_UID = 0xC001
     COERCION_OF_DATA_ELEMENTS = 0xB000
+    # PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4: Query/Retrieve
+    IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    UNABLE_TO_PROCESS = 0xC000
+    UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    SUBOPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
+    CANCEL = 0xFE00
+    PENDING = 0xFF00
 
     @property
     def label(self) -> str:

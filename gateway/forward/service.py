@@ -52,7 +52,9 @@ class Forwarder:
         self._retention = retention
         self._check_s = forward.check_interval_s
         self._retention_s = config.retention.check_interval_s
-        destinations = [build_destination(d, config.dicom.ae_title) for d in forward.destinations]
+        self.destinations = destinations = [
+            build_destination(d, config.dicom.ae_title) for d in forward.destinations
+        ]
         self.senders = [
             DestinationSenders(dest, cfg.concurrency, cfg.batch_size, forward, outbox, metrics, clock)
             for dest, cfg in zip(destinations, forward.destinations, strict=True)

@@ -31,6 +31,7 @@ from gateway.receive.spool import Spool, SpooledFile
 from gateway.receive.validate import Header, Refused, dataset_offset, read_header
 from gateway.forward.outbox import new_jobs, requeue_for_new_copy
 from gateway.forward.routes import Router
+from gateway.query.attributes import ledger_values
 from gateway.remap.plan import Subject
 from gateway.remap.stage import Decided, Plan, Remapper, plan_json
 
@@ -330,6 +331,7 @@ class Ingest:
             original_patient_id=header.patient_id,
             original_patient_name=header.patient_name,
             original_accession_number=header.accession_number,
+            **ledger_values(header.dataset, changes),
             remap_state=decided.state,
             remap_plan=plan_json(decided.plan) if decided.state == "pending" else None,
             modality=header.modality,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from gateway.dicom.status import Status
 from gateway.metrics import Metrics
 from gateway.receive.associations import AssociationLedger, AssociationStats
 from gateway.receive.fastpath import FastAssociation, FastSocket
+from gateway.query.service import QueryService
 from gateway.receive.ingest import Ingest, StoreRequest
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,9 @@ class Receiver:
         ingest: Ingest,
         ledger: AssociationLedger,
         metrics: Metrics,
+        query: QueryService | None = None,
     ) -> None:
+        self._query = query
         self._config = config
         self._policy = policy
         self._ingest = ingest
@@ -80,6 +84,9 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_FIND, self._handle_query, ["find"]),
+            (evt.EVT_C_MOVE, self._handle_query, ["move"]),
+            (evt.EVT_C_GET, self._handle_query, ["get"]),
             (evt.EVT_RELEASED, self._handle_end, ["released"]),
             (evt.EVT_ABORTED, self._handle_end, ["aborted"]),
             (evt.EVT_CONN_CLOSE, self._handle_closed),
@@ -208,6 +215,23 @@ class Receiver:
         state.stats.count(status.label, kept, duplicate is not None)
         self._metrics.store_seconds.observe(time.perf_counter() - started)
         return int(status)
+
+    def _handle_query(self, event: evt.Event, kind: Service) -> Iterator[Any]:
+        """C-FIND / C-MOVE / C-GET: the caller's services decide, then ``QueryService``.
+        A refusal is 0x0124 (PS3.7 C.5.x, not authorized); a C-MOVE refusal first names no
+        destination, so that no association is opened."""
+        state = self._state(event.assoc)
+        if self._query is None or state is None or kind not in state.services:
+            calling = state.calling_ae if state else event.assoc.requestor.ae_title
+            log.warning("C-%s refused: %s may not %s", kind.upper(), calling, kind)
+            self._metrics.queries.labels(kind, calling, Status.NOT_AUTHORIZED.label).inc()
+            if kind == "move":
+                yield None, None  # pynetdicom answers 0xA801 without associating
+                return
+            yield int(Status.NOT_AUTHORIZED), None
+            return
+        handler = {"find": self._query.find, "move": self._query.move, "get": self._query.get}[kind]
+        yield from handler(event, state.calling_ae)
 
     def _handle_end(self, event: evt.Event, end_state: str) -> None:
         state = self._state(event.assoc)

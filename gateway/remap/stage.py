@@ -34,6 +34,7 @@ from gateway import audit
 from gateway.config import RemapConfig
 from gateway.db.engine import make_sessions
 from gateway.db.models import AssociationRecord, Instance, StudyDecision
+from gateway.query.attributes import LEDGER_EXTRA, ledger_values
 from gateway.remap.apply import Modification, rewrite_file
 from gateway.remap.lookup import DbResolver, StoredResolver, dump
 from gateway.remap.plan import (
@@ -319,6 +320,9 @@ def _current_values(instance: Instance, changes: dict[str, Value]) -> None:
         instance.patient_name = _text(changes["PatientName"])
     if "AccessionNumber" in changes:
         instance.accession_number = _text(changes["AccessionNumber"])
+    for keyword, column in LEDGER_EXTRA.items():
+        if keyword in changes:
+            setattr(instance, column.key, ledger_values(Dataset(), {keyword: changes[keyword]})[column.key])
 
 
 def _called_ae(session: Session, instance: Instance) -> str:

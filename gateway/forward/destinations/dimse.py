@@ -16,17 +16,13 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    UID,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from gateway.config import DimseDestination
+from gateway.dicom.transcode import as_uncompressed
 from gateway.errors import PermanentError, RetriableError
 from gateway.forward.destinations.base import send_each
 from gateway.forward.outbox import Outgoing, Result, Sent
@@ -167,16 +163,7 @@ def _contexts_for(batch: Sequence[Outgoing]) -> list[PresentationContext]:
 
 def _as_uncompressed(path: Path) -> Dataset:
     """The peer takes only uncompressed data: decode (and decompress) the stored file."""
-    ds = dcmread(path)
-    syntax = ds.file_meta.TransferSyntaxUID
-    try:
-        if syntax.is_compressed:
-            ds.decompress()
-        elif syntax == DeflatedExplicitVRLittleEndian or not syntax.is_little_endian:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    except Exception as exc:  # each codec raises its own kinds; the file itself is the problem
-        raise PermanentError(f"cannot decompress {syntax.name}: {type(exc).__name__}: {exc}") from exc
-    return ds
+    return as_uncompressed(dcmread(path))
 
 
 def _release(assoc: Association) -> None:

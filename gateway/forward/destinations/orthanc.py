@@ -48,6 +48,13 @@ class Orthanc:
             raise http_error(response.status_code, "POST /tools/find")
         return {str(i.get("MainDicomTags", {}).get("SOPInstanceUID")) for i in response.json()}
 
+    def fetch(self, remote_id: str) -> bytes:
+        """The instance as Orthanc holds it: for a retrieve after retention removed our copy."""
+        response = self._http.request("GET", f"{self._url}/instances/{remote_id}/file")
+        if response.status_code != 200:
+            raise http_error(response.status_code, f"GET /instances/{remote_id}/file")
+        return response.content
+
     def probe(self) -> None:
         response = self._http.request("GET", f"{self._url}/system")
         if response.status_code != 200:

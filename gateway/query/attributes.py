@@ -1,0 +1,97 @@
+"""Which attributes the ledger keeps for queries, at which level, and how ingest fills them.
+
+PS3.4 C.6.1.1 (Patient Root) and C.6.2.1 (Study Root) name the keys per level; these are those
+keys plus what viewers ask for. Each maps to one ``instances`` column holding the value the
+instance carries (after remapping), so a query reads indexes and never opens a file. A level also
+answers the keys of the levels above it (a study's patient), which are constant within it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy.orm import InstrumentedAttribute
+
+from gateway.db.models import Instance
+
+Level = str  # PATIENT | STUDY | SERIES | IMAGE
+LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+_BY_LEVEL: dict[Level, dict[str, InstrumentedAttribute[Any]]] = {
+    "PATIENT": {
+        "PatientID": Instance.patient_id,
+        "PatientName": Instance.patient_name,
+        "IssuerOfPatientID": Instance.issuer_of_patient_id,
+        "PatientBirthDate": Instance.patient_birth_date,
+        "PatientSex": Instance.patient_sex,
+    },
+    "STUDY": {
+        "StudyInstanceUID": Instance.study_instance_uid,
+        "StudyDate": Instance.study_date,
+        "StudyTime": Instance.study_time,
+        "AccessionNumber": Instance.accession_number,
+        "StudyID": Instance.study_id,
+        "StudyDescription": Instance.study_description,
+        "ReferringPhysicianName": Instance.referring_physician_name,
+    },
+    "SERIES": {
+        "SeriesInstanceUID": Instance.series_instance_uid,
+        "Modality": Instance.modality,
+        "SeriesNumber": Instance.series_number,
+        "SeriesDescription": Instance.series_description,
+        "BodyPartExamined": Instance.body_part_examined,
+    },
+    "IMAGE": {
+        "SOPInstanceUID": Instance.sop_instance_uid,
+        "SOPClassUID": Instance.sop_class_uid,
+        "InstanceNumber": Instance.instance_number,
+    },
+}
+# The unique key of each level (PS3.4 C.6.1.1.1): what a level's rows are grouped by.
+UNIQUE_KEY: dict[Level, str] = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+# Keys computed over the instances below a level (PS3.4 C.3.4 "additional keys").
+COUNTED: dict[Level, tuple[str, ...]] = {
+    "PATIENT": ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                "NumberOfPatientRelatedInstances"),
+    "STUDY": ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "ModalitiesInStudy"),
+    "SERIES": ("NumberOfSeriesRelatedInstances",),
+    "IMAGE": (),
+}
+
+
+def columns_at(level: Level) -> dict[str, InstrumentedAttribute[Any]]:
+    """The keys a level answers: its own and those of every level above it."""
+    found: dict[str, InstrumentedAttribute[Any]] = {}
+    for upper in LEVELS[: LEVELS.index(level) + 1]:
+        found.update(_BY_LEVEL[upper])
+    return found
+
+
+# Filled at ingest from the header; PatientID, PatientName, AccessionNumber, the UIDs, the SOP
+# class, Modality and StudyDate have columns of their own, written by ingest already.
+_INGEST_OWN = {"PatientID", "PatientName", "AccessionNumber", "StudyInstanceUID",
+               "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "StudyDate"}
+LEDGER_EXTRA: dict[str, InstrumentedAttribute[Any]] = {
+    k: c for level in LEVELS for k, c in _BY_LEVEL[level].items() if k not in _INGEST_OWN
+}
+
+
+def ledger_values(ds: Dataset, changes: Mapping[str, Any]) -> dict[str, str | None]:
+    """Column values for the extra query keys: the remap's new value where it sets one, else the
+    received one; cut to the column's length (vendors overrun VR limits; storage must not fail)."""
+    values: dict[str, str | None] = {}
+    for keyword, column in LEDGER_EXTRA.items():
+        raw = changes[keyword] if keyword in changes else ds.get(keyword)
+        if isinstance(raw, list):
+            raw = raw[0] if raw else None
+        text = None if raw is None or raw == "" else str(raw)
+        length = getattr(column.type, "length", None)
+        values[column.key] = text[:length] if text is not None and length else text
+    return values

@@ -1,0 +1,95 @@
+"""C-MOVE and C-GET: which instances an identifier names, and each one as a dataset to send.
+
+An instance retention removed from the spool (it was confirmed at every destination) is fetched
+back from an Orthanc destination that confirmed it, so a retrieve still gets it. One that can be
+found nowhere becomes a failed sub-operation, named in the Failed SOP Instance UID List.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import Engine, select
+
+from gateway.db.models import ForwardJob, Instance
+from gateway.dicom.status import Status
+from gateway.errors import GatewayError
+from gateway.forward.destinations.orthanc import Orthanc
+from gateway.query.attributes import UNIQUE_KEY
+from gateway.query.find import Query, QueryRefused
+
+log = logging.getLogger(__name__)
+# A SOP class no association ever negotiates: pynetdicom then counts the sub-operation as failed
+# and lists its SOP Instance UID, which is what the caller must be told about a lost instance.
+_UNSENDABLE_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.0"
+
+
+@dataclass(frozen=True)
+class Stored:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: Path | None  # None: no longer in the spool
+    copies: tuple[tuple[str, str], ...]  # (destination, remote id) that confirmed it
+
+
+def lookup(engine: Engine, query: Query) -> list[Stored]:
+    """PS3.4 C.4.2.2.1: a retrieve names its level's unique key; without one it would move
+    everything, so it is refused."""
+    if UNIQUE_KEY[query.level] not in query.keys or not query.where:
+        raise QueryRefused(Status.UNABLE_TO_PROCESS,
+                           f"a {query.level} retrieve needs {UNIQUE_KEY[query.level]}")
+    with engine.connect() as c:
+        rows = c.execute(
+            select(Instance.id, Instance.sop_instance_uid, Instance.sop_class_uid,
+                   Instance.transfer_syntax_uid, Instance.spool_path, Instance.spool_removed_at)
+            .where(*query.where).order_by(Instance.id)
+        ).all()
+        removed = [r.id for r in rows if r.spool_removed_at is not None]
+        copies: dict[int, list[tuple[str, str]]] = {}
+        if removed:
+            for instance_id, destination, remote_id in c.execute(
+                select(ForwardJob.instance_id, ForwardJob.destination, ForwardJob.remote_id)
+                .where(ForwardJob.instance_id.in_(removed), ForwardJob.state == "confirmed",
+                       ForwardJob.remote_id.is_not(None))
+            ):
+                copies.setdefault(instance_id, []).append((destination, str(remote_id)))
+    return [
+        Stored(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax_uid,
+               None if r.spool_removed_at is not None else Path(r.spool_path),
+               tuple(copies.get(r.id, ())))
+        for r in rows
+    ]
+
+
+class Loader:
+    def __init__(self, spool_root: Path, orthancs: dict[str, Orthanc]) -> None:
+        self._root = spool_root
+        self._orthancs = orthancs
+
+    def load(self, stored: Stored) -> Dataset:
+        """The instance as kept (or fetched back); a stand-in that fails to send otherwise."""
+        try:
+            if stored.path is not None:
+                return dcmread(self._root / stored.path)
+            for destination, remote_id in stored.copies:
+                if destination in self._orthancs:
+                    data = self._orthancs[destination].fetch(remote_id)
+                    return dcmread(BytesIO(data))
+            log.warning("retrieve: %s is neither in the spool nor at an Orthanc destination",
+                        stored.sop_instance_uid)
+        except (OSError, GatewayError) as exc:
+            log.warning("retrieve: cannot read %s: %s", stored.sop_instance_uid, exc)
+        return unsendable(stored.sop_instance_uid)
+
+
+def unsendable(sop_instance_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = _UNSENDABLE_SOP_CLASS
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds

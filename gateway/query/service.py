@@ -1,0 +1,234 @@
+"""Query/Retrieve SCP handlers (PS3.4 Annex C): C-FIND, C-MOVE and C-GET over the ledger.
+
+pynetdicom runs the protocol (Pending responses, sub-operation counts, cancel, the final status
+from the counts: Success, 0xB000 some failed, 0xA702 all failed, and the Failed SOP Instance UID
+List); these generators decide what matches and what is sent. Each request is one audit row (who,
+model, level, how many) and is counted in metrics; the service log names AE titles, levels and
+counts, never the query's values.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext, build_context
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from gateway import audit
+from gateway.config import Peer, QueryConfig
+from gateway.dicom.status import Status
+from gateway.dicom.transcode import as_uncompressed
+from gateway.errors import PermanentError
+from gateway.metrics import Metrics
+from gateway.query.find import QueryRefused, answers, parse, run
+from gateway.query.retrieve import Loader, Stored, lookup, unsendable
+
+log = logging.getLogger(__name__)
+Reply = tuple[int, Dataset | None]
+MAX_CONTEXTS = 127  # one is Verification
+
+
+class QueryService:
+    def __init__(
+        self,
+        engine: Engine,
+        config: QueryConfig,
+        ae_title: str,
+        peers: tuple[Peer, ...],
+        loader: Loader,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._engine = engine
+        self._config = config
+        self._ae_title = ae_title
+        self._destinations = {p.ae_title: p for p in peers if p.host and p.port}
+        self._loader = loader
+        self._metrics = metrics
+        self._clock = clock
+        self._dialect = engine.dialect.name
+
+    # -- C-FIND --------------------------------------------------------------------------------
+
+    def find(self, event: evt.Event, calling_ae: str) -> Iterator[Reply]:
+        started = time.perf_counter()
+        model = str(cast(Any, event.request).AffectedSOPClassUID)
+        status, matches, level = Status.SUCCESS, 0, "?"
+        try:
+            query = parse(event.identifier, model, self._dialect, self._config)
+            level = query.level
+            rows = run(self._engine, query, self._config.max_results)
+            for ds in answers(query, rows[: self._config.max_results], self._ae_title):
+                if event.is_cancelled:
+                    status = Status.CANCEL
+                    yield int(Status.CANCEL), None
+                    return
+                matches += 1
+                yield int(Status.PENDING), ds
+            if len(rows) > self._config.max_results:
+                status = Status.OUT_OF_RESOURCES  # PS3.4 C.4.1.1.4: refused, out of resources
+                log.warning("C-FIND from %s stopped at query.max_results = %d", calling_ae,
+                            self._config.max_results)
+                yield int(status), _comment(f"more than {self._config.max_results} matches; "
+                                            "narrow the query")
+        except QueryRefused as refused:
+            status = refused.status
+            yield int(status), _comment(str(refused))
+        except SQLAlchemyError as exc:
+            status = Status.OUT_OF_RESOURCES
+            log.error("C-FIND from %s: database unavailable (%s)", calling_ae, type(exc).__name__)
+            yield int(status), None
+        finally:
+            self._finished("find", calling_ae, model, level, status, matches, started)
+
+    # -- C-MOVE --------------------------------------------------------------------------------
+
+    def move(self, event: evt.Event, calling_ae: str) -> Iterator[Any]:
+        """Yields the destination, then the sub-operation count, then each dataset."""
+        started = time.perf_counter()
+        request: Any = event.request
+        model, destination = str(request.AffectedSOPClassUID), str(request.MoveDestination).strip()
+        peer = self._destinations.get(destination)
+        found, status, level = [], Status.SUCCESS, "?"
+        try:
+            if peer is None:
+                status = Status.MOVE_DESTINATION_UNKNOWN
+                log.warning("C-MOVE from %s: destination %s is not a configured peer with host "
+                            "and port", calling_ae, destination)
+                yield None, None
+                return
+            # pynetdicom reads the association options only after the count is yielded, so the
+            # contexts, which depend on what matches, are filled in between.
+            options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, _no_delay)]}
+            yield peer.host, peer.port, options
+            try:
+                query = parse(event.identifier, model, self._dialect, self._config)
+                level = query.level
+                found = lookup(self._engine, query)
+            except QueryRefused as refused:
+                # pynetdicom answers an exception here with 0xC513 (unable to process)
+                status = Status.UNABLE_TO_PROCESS
+                log.warning("C-MOVE from %s refused: %s", calling_ae, refused)
+                raise
+            options["contexts"] = _contexts_for(found)
+            yield len(found)
+            for stored in found:
+                if event.is_cancelled:
+                    status = Status.CANCEL
+                    yield int(Status.CANCEL), None
+                    return
+                yield int(Status.PENDING), self._loader.load(stored)
+        finally:
+            self._finished("move", calling_ae, model, level, status, len(found), started,
+                           destination=destination)
+
+    # -- C-GET ---------------------------------------------------------------------------------
+
+    def get(self, event: evt.Event, calling_ae: str) -> Iterator[Any]:
+        """Yields the sub-operation count, then each dataset, sent on the same association; an
+        instance whose syntax the caller did not accept goes decompressed when it accepted an
+        uncompressed one."""
+        started = time.perf_counter()
+        model = str(cast(Any, event.request).AffectedSOPClassUID)
+        found: list[Stored] = []
+        status, level = Status.SUCCESS, "?"
+        try:
+            try:
+                query = parse(event.identifier, model, self._dialect, self._config)
+                level = query.level
+                found = lookup(self._engine, query)
+            except QueryRefused as refused:
+                status = refused.status
+                yield int(status), _comment(str(refused))
+                return
+            yield len(found)
+            accepted = _accepted_by_class(event)
+            for stored in found:
+                if event.is_cancelled:
+                    status = Status.CANCEL
+                    yield int(Status.CANCEL), None
+                    return
+                yield int(Status.PENDING), _fit(self._loader.load(stored), accepted)
+        finally:
+            self._finished("get", calling_ae, model, level, status, len(found), started)
+
+    def _finished(self, kind: str, calling_ae: str, model: str, level: str, status: Status,
+                  count: int, started: float, **detail: object) -> None:
+        elapsed = time.perf_counter() - started
+        self._metrics.queries.labels(kind, calling_ae, Status(status).label).inc()
+        if kind == "find":
+            self._metrics.query_seconds.observe(elapsed)
+        else:
+            self._metrics.suboperations.labels(kind).inc(count)
+        log.info("C-%s from %s at %s level: %d %s, %s", kind.upper(), calling_ae, level, count,
+                 "matches" if kind == "find" else "instances", Status(status).label)
+        try:
+            with Session(self._engine) as session, session.begin():
+                audit.record(session, calling_ae, kind, None, self._clock(), model=model,
+                             level=level, results=count, status=Status(status).label, **detail)
+        except SQLAlchemyError as exc:
+            log.error("audit row for C-%s from %s not written: %s", kind.upper(), calling_ae,
+                      type(exc).__name__)
+
+
+def _comment(text: str) -> Dataset:
+    ds = Dataset()
+    ds.ErrorComment = text[:64]
+    return ds
+
+
+def _contexts_for(found: list[Stored]) -> list[PresentationContext]:
+    """The stored syntax first, then uncompressed, per SOP class; Verification too, so that a
+    destination refusing every SOP class still associates and each sub-operation fails visibly
+    (0xA702) rather than looking like an unknown destination."""
+    contexts = [build_context("1.2.840.10008.1.1")]
+    seen: set[tuple[str, str]] = set()
+    for stored in found:
+        key = (stored.sop_class_uid, stored.transfer_syntax_uid)
+        if key in seen or len(contexts) > MAX_CONTEXTS:
+            continue
+        seen.add(key)
+        offered = [stored.transfer_syntax_uid] + [
+            s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            if s != stored.transfer_syntax_uid
+        ]
+        contexts.append(build_context(stored.sop_class_uid, offered))
+    return contexts
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Sub-operation associations leave Nagle off, as every SCU of the gateway does."""
+    raw = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if raw is not None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _accepted_by_class(event: evt.Event) -> dict[str, set[str]]:
+    accepted: dict[str, set[str]] = {}
+    for cx in event.assoc.accepted_contexts:
+        if cx.as_scp:  # PS3.4 C.4.3: the C-GET SCU takes the SCP role for storage
+            accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+    return accepted
+
+
+def _fit(ds: Dataset, accepted: dict[str, set[str]]) -> Dataset:
+    syntaxes = accepted.get(str(ds.get("SOPClassUID", "")), set())
+    stored = UID(ds.file_meta.TransferSyntaxUID) if "file_meta" in ds.__dict__ else None
+    if stored is None or stored in syntaxes or not stored.is_compressed:
+        return ds
+    if not syntaxes & {ExplicitVRLittleEndian, ImplicitVRLittleEndian}:
+        return ds
+    try:
+        return as_uncompressed(ds)
+    except PermanentError:
+        return unsendable(str(ds.SOPInstanceUID))
