@@ -327,6 +327,7 @@ class Measure:
     forwarded_s: float | None = None  # forward: until the last instance was forwarded
     ingest_gateway_cpu_s: float | None = None  # forward: over storescu's time only
     ingest_orthanc_cpu_s: float | None = None
+    batches: int = 0  # forward: batches sent (distinct forwarded_at: a batch is settled at once)
     gateway_rss_kib: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -408,7 +409,7 @@ def run_forward(images: ImageSet, rep: int, storescu: Path, keep: bool) -> Measu
                    gateway_cpu_s=g1 - g0, orthanc_cpu_s=o1 - o0, machine_busy=busy(m0, m1),
                    ingest_s=ingest_s, forwarded_s=forwarded.total_seconds(),
                    ingest_gateway_cpu_s=gi - g0, ingest_orthanc_cpu_s=oi - o0,
-                   gateway_rss_kib=rss, notes=notes)
+                   batches=len({f for _, f, _ in ledger}), gateway_rss_kib=rss, notes=notes)
 
 
 def run_ingest(images: ImageSet, rep: int, storescu: Path, keep: bool) -> Measure:
@@ -636,6 +637,14 @@ def report(runs: Sequence[Measure], rest: Measure, rest_client_cpu: float, paced
             f"{'  via gateway, CPU while storescu sent':<42} {'':>7} {'':>6} "
             f"{sum(r.ingest_gateway_cpu_s or 0 for r in forward) / wall:>8.0%} "
             f"{sum(r.ingest_orthanc_cpu_s or 0 for r in forward) / wall:>8.0%}"
+        )
+        lag = statistics.median((r.forwarded_s or 0) - (r.ingest_s or 0) for r in forward)
+        confirm_tail = statistics.median(r.seconds - (r.forwarded_s or 0) for r in forward)
+        per_batch = statistics.median(r.count / max(r.batches, 1) for r in forward)
+        lines.append(
+            f"  via gateway, medians: last forwarded {lag:.2f} s after storescu was done, last "
+            f"confirmed {confirm_tail:.2f} s after that; {per_batch:.1f} instances per forward "
+            f"batch (batch_size {FORWARD_BATCH})"
         )
     lines += [
         "",

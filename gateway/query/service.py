@@ -99,7 +99,8 @@ class QueryService:
         request: Any = event.request
         model, destination = str(request.AffectedSOPClassUID), str(request.MoveDestination).strip()
         peer = self._destinations.get(destination)
-        found, status, level = [], Status.SUCCESS, "?"
+        found: list[Stored] = []
+        status, level, tally, cancelled = Status.SUCCESS, "?", _Tally(), False
         try:
             if peer is None:
                 status = Status.MOVE_DESTINATION_UNKNOWN
@@ -109,7 +110,8 @@ class QueryService:
                 return
             # pynetdicom reads the association options only after the count is yielded, so the
             # contexts, which depend on what matches, are filled in between.
-            options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, _no_delay)]}
+            options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, _no_delay),
+                                                        (evt.EVT_DIMSE_RECV, tally.on_response)]}
             yield peer.host, peer.port, options
             try:
                 query = parse(event.identifier, model, self._dialect, self._config)
@@ -122,15 +124,19 @@ class QueryService:
                 raise
             options["contexts"] = _contexts_for(found)
             yield len(found)
+            cancelled = False
             for stored in found:
                 if event.is_cancelled:
-                    status = Status.CANCEL
+                    cancelled = True
                     yield int(Status.CANCEL), None
                     return
                 yield int(Status.PENDING), self._loader.load(stored)
         finally:
+            if found:
+                status = tally.status(len(found), cancelled)
             self._finished("move", calling_ae, model, level, status, len(found), started,
-                           destination=destination)
+                           destination=destination, completed=tally.completed,
+                           warning=tally.warning)
 
     # -- C-GET ---------------------------------------------------------------------------------
 
@@ -141,7 +147,7 @@ class QueryService:
         started = time.perf_counter()
         model = str(cast(Any, event.request).AffectedSOPClassUID)
         found: list[Stored] = []
-        status, level = Status.SUCCESS, "?"
+        status, level, tally, cancelled = Status.SUCCESS, "?", _Tally(), False
         try:
             try:
                 query = parse(event.identifier, model, self._dialect, self._config)
@@ -153,14 +159,23 @@ class QueryService:
                 return
             yield len(found)
             accepted = _accepted_by_class(event)
+            event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)
             for stored in found:
                 if event.is_cancelled:
-                    status = Status.CANCEL
+                    cancelled = True
                     yield int(Status.CANCEL), None
                     return
                 yield int(Status.PENDING), _fit(self._loader.load(stored), accepted)
         finally:
-            self._finished("get", calling_ae, model, level, status, len(found), started)
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, tally.on_response)
+            if found:
+                status = tally.status(len(found), cancelled)
+            self._finished("get", calling_ae, model, level, status, len(found), started,
+                           completed=tally.completed, warning=tally.warning)
+
+    def refused(self, kind: str, calling_ae: str, model: str) -> None:
+        """A caller without the service: counted and audited like every other request."""
+        self._finished(kind, calling_ae, model, "?", Status.NOT_AUTHORIZED, 0, time.perf_counter())
 
     def _finished(self, kind: str, calling_ae: str, model: str, level: str, status: Status,
                   count: int, started: float, **detail: object) -> None:
@@ -179,6 +194,33 @@ class QueryService:
         except SQLAlchemyError as exc:
             log.error("audit row for C-%s from %s not written: %s", kind.upper(), calling_ae,
                       type(exc).__name__)
+
+
+class _Tally:
+    """C-STORE sub-operation responses as they arrive (PS3.4 C.4.2.3: the final status follows
+    from them); an instance that could not even be sent has no response and counts as failed."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.warning = 0
+
+    def on_response(self, event: evt.Event) -> None:
+        message = getattr(event, "message", None)
+        if type(message).__name__ != "C_STORE_RSP":
+            return
+        status = int(getattr(message, "command_set").Status)
+        if status == 0x0000:
+            self.completed += 1
+        elif 0xB000 <= status <= 0xBFFF:
+            self.warning += 1
+
+    def status(self, offered: int, cancelled: bool) -> Status:
+        if cancelled:
+            return Status.CANCEL
+        failed = offered - self.completed - self.warning
+        if offered and failed == offered:
+            return Status.UNABLE_TO_PERFORM_SUBOPERATIONS
+        return Status.SUBOPERATIONS_COMPLETE_WITH_FAILURES if failed else Status.SUCCESS
 
 
 def _comment(text: str) -> Dataset:

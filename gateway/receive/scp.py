@@ -224,7 +224,8 @@ class Receiver:
         if self._query is None or state is None or kind not in state.services:
             calling = state.calling_ae if state else event.assoc.requestor.ae_title
             log.warning("C-%s refused: %s may not %s", kind.upper(), calling, kind)
-            self._metrics.queries.labels(kind, calling, Status.NOT_AUTHORIZED.label).inc()
+            if self._query is not None:
+                self._query.refused(kind, calling, str(cast(Any, event.request).AffectedSOPClassUID))
             if kind == "move":
                 yield None, None  # pynetdicom answers 0xA801 without associating
                 return
