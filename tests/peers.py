@@ -32,7 +32,7 @@ def require_tool(name: str) -> str:
 
 
 def dcmtk(
-    tool: str, *args: str, nodelay: bool = True, timeout: float = 120
+    tool: str, *args: str, nodelay: bool = True, timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a DCMTK tool. ``nodelay`` sets TCP_NODELAY=1 in its environment (speed only)."""
     env = dict(os.environ)
@@ -40,7 +40,8 @@ def dcmtk(
     if nodelay:
         env["TCP_NODELAY"] = "1"
     return subprocess.run(
-        [require_tool(tool), *args], capture_output=True, text=True, timeout=timeout, env=env
+        [require_tool(tool), *args], capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=cwd,
     )
 
 

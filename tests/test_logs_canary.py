@@ -14,7 +14,8 @@ CANARY_BIRTH_DATE = "19311111"
 
 
 def test_canary_patient_never_reaches_the_log(served, tmp_path: Path) -> None:
-    gateway = served(storage={"duplicate_policy": "reject"}, logging={"level": "INFO"})
+    gateway = served(storage={"duplicate_policy": "reject"}, logging={"level": "INFO"},
+                     security={"unknown_callers": ["echo", "store", "find", "get"]})
     canary = make_dataset(PatientName=CANARY_NAME, PatientID=CANARY_ID,
                           AccessionNumber=CANARY_ACCESSION, PatientBirthDate=CANARY_BIRTH_DATE)
     first = write_file(canary, tmp_path / "first.dcm")
@@ -32,9 +33,19 @@ def test_canary_patient_never_reaches_the_log(served, tmp_path: Path) -> None:
     raw_c_store(gateway.port, encode(canary), canary.SOPClassUID, generate_uid())
     raw_c_store(gateway.port, encode(canary)[:-7] + b"\xff" * 3, canary.SOPClassUID,
                 canary.SOPInstanceUID)
+    # queries carrying the canary as keys, and a retrieve of its study
+    for key in (f"PatientID={CANARY_ID}", f"PatientName={CANARY_NAME}",
+                f"AccessionNumber={CANARY_ACCESSION}"):
+        assert dcmtk("findscu", "-S", "-aec", "GATEWAY", "127.0.0.1", port, "-k",
+                     "QueryRetrieveLevel=STUDY", "-k", key, "-k", "PatientBirthDate",
+                     cwd=tmp_path).returncode == 0
+    assert dcmtk("getscu", "-S", "-aec", "GATEWAY", "-od", str(tmp_path), "127.0.0.1", port,
+                 "-k", "QueryRetrieveLevel=STUDY",
+                 "-k", f"StudyInstanceUID={canary.StudyInstanceUID}").returncode == 0
     assert gateway.stop() == 0
 
     log = gateway.log()
+    assert "C-FIND from FINDSCU at STUDY level: 1 matches" in log and "C-GET" in log, log
     assert "answered 0x0111" in log and "answered 0xA900" in log, log  # the paths were taken
     for secret in (CANARY_NAME, "CANARY", CANARY_ID, CANARY_ACCESSION, CANARY_BIRTH_DATE):
         assert secret not in log
