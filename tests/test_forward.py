@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from gateway.app import Gateway
 from tests.conftest import rows, wait_for
-from tests.factory import write_file, make_dataset
+from tests.factory import make_dataset, write_file
 from tests.orthanc import Orthanc
 from tests.peers import dcmtk
 from tests.test_forward import FAST, orthanc_destination, start_storescp, storescp_profile
@@ -245,7 +245,7 @@ def test_orthanc_queries_and_retrieves_through_its_rest_api(
 
     gateway_port = free_port()
     orthanc = orthanc_factory(modalities={"gateway": ("GATEWAY", "127.0.0.1", gateway_port)})
-    app = archive(dicom={"port": gateway_port}, peers=[
+    archive(dicom={"port": gateway_port}, peers=[
         {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
          "services": ["echo", "find", "move"]},
         {"ae_title": "MODALITY", "services": ["store"]},
@@ -286,6 +286,33 @@ def test_move_fetches_back_from_orthanc_what_retention_removed(
         assert moved.returncode == 0, moved.stderr
         arrived = [pydicom.dcmread(f) for f in (tmp_path / "pacs").iterdir()]
         assert len(arrived) == 2 and {a.AccessionNumber for a in arrived} == {"ACC-C"}
+    finally:
+        pacs.terminate()
+        pacs.wait(10)
+
+
+def test_move_of_a_compressed_instance_to_a_peer_taking_only_uncompressed(
+    archive: Any, tmp_path: Path,
+) -> None:
+    from tests.test_forward import jpeg_file
+
+    pacs, pacs_port = start_storescp(tmp_path / "pacs")  # storescp's default: uncompressed only
+    try:
+        app = archive(peers=[{"ae_title": "VIEWER", "services": ALL},
+                             {"ae_title": "MODALITY", "services": ["store"]},
+                             {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}])
+        original = jpeg_file(tmp_path / "jpeg.dcm")
+        assert dcmtk("dcmsend", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                     str(app.config.dicom.port), str(original)).returncode == 0
+        moved = dcmtk("movescu", "-S", "-aet", "VIEWER", "-aec", "GATEWAY", "-aem", "PACS",
+                      "127.0.0.1", str(app.config.dicom.port), "-k", "QueryRetrieveLevel=STUDY",
+                      "-k", f"StudyInstanceUID={pydicom.dcmread(original).StudyInstanceUID}")
+        assert moved.returncode == 0, moved.stderr
+        (arrived,) = [pydicom.dcmread(f) for f in (tmp_path / "pacs").iterdir()]
+        assert not arrived.file_meta.TransferSyntaxUID.is_compressed
+        expected = pydicom.dcmread(original)
+        expected.decompress()
+        assert arrived.pixel_array.tobytes() == expected.pixel_array.tobytes()
     finally:
         pacs.terminate()
         pacs.wait(10)

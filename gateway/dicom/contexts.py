@@ -10,6 +10,8 @@ prefers explicit over implicit.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -77,4 +79,27 @@ def scp_contexts() -> list[PresentationContext]:
         cx = _context(str(storage.abstract_syntax), STORE_TRANSFER_SYNTAXES)
         cx.scu_role, cx.scp_role = True, True
         contexts.append(cx)
+    return contexts
+
+
+MAX_REQUESTED = 128  # PS3.8 9.3.2: presentation context IDs are odd numbers 1-255
+
+
+def sending_contexts(
+    stored: Iterable[tuple[str, str]], reserved: int = 0
+) -> list[PresentationContext]:
+    """For an association that sends instances: one context per (SOP class, stored syntax),
+    offering the stored syntax first, then explicit and implicit VR little endian, so a peer that
+    takes only uncompressed data can still be sent a decompressed copy. At most 128 contexts, less
+    ``reserved`` (for Verification, say); instances beyond wait for the next association."""
+    contexts: list[PresentationContext] = []
+    seen: set[tuple[str, str]] = set()
+    for sop_class, syntax in stored:
+        if (sop_class, syntax) in seen:
+            continue
+        if len(contexts) + reserved >= MAX_REQUESTED:
+            break
+        seen.add((sop_class, syntax))
+        plain = [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
+        contexts.append(_context(sop_class, (UID(syntax), *plain)))
     return contexts

@@ -17,15 +17,16 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from gateway import audit
 from gateway.config import Peer, QueryConfig
+from gateway.dicom.contexts import sending_contexts
 from gateway.dicom.status import Status
 from gateway.dicom.transcode import as_uncompressed
 from gateway.errors import PermanentError
@@ -35,7 +36,7 @@ from gateway.query.retrieve import Loader, Stored, lookup, unsendable
 
 log = logging.getLogger(__name__)
 Reply = tuple[int, Dataset | None]
-MAX_CONTEXTS = 127  # one is Verification
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 class QueryService:
@@ -100,7 +101,7 @@ class QueryService:
         model, destination = str(request.AffectedSOPClassUID), str(request.MoveDestination).strip()
         peer = self._destinations.get(destination)
         found: list[Stored] = []
-        status, level, tally, cancelled = Status.SUCCESS, "?", _Tally(), False
+        status, level, tally, cancelled = Status.SUCCESS, "?", _SubOperations(), False
         try:
             if peer is None:
                 status = Status.MOVE_DESTINATION_UNKNOWN
@@ -110,8 +111,9 @@ class QueryService:
                 return
             # pynetdicom reads the association options only after the count is yielded, so the
             # contexts, which depend on what matches, are filled in between.
-            options: dict[str, Any] = {"evt_handlers": [(evt.EVT_ESTABLISHED, _no_delay),
-                                                        (evt.EVT_DIMSE_RECV, tally.on_response)]}
+            options: dict[str, Any] = {"evt_handlers": [
+                (evt.EVT_ESTABLISHED, _no_delay), (evt.EVT_ESTABLISHED, tally.on_established),
+                (evt.EVT_DIMSE_RECV, tally.on_response)]}
             yield peer.host, peer.port, options
             try:
                 query = parse(event.identifier, model, self._dialect, self._config)
@@ -130,7 +132,7 @@ class QueryService:
                     cancelled = True
                     yield int(Status.CANCEL), None
                     return
-                yield int(Status.PENDING), self._loader.load(stored)
+                yield int(Status.PENDING), _fit(self._loader.load(stored), tally.accepted)
         finally:
             if found:
                 status = tally.status(len(found), cancelled)
@@ -147,7 +149,7 @@ class QueryService:
         started = time.perf_counter()
         model = str(cast(Any, event.request).AffectedSOPClassUID)
         found: list[Stored] = []
-        status, level, tally, cancelled = Status.SUCCESS, "?", _Tally(), False
+        status, level, tally, cancelled = Status.SUCCESS, "?", _SubOperations(), False
         try:
             try:
                 query = parse(event.identifier, model, self._dialect, self._config)
@@ -158,7 +160,7 @@ class QueryService:
                 yield int(status), _comment(str(refused))
                 return
             yield len(found)
-            accepted = _accepted_by_class(event)
+            accepted = _accepted_for_sending(event.assoc)
             event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)
             for stored in found:
                 if event.is_cancelled:
@@ -196,19 +198,24 @@ class QueryService:
                       type(exc).__name__)
 
 
-class _Tally:
-    """C-STORE sub-operation responses as they arrive (PS3.4 C.4.2.3: the final status follows
-    from them); an instance that could not even be sent has no response and counts as failed."""
+class _SubOperations:
+    """The sub-operations' association as negotiated, and C-STORE responses as they arrive (PS3.4
+    C.4.2.3: the final status follows from them); an instance that could not even be sent has no
+    response and counts as failed."""
 
     def __init__(self) -> None:
         self.completed = 0
         self.warning = 0
+        self.accepted: dict[str, set[str]] = {}
+
+    def on_established(self, event: evt.Event) -> None:
+        self.accepted = _accepted_for_sending(event.assoc)
 
     def on_response(self, event: evt.Event) -> None:
         message = getattr(event, "message", None)
         if type(message).__name__ != "C_STORE_RSP":
             return
-        status = int(getattr(message, "command_set").Status)
+        status = int(message.command_set.Status)
         if status == 0x0000:
             self.completed += 1
         elif 0xB000 <= status <= 0xBFFF:
@@ -230,22 +237,10 @@ def _comment(text: str) -> Dataset:
 
 
 def _contexts_for(found: list[Stored]) -> list[PresentationContext]:
-    """The stored syntax first, then uncompressed, per SOP class; Verification too, so that a
-    destination refusing every SOP class still associates and each sub-operation fails visibly
-    (0xA702) rather than looking like an unknown destination."""
-    contexts = [build_context("1.2.840.10008.1.1")]
-    seen: set[tuple[str, str]] = set()
-    for stored in found:
-        key = (stored.sop_class_uid, stored.transfer_syntax_uid)
-        if key in seen or len(contexts) > MAX_CONTEXTS:
-            continue
-        seen.add(key)
-        offered = [stored.transfer_syntax_uid] + [
-            s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-            if s != stored.transfer_syntax_uid
-        ]
-        contexts.append(build_context(stored.sop_class_uid, offered))
-    return contexts
+    """Verification too, so that a destination refusing every SOP class still associates and
+    each sub-operation fails visibly (0xA702) rather than looking like an unknown destination."""
+    pairs = ((s.sop_class_uid, s.transfer_syntax_uid) for s in found)
+    return [build_context(VERIFICATION), *sending_contexts(pairs, reserved=1)]
 
 
 def _no_delay(event: evt.Event) -> None:
@@ -255,10 +250,12 @@ def _no_delay(event: evt.Event) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _accepted_by_class(event: evt.Event) -> dict[str, set[str]]:
+def _accepted_for_sending(assoc: Any) -> dict[str, set[str]]:
+    """SOP class -> syntaxes in which this side may send C-STORE requests (as the storage SCU:
+    on a C-GET association the caller took the SCP role, PS3.4 C.4.3)."""
     accepted: dict[str, set[str]] = {}
-    for cx in event.assoc.accepted_contexts:
-        if cx.as_scp:  # PS3.4 C.4.3: the C-GET SCU takes the SCP role for storage
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu:
             accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
     return accepted
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from gateway.config import DimseDestination
+from gateway.dicom.contexts import sending_contexts
 from gateway.dicom.transcode import as_uncompressed
 from gateway.errors import PermanentError, RetriableError
 from gateway.forward.destinations.base import send_each
@@ -31,7 +32,6 @@ from gateway.forward.outbox import Outgoing, Result, Sent
 Verification = UID("1.2.840.10008.1.1")
 StudyRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.2.1")
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-MAX_CONTEXTS = 128  # PS3.8 9.3.2: presentation context IDs are odd numbers 1-255
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 
@@ -42,7 +42,7 @@ class Dimse:
         self._calling_ae = calling_ae
 
     def send(self, batch: Sequence[Outgoing]) -> list[Result]:
-        contexts = _contexts_for(batch)
+        contexts = sending_contexts((j.sop_class_uid, j.transfer_syntax_uid) for j in batch)
         included = {(c.abstract_syntax, c.transfer_syntax[0]) for c in contexts}
         batch = [j for j in batch if (j.sop_class_uid, j.transfer_syntax_uid) in included]
         try:
@@ -142,23 +142,6 @@ class _NotAccepted(RetriableError):
     def __init__(self, name: str, why: str) -> None:
         super().__init__(f"{name}: association {why}")
         self.why = why
-
-
-def _contexts_for(batch: Sequence[Outgoing]) -> list[PresentationContext]:
-    """One context per (SOP class, stored syntax), offering the stored syntax first; a batch
-    needing more than the protocol allows keeps its first jobs (the rest come next time)."""
-    contexts: list[PresentationContext] = []
-    seen: set[tuple[str, str]] = set()
-    for job in batch:
-        key = (job.sop_class_uid, job.transfer_syntax_uid)
-        if key in seen:
-            continue
-        if len(contexts) == MAX_CONTEXTS:
-            break
-        seen.add(key)
-        offered = [job.transfer_syntax_uid] + [s for s in _UNCOMPRESSED if s != job.transfer_syntax_uid]
-        contexts.append(build_context(job.sop_class_uid, offered))
-    return contexts
 
 
 def _as_uncompressed(path: Path) -> Dataset:
