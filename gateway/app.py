@@ -22,10 +22,11 @@ from gateway.remap.worker import RemapWorker
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
 from gateway.forward.destinations.orthanc import Orthanc
-from gateway.forward.outbox import Outbox, queue_stats
-from gateway.forward.retention import Retention
+from gateway.forward.counters import PrometheusCounters
+from gateway.forward.outbox import queue_stats
+from gateway.forward.process import ForwardProcess
 from gateway.forward.routes import Router
-from gateway.forward.service import Forwarder
+from gateway.forward.service import build_destination
 from gateway.http import HttpEndpoint
 from gateway.logs import quiet_pynetdicom
 from gateway.metrics import Metrics
@@ -68,17 +69,18 @@ class Gateway:
         if config.remap.rules_file is not None:
             self.remapper = Remapper(load_rules(config.remap.rules_file), config.remap, self.engine)
             self.remap_worker = RemapWorker(self.remapper, self.spool.root, config.remap.workers)
-        self.forwarder: Forwarder | None = None
+        self.forwarder: ForwardProcess | None = None
         router: Router | None = None
-        if config.forward.destinations:
-            outbox = Outbox(self.engine, self.spool.root, config.forward.node_name)
-            retention = Retention(self.engine, self.spool, config.retention)
-            self.forwarder = Forwarder(config, outbox, retention, self.metrics)
+        # Built here too, so a missing password stops `serve` before it listens; the Orthanc
+        # ones fetch back, for C-MOVE and C-GET, what retention removed from the spool.
+        destinations = [build_destination(d, config.dicom.ae_title)
+                        for d in config.forward.destinations]
+        orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
+        if destinations:
+            self.forwarder = ForwardProcess(config, self.spool, PrometheusCounters(self.metrics))
             router = Router(config.forward)
-            names = [d.name for d in config.forward.destinations]
+            names = [d.name for d in destinations]
             self.metrics.watch_queue(lambda: queue_stats(self.engine, names))
-        orthancs = {d.name: d for d in self.forwarder.destinations if isinstance(d, Orthanc)} \
-            if self.forwarder else {}
         query = QueryService(
             self.engine, config.query, config.dicom.ae_title, config.security.peers,
             Loader(self.spool.root, orthancs), self.metrics,
@@ -112,13 +114,16 @@ class Gateway:
             database = True
         except SQLAlchemyError:
             database = False
-        return {"database": database, "spool_free": self.spool.has_room_for(0)}
+        checks = {"database": database, "spool_free": self.spool.has_room_for(0)}
+        if self.forwarder is not None:
+            checks["forwarding"] = self.forwarder.alive()
+        return checks
 
     def start(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.start()  # first: it forks, and no other thread should exist yet
         if self.remap_worker is not None:
             self.remap_worker.start()
-        if self.forwarder is not None:
-            self.forwarder.start()
         if self.http is not None:
             self.http.start()
         self.receiver.start()

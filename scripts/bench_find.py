@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -552,6 +552,7 @@ class Outcome:
     echo_s: list[float]
     run_s: list[float]
     results: list[int]
+    busy: float = 0.0  # the machine's busy share (both CPUs) while the queries ran
 
 
 def pick_questions(engine: Engine, count: int, date_days: int) -> dict[Kind, list[Question]]:
@@ -611,10 +612,11 @@ class Client:
     def __init__(self, port: int) -> None:
         self.port = port
         self.env = clean_env() | {"TCP_NODELAY": "1"}
-        self.findscu = shutil.which("findscu")
-        self.echoscu = shutil.which("echoscu")
-        if not self.findscu or not self.echoscu:
+        findscu, echoscu = shutil.which("findscu"), shutil.which("echoscu")
+        if not findscu or not echoscu:
             raise BenchError("DCMTK findscu/echoscu not found on PATH (apt-get install dcmtk)")
+        self.findscu: str = findscu
+        self.echoscu: str = echoscu
 
     def find(self, question: Question) -> Answer:
         command = [self.findscu, "-S", "-v", "+sr", "-aet", OUR_AE, "-aec", GATEWAY_AE,
@@ -690,7 +692,8 @@ def explain(engine: Engine, log: StatementLog, question: Question) -> None:
     for statement, parameters in statements:
         print(f"\n-- {engine.dialect.name}, {question.kind} = {question.value}: gateway SQL")
         print(statement.strip())
-        print(f"-- parameters: {parameters}")
+        shown = repr(parameters)
+        print(f"-- parameters: {shown if len(shown) < 300 else shown[:300] + ' ...'}")
         with engine.connect() as c:
             plan = c.exec_driver_sql(prefix + statement, parameters).all()
         for row in plan:
@@ -709,6 +712,7 @@ def measure(prepared: Prepared, reps: int, date_days: int, workdir: Path,
         try:
             client = Client(server.port)
             outcomes = {k: Outcome(prepared.name, k, [], [], [], []) for k in KINDS}
+            before = cpu_jiffies()
             for rep in range(WARMUP + reps):
                 for kind in KINDS:
                     question = questions[kind][rep]
@@ -728,6 +732,9 @@ def measure(prepared: Prepared, reps: int, date_days: int, workdir: Path,
                         outcome.echo_s.append(echo_s)
                         outcome.results.append(answer.results)
             server.alive()
+            busy = busy_share(before, cpu_jiffies())
+            for outcome in outcomes.values():
+                outcome.busy = busy
         finally:
             server.stop()
         for kind in KINDS:
@@ -758,7 +765,7 @@ def p90(values: Sequence[float]) -> float:
         else values[0]
 
 
-def report(outcomes: Iterable[Outcome], date_days: int) -> None:
+def report(outcomes: Sequence[Outcome], date_days: int) -> None:
     header = (f"{'database':<11} {'query':<10} {'median ms':>9} {'p90 ms':>7} {'results':>7} "
               f"{'echoscu ms':>10} {'net ms':>7} {'run() ms':>8}  verdict (< {TARGET_MS:.0f} ms)")
     print()
@@ -773,10 +780,29 @@ def report(outcomes: Iterable[Outcome], date_days: int) -> None:
               f"{statistics.median(o.results):>7g} {echo:>10.1f} {median - echo:>7.1f} "
               f"{ms(statistics.median(o.run_s)):>8.1f}  {verdict}")
     print()
+    for database in dict.fromkeys(o.database for o in outcomes):
+        busy = next(o.busy for o in outcomes if o.database == database)
+        print(f"{database}: machine busy {busy:.0%} of {os.cpu_count()} CPUs while querying "
+              "(the gateway, findscu and the database count too: well above 50% means another "
+              "load ran)")
     print("median/p90: findscu wall time, process start to exit; results: studies answered "
           "(median);\nechoscu: association + C-ECHO + release, same loop; net = median - echoscu "
           "median;\nrun(): the gateway's parse + run() on the same values in this process (SQL "
           "only).")
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat; (0, 0) where there is none."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
 def load() -> str:

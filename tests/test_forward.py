@@ -66,7 +66,7 @@ def test_storescu_to_orthanc_every_instance_confirmed_with_equal_pixels(
 ) -> None:
     orthanc = orthanc_factory()
     app = make_gateway(db=db_url, forward={
-        **FAST, "destinations": [orthanc_destination(orthanc, tmp_path, concurrency=2)]})
+        **FAST, "destinations": [orthanc_destination(orthanc, tmp_path, concurrency=1)]})
     files = write_study(tmp_path / "study", 12) + write_study(tmp_path / "other", 5)
     send(app.config.dicom.port, files)
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from gateway.errors import GatewayError
 from gateway.forward.destinations.base import Destination
 from gateway.forward.outbox import Outbox
-from gateway.metrics import Metrics
+from gateway.forward.counters import ForwardCounters
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class Confirmer:
         destinations: list[Destination],
         outbox: Outbox,
         stable_after_s: float,
-        metrics: Metrics,
+        counters: ForwardCounters,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         unavailable: Callable[[str], bool] = lambda name: False,
     ) -> None:
@@ -34,7 +34,7 @@ class Confirmer:
         self._destinations = destinations
         self._outbox = outbox
         self._quiet = timedelta(seconds=stable_after_s)
-        self._metrics = metrics
+        self._counters = counters
         self._clock = clock
 
     def run_once(self) -> int:
@@ -60,13 +60,10 @@ class Confirmer:
         missing = [s for s in sent if s.sop_uid not in held]
         self._outbox.confirm(present, missing)
         now = self._clock()
-        for s in present:
-            self._metrics.forward_latency.labels(destination.name).observe(
-                (now - s.created_at).total_seconds()
-            )
-        self._metrics.confirmed.labels(destination.name).inc(len(present))
+        self._counters.confirmed(destination.name,
+                                 [(now - s.created_at).total_seconds() for s in present])
         if missing:
-            self._metrics.requeued_missing.labels(destination.name).inc(len(missing))
+            self._counters.requeued(destination.name, len(missing))
             log.warning("verify at %s: study %s lacks %d of %d forwarded instances; sending again",
                         destination.name, study, len(missing), len(sent))
         return len(present)

@@ -1,9 +1,11 @@
 """The durable outbox: forward jobs in the database, claimed, settled and confirmed here only.
 
 Invariants: a job is claimed by one sender at a time (an UPDATE guarded by ``state = 'queued'``,
-and ``FOR UPDATE SKIP LOCKED`` on PostgreSQL where several nodes share the queue); a study's jobs
-leave in the order they were received (a claim takes one study's oldest ready jobs, and no study is
-claimed twice for one destination at once); an instance is claimed only once its remap is settled
+and ``FOR UPDATE SKIP LOCKED`` on PostgreSQL where several nodes share the queue); jobs leave in the
+order they were received (a claim takes the oldest ready job's study and that study's oldest ready
+jobs; with ``concurrency`` > 1 the next sender takes the next batch, so batches of one study may
+be in flight together, and arrive in order only at concurrency 1); an instance is claimed only once
+its remap is settled
 (``remap_state`` none or done), so a held or not yet rewritten instance never leaves. Delivery is
 at least once: a claim interrupted by a crash is queued again at the next start (or when its lease
 ends), and destinations are idempotent for an instance they already hold.
@@ -135,8 +137,8 @@ class Outbox:
         self._node = node
         self._clock = clock
         self._skip_locked = engine.dialect.name == "postgresql"
-        # In this process, one claim at a time: two senders must not split one study between
-        # them (other nodes are kept out by SKIP LOCKED and the in-flight check).
+        # In this process, one claim at a time, so that batches are taken strictly in order
+        # (other nodes are kept apart by SKIP LOCKED).
         self._claiming = threading.Lock()
 
     # -- sending -----------------------------------------------------------------------------
@@ -153,14 +155,11 @@ class Outbox:
             ForwardJob.next_attempt_at <= now,
             Instance.remap_state.in_(SETTLED_REMAP),
         )
-        in_flight = select(ForwardJob.study_instance_uid).where(
-            ForwardJob.destination == destination, ForwardJob.state == "sending"
-        )
         with self._engine.begin() as c:
             study = c.scalar(
                 select(ForwardJob.study_instance_uid)
                 .join(Instance, Instance.id == ForwardJob.instance_id)
-                .where(ready, ForwardJob.study_instance_uid.not_in(in_flight))
+                .where(ready)
                 .order_by(ForwardJob.id)
                 .limit(1)
             )

@@ -23,7 +23,7 @@ from gateway.forward.destinations.orthanc import Orthanc
 from gateway.forward.outbox import Outbox
 from gateway.forward.retention import Retention
 from gateway.forward.worker import DestinationSenders
-from gateway.metrics import Metrics
+from gateway.forward.counters import ForwardCounters
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Forwarder:
         config: GatewayConfig,
         outbox: Outbox,
         retention: Retention,
-        metrics: Metrics,
+        counters: ForwardCounters,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         forward = config.forward
@@ -56,11 +56,12 @@ class Forwarder:
             build_destination(d, config.dicom.ae_title) for d in forward.destinations
         ]
         self.senders = [
-            DestinationSenders(dest, cfg.concurrency, cfg.batch_size, forward, outbox, metrics, clock)
+            DestinationSenders(dest, cfg.concurrency, cfg.batch_size, forward, outbox, counters,
+                               clock)
             for dest, cfg in zip(destinations, forward.destinations, strict=True)
         ]
         open_breakers = {s.destination.name: s.breaker for s in self.senders}
-        self.confirmer = Confirmer(destinations, outbox, forward.stable_after_s, metrics, clock,
+        self.confirmer = Confirmer(destinations, outbox, forward.stable_after_s, counters, clock,
                                    unavailable=lambda name: open_breakers[name].is_open)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._housekeeping, name="forward-check", daemon=True)

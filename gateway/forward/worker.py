@@ -18,7 +18,7 @@ from gateway.errors import GatewayError, RetriableError
 from gateway.forward.destinations.base import Destination
 from gateway.forward.outbox import Delivered, Failed, Outbox, Outgoing
 from gateway.forward.retry import Breaker, BreakerChange, next_attempt
-from gateway.metrics import Metrics
+from gateway.forward.counters import ForwardCounters
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 1.0
@@ -32,7 +32,7 @@ class DestinationSenders:
         batch_size: int,
         config: ForwardConfig,
         outbox: Outbox,
-        metrics: Metrics,
+        counters: ForwardCounters,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.destination = destination
@@ -41,14 +41,14 @@ class DestinationSenders:
         self._batch_size = batch_size
         self._config = config
         self._outbox = outbox
-        self._metrics = metrics
+        self._counters = counters
         self._clock = clock
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self._metrics.breaker_open.labels(self.destination.name).set(0)
+        self._counters.breaker(self.destination.name, False)
         for n in range(self._concurrency):
             thread = threading.Thread(
                 target=self._run, name=f"forward-{self.destination.name}-{n}", daemon=True
@@ -110,12 +110,11 @@ class DestinationSenders:
         delivered = sum(isinstance(r, Delivered) for r in results)
         retriable = [r for r in results if isinstance(r, Failed) and not r.permanent]
         if delivered:
-            self._metrics.forwarded.labels(name).inc(delivered)
-            self._metrics.forward_batch_seconds.labels(name).observe(elapsed_s)
+            self._counters.forwarded(name, delivered, elapsed_s)
         for failed in (r for r in results if isinstance(r, Failed)):
-            self._metrics.forward_failures.labels(name, "permanent" if failed.permanent else "retriable").inc()
+            self._counters.failed(name, "permanent" if failed.permanent else "retriable")
         for failed in dead:
-            self._metrics.dead_letters.labels(name).inc()
+            self._counters.dead(name)
             log.warning("forward to %s: instance %s dead-lettered: %s", name, failed.job.sop_uid,
                         failed.reason)
         if retriable:
@@ -138,7 +137,7 @@ class DestinationSenders:
         if change is None:
             return
         name = self.destination.name
-        self._metrics.breaker_open.labels(name).set(1 if change.state == "open" else 0)
+        self._counters.breaker(name, change.state == "open")
         if change.state == "open":
             log.warning("forward to %s: %d failures in a row, breaker open; probing every %g s",
                         name, change.failures, self._config.breaker.probe_interval_s)

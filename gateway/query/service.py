@@ -212,7 +212,7 @@ class _SubOperations:
         self.accepted = _accepted_for_sending(event.assoc)
 
     def on_response(self, event: evt.Event) -> None:
-        message = getattr(event, "message", None)
+        message: Any = getattr(event, "message", None)
         if type(message).__name__ != "C_STORE_RSP":
             return
         status = int(message.command_set.Status)
