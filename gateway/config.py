@@ -246,6 +246,9 @@ class ForwardConfig(_Model):
     default_destinations: tuple[str, ...] | None = None
     stable_after_s: float = Field(60.0, ge=0, description="a study is complete after this quiet")
     check_interval_s: float = Field(2.0, gt=0)
+    batch_wait_s: float = Field(
+        0.2, ge=0, description="after a partial batch, wait this long for more before claiming"
+    )
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerConfig = BreakerConfig()

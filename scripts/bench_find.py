@@ -501,6 +501,13 @@ class GatewayServer:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        try:
+            self._wait_until_listening()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_listening(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.process.poll() is not None:
@@ -509,7 +516,6 @@ class GatewayServer:
             with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port), 1):
                 return
             if time.monotonic() > deadline:
-                self.stop()
                 raise BenchError(f"gateway did not listen on {self.port} in {START_TIMEOUT_S} s")
             time.sleep(0.1)
 
@@ -783,8 +789,7 @@ def report(outcomes: Sequence[Outcome], date_days: int) -> None:
     for database in dict.fromkeys(o.database for o in outcomes):
         busy = next(o.busy for o in outcomes if o.database == database)
         print(f"{database}: machine busy {busy:.0%} of {os.cpu_count()} CPUs while querying "
-              "(the gateway, findscu and the database count too: well above 50% means another "
-              "load ran)")
+              "(this benchmark alone keeps about one CPU busy; more means another load ran)")
     print("median/p90: findscu wall time, process start to exit; results: studies answered "
           "(median);\nechoscu: association + C-ECHO + release, same loop; net = median - echoscu "
           "median;\nrun(): the gateway's parse + run() on the same values in this process (SQL "

@@ -13,7 +13,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, busy_timeout_s: float = 10.0) -> Engine:
+def make_engine(url: str, busy_timeout_s: float = 10.0, durable: bool = True) -> Engine:
+    """``durable=False`` (SQLite only) lets commits return before the disk has them: for state
+    that is safe to lose on power loss, such as a forward job's progress (it is sent again)."""
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -24,7 +26,7 @@ def make_engine(url: str, busy_timeout_s: float = 10.0) -> Engine:
             pool_size=20,
             max_overflow=40,
         )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas if durable else _sqlite_pragmas_normal)
         return engine
     connect_args = {"connect_timeout": max(1, int(busy_timeout_s))}
     return create_engine(
@@ -37,6 +39,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_pragmas_normal(dbapi_connection: Any, _record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection, _record)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: safe from crashes, not from power loss
     cursor.close()
 
 

@@ -112,9 +112,13 @@ def _child_main(config: GatewayConfig, spool: Spool, stop: Any, wake: Any, event
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     code = 0
     try:
-        engine = make_engine(config.database.url, config.database.busy_timeout_s)
+        # A job's progress lost to a power cut means a repeated send, which every destination
+        # takes idempotently; its creation was made durable with the instance, by the receiver.
+        engine = make_engine(config.database.url, config.database.busy_timeout_s, durable=False)
         outbox = Outbox(engine, spool.root, config.forward.node_name)
-        retention = Retention(engine, spool, config.retention)
+        # Removing files is not to be redone or undone by a power cut: durable commits there.
+        retention = Retention(make_engine(config.database.url, config.database.busy_timeout_s),
+                              spool, config.retention)
         forwarder = Forwarder(config, outbox, retention, QueuedCounters(events))
         forwarder.start()
         while not stop.is_set():

@@ -89,6 +89,10 @@ class DestinationSenders:
         batch = self._outbox.claim(self.destination.name, self._batch_size)
         if not batch:
             return False
+        if len(batch) < self._batch_size:
+            # Caught up with the receiver: let a batch gather before the next claim, so that a
+            # stream of images costs one claim and one settlement per batch, not per image.
+            self._stopping.wait(self._config.batch_wait_s)
         started = time.monotonic()
         try:
             results = self.destination.send(batch)
