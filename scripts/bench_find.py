@@ -530,7 +530,7 @@ class GatewayServer:
         try:
             self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            print("bench: gateway ignored SIGTERM; killing it", file=sys.stderr)
+            print("bench_find: gateway ignored SIGTERM; killing it", file=sys.stderr)
             self.process.kill()
             self.process.wait()
 
@@ -743,6 +743,11 @@ def measure(prepared: Prepared, reps: int, date_days: int, workdir: Path,
                 outcome.busy = busy
         finally:
             server.stop()
+        complaints = [line for line in tail(server.log, 10_000).splitlines()
+                      if "ERROR" in line or "Traceback" in line]
+        if complaints:
+            print(f"{prepared.name}: the gateway logged errors:\n" + "\n".join(complaints[:20]),
+                  file=sys.stderr)
         for kind in KINDS:
             for rep in range(WARMUP + reps):
                 seconds, rows = run_in_process(engine, questions[kind][rep])

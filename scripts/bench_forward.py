@@ -36,6 +36,7 @@ says), 1 on an error (a missing tool, a server that does not start, lost or dead
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import contextlib
 import json
@@ -138,7 +139,15 @@ class OrthancServer:
     def __init__(self, workdir: Path) -> None:
         if not ORTHANC_BIN.exists():
             raise BenchError(f"{ORTHANC_BIN} not found; apt-get install orthanc")
-        self.root = workdir / "orthanc"
+        # BENCH_ORTHANC_DIR: put Orthanc's storage elsewhere (e.g. /dev/shm), to see how much of
+        # the gateway's slowdown is the two servers sharing one disk (Orthanc's writes against
+        # the gateway's fsyncs), as they would not in a hospital.
+        elsewhere = os.environ.get("BENCH_ORTHANC_DIR")
+        base = workdir
+        if elsewhere:
+            base = Path(tempfile.mkdtemp(dir=elsewhere, prefix="bench-orthanc-"))
+            atexit.register(shutil.rmtree, base, ignore_errors=True)
+        self.root = base / "orthanc"
         self.root.mkdir()
         self.http_port = free_port()
         self.port = free_port()
