@@ -36,11 +36,12 @@ def study(folder: Path, count: int, series: int = 1, **overrides: Any) -> list[P
 
 
 @pytest.fixture
-def archive(make_gateway: Callable[..., Gateway], tmp_path: Path) -> Callable[..., Gateway]:
+def archive(make_gateway: Callable[..., Gateway], tmp_path: Path, sqlite_url: str) -> Callable[..., Gateway]:
     """A gateway holding three studies of two patients, and peers allowed what tests need."""
 
-    def start(peers: list[dict[str, Any]] | None = None, **sections: Any) -> Gateway:
-        app = make_gateway(security={"unknown_callers": ["echo", "store"], "peers": peers or [
+    def start(peers: list[dict[str, Any]] | None = None, db: str | None = None,
+              **sections: Any) -> Gateway:
+        app = make_gateway(db=db or sqlite_url, security={"unknown_callers": ["echo", "store"], "peers": peers or [
             {"ae_title": "VIEWER", "services": ALL}, {"ae_title": "MODALITY", "services": ["store"]}
         ]}, **sections)
         files = (
@@ -80,8 +81,8 @@ def dcmtk_path(tool: str) -> str:
     return require_tool(tool)
 
 
-def test_find_each_level_of_both_models_with_counts(archive: Any, tmp_path: Path) -> None:
-    app = archive()
+def test_find_each_level_of_both_models_with_counts(archive: Any, tmp_path: Path, db_url: str) -> None:
+    app = archive(db=db_url)
     _, studies = find(app, tmp_path, "QueryRetrieveLevel=STUDY", "PatientID=PAT-1",
                       "StudyInstanceUID", "AccessionNumber", "ModalitiesInStudy",
                       "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
@@ -126,8 +127,10 @@ def test_find_each_level_of_both_models_with_counts(archive: Any, tmp_path: Path
     ("ModalitiesInStudy=MR", {"ACC-B"}),
     ("PatientID=", {"ACC-A", "ACC-B", "ACC-C"}),           # universal
 ])
-def test_find_matching_types(archive: Any, tmp_path: Path, key: str, expected: set[str]) -> None:
-    app = archive()
+def test_find_matching_types(
+    archive: Any, tmp_path: Path, key: str, expected: set[str], db_url: str
+) -> None:
+    app = archive(db=db_url)  # wildcards are GLOB on SQLite and LIKE on PostgreSQL
     _, found = find(app, tmp_path, "QueryRetrieveLevel=STUDY", "AccessionNumber", key)
     assert {str(f.AccessionNumber) for f in found} == expected
 
