@@ -601,7 +601,10 @@ def expected_studies(engine: Engine, question: Question) -> int:
         return int(c.execute(statement).scalar_one())
 
 
-def timed(command: Sequence[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+def timed(
+    command: Sequence[str], env: dict[str, str]
+) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """Wall time of one tool run, process start to exit."""
     began = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True,
                           timeout=TOOL_TIMEOUT_S, check=False)

@@ -170,13 +170,21 @@ def test_find_cap_and_refusal_are_audited(archive: Any, tmp_path: Path) -> None:
 
 
 def test_find_cancel_stops_the_matches(archive: Any, tmp_path: Path) -> None:
-    app = archive()
-    study(tmp_path / "many", 300, PatientID="PAT-9")
-    assert dcmtk("storescu", "+sd", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
-                 str(app.config.dicom.port), str(tmp_path / "many")).returncode == 0
+    app = archive(query={"max_results": 20000})
+    # Many matches, so that the C-CANCEL arrives while answers are still going out: ledger rows
+    # (queries never read files), copied from a stored instance with new UIDs.
+    import sqlalchemy as sa
+
+    with app.engine.begin() as c:
+        (template,) = c.execute(sa.text("SELECT * FROM instances LIMIT 1")).mappings().all()
+        copies = [dict(template, id=None, sop_instance_uid=generate_uid(), patient_id="PAT-9")
+                  for _ in range(10000)]
+        c.execute(sa.text("INSERT INTO instances (" + ", ".join(k for k in template if k != "id")
+                          + ") VALUES (" + ", ".join(":" + k for k in template if k != "id") + ")"),
+                  copies)
     cancelled, found = find(app, tmp_path, "QueryRetrieveLevel=IMAGE", "PatientID=PAT-9",
                             "SOPInstanceUID", extra=("--cancel", "1"))
-    assert 1 <= len(found) < 300
+    assert 1 <= len(found) < 10000
     assert "Final Find Response (Cancel" in cancelled.stderr  # 0xFE00
 
 

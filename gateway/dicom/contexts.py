@@ -54,8 +54,22 @@ STORE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 
+class _SharedContext(PresentationContext):
+    """A presentation context that deep copies to itself.
+
+    pynetdicom deep-copies the listening AE's contexts for every association (pynetdicom 3.0,
+    ``RequestHandler._create_association``): 177 contexts with 2,700 transfer syntaxes cost about
+    10 ms per association, a C-ECHO's whole budget. Negotiation only reads them
+    (``presentation.negotiate_as_acceptor`` builds new result contexts), and these are never
+    changed after ``scp_contexts`` builds them, so sharing them is safe.
+    """
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _SharedContext:
+        return self
+
+
 def _context(abstract_syntax: str, syntaxes: tuple[UID, ...]) -> PresentationContext:
-    cx = PresentationContext()
+    cx = _SharedContext()
     cx.abstract_syntax = abstract_syntax
     cx.transfer_syntax = list(syntaxes)
     return cx

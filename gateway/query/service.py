@@ -37,6 +37,7 @@ from gateway.query.retrieve import Loader, Stored, lookup, unsendable
 log = logging.getLogger(__name__)
 Reply = tuple[int, Dataset | None]
 VERIFICATION = "1.2.840.10008.1.1"
+OUTGOING_BACKLOG = 4  # P-DATA primitives waiting to be sent
 
 
 class QueryService:
@@ -70,6 +71,7 @@ class QueryService:
             level = query.level
             rows = run(self._engine, query, self._config.max_results)
             for ds in answers(query, rows[: self._config.max_results], self._ae_title):
+                _let_the_network_catch_up(event.assoc)
                 if event.is_cancelled:
                     status = Status.CANCEL
                     yield int(Status.CANCEL), None
@@ -228,6 +230,15 @@ class _SubOperations:
         if offered and failed == offered:
             return Status.UNABLE_TO_PERFORM_SUBOPERATIONS
         return Status.SUBOPERATIONS_COMPLETE_WITH_FAILURES if failed else Status.SUCCESS
+
+
+def _let_the_network_catch_up(assoc: Any) -> None:
+    """Back-pressure: pynetdicom's network thread reads nothing while it has messages to send
+    (pynetdicom 3.0 ``DULServiceProvider.run_reactor``), so answers queued faster than the socket
+    takes them would hide a C-CANCEL until all were sent, and sit in memory meanwhile."""
+    dul = assoc.dul
+    while dul.to_provider_queue.qsize() > OUTGOING_BACKLOG and assoc.is_established:
+        time.sleep(0.0005)
 
 
 def _comment(text: str) -> Dataset:
