@@ -37,7 +37,7 @@ from gateway.query.retrieve import Loader, Stored, lookup, unsendable
 log = logging.getLogger(__name__)
 Reply = tuple[int, Dataset | None]
 VERIFICATION = "1.2.840.10008.1.1"
-OUTGOING_BACKLOG = 4  # P-DATA primitives waiting to be sent
+OUTGOING_BACKLOG = 32  # P-DATA primitives waiting to be sent
 
 
 class QueryService:
