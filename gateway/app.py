@@ -81,7 +81,7 @@ class Gateway:
             router = Router(config.forward)
             names = [d.name for d in destinations]
             self.metrics.watch_queue(lambda: queue_stats(self.engine, names))
-        query = QueryService(
+        self.query = query = QueryService(
             self.engine, config.query, config.dicom.ae_title, config.security.peers,
             Loader(self.spool.root, orthancs), self.metrics,
         )
@@ -130,6 +130,7 @@ class Gateway:
 
     def stop(self) -> None:
         self.receiver.stop(self.config.dicom.shutdown_grace_s)
+        self.query.close()
         if self.remap_worker is not None:
             self.remap_worker.stop()
         if self.forwarder is not None:

@@ -163,8 +163,9 @@ def test_find_cap_and_refusal_are_audited(archive: Any, tmp_path: Path) -> None:
     assert len(found) == 2 and "(Refused: OutOfResources)" in capped.stderr  # 0xA700
     refused, found = find(app, tmp_path, "QueryRetrieveLevel=STUDY", "PatientID", aet="MODALITY")
     assert found == [] and "Final Find Response (Unknown Status: 0x124)" in refused.stderr
-    audit = rows(app.config.database.url, "SELECT actor, action, detail FROM audit_events "
-                 "WHERE action = 'find' ORDER BY id")
+    audit = wait_for(lambda: len(found := rows(
+        app.config.database.url, "SELECT actor, action, detail FROM audit_events "
+        "WHERE action = 'find' ORDER BY id")) == 2 and found, 10, "two audit rows")
     assert [(a.actor, json.loads(a.detail)["results"], json.loads(a.detail)["status"])
             for a in audit] == [("VIEWER", 2, "0xA700"), ("MODALITY", 0, "0x0124")]
 
@@ -218,8 +219,10 @@ def test_move_to_storescp_unknown_destination_and_refusing_destination(
         refused = move("PICKY")
         assert "(Refused: OutOfResourcesSubOperations)" in refused.stderr  # 0xA702
         assert list((tmp_path / "picky").iterdir()) == []
-        audit = [json.loads(a.detail) for a in rows(
-            db, "SELECT detail FROM audit_events WHERE action = 'move' ORDER BY id")]
+        moves = wait_for(lambda: len(found := rows(
+            db, "SELECT detail FROM audit_events WHERE action = 'move' ORDER BY id")) == 3
+            and found, 10, "three audit rows")
+        audit = [json.loads(a.detail) for a in moves]
         assert [(a["destination"], a["status"]) for a in audit] == [
             ("PACS", "0x0000"), ("NOWHERE", "0xA801"), ("PICKY", "0xA702")]
         assert audit[0]["completed"] == 4 and audit[2]["completed"] == 0

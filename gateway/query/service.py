@@ -10,7 +10,9 @@ counts, never the query's values.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -32,6 +34,7 @@ from gateway.dicom.transcode import as_uncompressed
 from gateway.errors import PermanentError
 from gateway.metrics import Metrics
 from gateway.query.find import QueryRefused, answers, parse, run
+from gateway.query.pending import PendingSender
 from gateway.query.retrieve import Loader, Stored, lookup, unsendable
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,12 @@ class QueryService:
         self._loader = loader
         self._metrics = metrics
         self._clock = clock
+        self._audit: queue.SimpleQueue[tuple[str, str, datetime, dict[str, object]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._audit_thread = threading.Thread(target=self._write_audit, name="query-audit",
+                                              daemon=True)
+        self._audit_thread.start()
         self._dialect = engine.dialect.name
 
     # -- C-FIND --------------------------------------------------------------------------------
@@ -70,6 +79,7 @@ class QueryService:
             query = parse(event.identifier, model, self._dialect, self._config)
             level = query.level
             rows = run(self._engine, query, self._config.max_results)
+            pending = PendingSender(event)
             for ds in answers(query, rows[: self._config.max_results], self._ae_title):
                 _let_the_network_catch_up(event.assoc)
                 if event.is_cancelled:
@@ -77,7 +87,8 @@ class QueryService:
                     yield int(Status.CANCEL), None
                     return
                 matches += 1
-                yield int(Status.PENDING), ds
+                if not pending.send(ds):
+                    yield int(Status.PENDING), ds
             if len(rows) > self._config.max_results:
                 status = Status.OUT_OF_RESOURCES  # PS3.4 C.4.1.1.4: refused, out of resources
                 log.warning("C-FIND from %s stopped at query.max_results = %d", calling_ae,
@@ -191,13 +202,25 @@ class QueryService:
             self._metrics.suboperations.labels(kind).inc(count)
         log.info("C-%s from %s at %s level: %d %s, %s", kind.upper(), calling_ae, level, count,
                  "matches" if kind == "find" else "instances", Status(status).label)
-        try:
-            with Session(self._engine) as session, session.begin():
-                audit.record(session, calling_ae, kind, None, self._clock(), model=model,
-                             level=level, results=count, status=Status(status).label, **detail)
-        except SQLAlchemyError as exc:
-            log.error("audit row for C-%s from %s not written: %s", kind.upper(), calling_ae,
-                      type(exc).__name__)
+        self._audit.put((calling_ae, kind, self._clock(), dict(
+            model=model, level=level, results=count, status=Status(status).label, **detail)))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write the audit rows still queued."""
+        self._audit.put(None)
+        self._audit_thread.join(timeout_s)
+
+    def _write_audit(self) -> None:
+        """Audit rows are written here, after the final response has gone: a commit (an fsync
+        on SQLite) would otherwise hold every C-FIND's last answer."""
+        while (item := self._audit.get()) is not None:
+            calling_ae, kind, at, detail = item
+            try:
+                with Session(self._engine) as session, session.begin():
+                    audit.record(session, calling_ae, kind, None, at, **detail)
+            except SQLAlchemyError as exc:
+                log.error("audit row for C-%s from %s not written: %s", kind.upper(), calling_ae,
+                          type(exc).__name__)
 
 
 class _SubOperations:
