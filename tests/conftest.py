@@ -190,6 +190,28 @@ def served(tmp_path: Path, sqlite_url: str) -> Iterator[Callable[..., Served]]:
             server.process.wait()
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children, ...)."""
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        listed = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+        for child in map(int, listed.stdout.split()):
+            found.add(child)
+            frontier.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def rows(db: str, sql: str, **params: Any) -> list[Any]:
     engine = sa.create_engine(db)
     try:

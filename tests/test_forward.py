@@ -19,7 +19,16 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
 
 from gateway.app import Gateway
-from tests.conftest import GATEWAY_BIN, Served, free_port, port_open, rows, wait_for
+from tests.conftest import (
+    GATEWAY_BIN,
+    Served,
+    descendants,
+    free_port,
+    port_open,
+    rows,
+    running,
+    wait_for,
+)
 from tests.factory import make_dataset, write_file, write_study
 from tests.orthanc import Orthanc
 from tests.peers import dcmtk, require_tool
@@ -133,7 +142,11 @@ def test_gateway_killed_mid_forward_each_instance_arrives_exactly_once(
     orthanc.stop()  # the queue fills first, so that the kill lands in the middle of draining it
     forward = {**FAST, "destinations": [orthanc_destination(orthanc, tmp_path, concurrency=1,
                                                             batch_size=1)]}
-    gateway = served(forward=forward)
+    rules = tmp_path / "rules.toml"  # rewriting workers too, to see that none outlives the kill
+    rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = '
+                     '"InstitutionName", value = "General Hospital" }]\n', encoding="utf-8")
+    remap = {"rules_file": str(rules)}
+    gateway = served(forward=forward, remap=remap)
     files = write_study(tmp_path / "study", 150)
     send(gateway.port, files)
     orthanc.start()
@@ -143,10 +156,13 @@ def test_gateway_killed_mid_forward_each_instance_arrives_exactly_once(
                         "('forwarded', 'confirmed')"))
 
     wait_for(lambda: done() >= 10, 60, "forwarding under way")
+    workers = descendants(gateway.process.pid)
+    assert len(workers) >= 2  # the forward process and the rewriting pool
     gateway.stop(signal.SIGKILL)
     assert done() < 150, "the kill came too late to test anything"
+    wait_for(lambda: not any(running(p) for p in workers), 10, "no worker outlives the gateway")
 
-    again = served(forward=forward)
+    again = served(forward=forward, remap=remap)
     wait_for(lambda: len(jobs(again.db_url, "confirmed")) == 150, 120, "all confirmed after restart")
     sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
     assert orthanc.sop_instance_uids() == sent

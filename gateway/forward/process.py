@@ -13,7 +13,6 @@ the parent starts another, and the outbox's leases make whatever it held sendabl
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -28,11 +27,11 @@ from gateway.forward.counters import ForwardCounters, QueuedCounters, apply
 from gateway.forward.outbox import Outbox
 from gateway.forward.retention import Retention
 from gateway.forward.service import Forwarder
+from gateway.lifetime import die_with_parent
 from gateway.receive.spool import Spool
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
-_PR_SET_PDEATHSIG = 1
 
 
 class ForwardProcess:
@@ -107,7 +106,7 @@ class ForwardProcess:
 
 def _child_main(config: GatewayConfig, spool: Spool, stop: Any, wake: Any, events: Any) -> None:
     """Runs in the child: build the forward stage on its own database engine, run until told."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the parent to handle
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     code = 0
@@ -136,18 +135,3 @@ def _child_main(config: GatewayConfig, spool: Spool, stop: Any, wake: Any, event
         # Not a normal exit: the parent's objects copied by fork (its database connections
         # among them) must not be finalised here, or they would close the parent's sockets.
         os._exit(code)
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        parent = os.getppid()
-
-        def orphaned() -> None:
-            while os.getppid() == parent:
-                threading.Event().wait(WATCH_S)
-            os._exit(1)
-
-        threading.Thread(target=orphaned, daemon=True).start()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydicom import config as pydicom_config
 
+from gateway.lifetime import exit_when_gone
 from gateway.remap.apply import rewrite_file
 from gateway.remap.stage import Remapper, Rewritten
 
@@ -30,7 +31,8 @@ IDLE_WAIT_S = 0.5
 NICENESS = 10
 
 
-def _init_process() -> None:
+def _init_process(gateway_pid: int) -> None:
+    exit_when_gone(gateway_pid)  # the fork server is our parent; the gateway is who matters
     # Rewriting is background work: the receiver (and the modality waiting on it) comes first.
     # SCHED_IDLE runs it only on CPU time nobody else wants; where that is unavailable, nice.
     try:
@@ -66,6 +68,7 @@ class RemapWorker:
             self._processes,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_init_process,
+            initargs=(os.getpid(),),
         )
 
     def stop(self, timeout_s: float = 30.0) -> None:
