@@ -57,6 +57,11 @@ class Gateway:
         self.engine = make_engine(config.database.url, config.database.busy_timeout_s)
         upgrade(self.engine)
         self.sessions = make_sessions(self.engine)
+        # The association ledger is written while the peer waits for A-ASSOCIATE-AC; its rows
+        # need not be on disk before the answer (SQLite: no fsync; the next instance's durable
+        # commit makes them durable too, as WAL commits are ordered).
+        self.ledger_engine = make_engine(config.database.url, config.database.busy_timeout_s,
+                                         durable=False)
         self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * MIB, free_bytes)
         removed = self.spool.recover()
         if removed:
@@ -97,7 +102,7 @@ class Gateway:
                 router=router,
                 on_queued=self.forwarder.notify if self.forwarder else lambda: None,
             ),
-            AssociationLedger(self.sessions),
+            AssociationLedger(make_sessions(self.ledger_engine)),
             self.metrics,
             query,
         )
@@ -138,3 +143,4 @@ class Gateway:
         if self.http is not None:
             self.http.stop()
         self.engine.dispose()
+        self.ledger_engine.dispose()

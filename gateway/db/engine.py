@@ -17,8 +17,9 @@ MMAP_BYTES = 1 << 30
 
 
 def make_engine(url: str, busy_timeout_s: float = 10.0, durable: bool = True) -> Engine:
-    """``durable=False`` (SQLite only) lets commits return before the disk has them: for state
-    that is safe to lose on power loss, such as a forward job's progress (it is sent again)."""
+    """``durable=False`` lets commits return before the disk has them (SQLite synchronous=NORMAL,
+    PostgreSQL synchronous_commit=off): for state that is safe to lose in a crash, such as a
+    forward job's progress (it is sent again) or the association ledger."""
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -31,7 +32,10 @@ def make_engine(url: str, busy_timeout_s: float = 10.0, durable: bool = True) ->
         )
         event.listen(engine, "connect", _sqlite_pragmas if durable else _sqlite_pragmas_normal)
         return engine
-    connect_args = {"connect_timeout": max(1, int(busy_timeout_s))}
+    connect_args: dict[str, Any] = {"connect_timeout": max(1, int(busy_timeout_s))}
+    if not durable:
+        # PostgreSQL's asynchronous commit: never corrupts, may lose the last commits on a crash
+        connect_args["options"] = "-c synchronous_commit=off"
     return create_engine(
         url, pool_pre_ping=True, pool_size=20, max_overflow=40, connect_args=connect_args
     )
