@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-
 MMAP_BYTES = 1 << 30
 
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from gateway.errors import GatewayError
+from gateway.forward.counters import ForwardCounters
 from gateway.forward.destinations.base import Destination
 from gateway.forward.outbox import Outbox
-from gateway.forward.counters import ForwardCounters
 
 log = logging.getLogger(__name__)
 

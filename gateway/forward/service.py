@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import DicomwebDestination, DimseDestination, GatewayConfig, OrthancDestination
 from gateway.forward.confirm import Confirmer
+from gateway.forward.counters import ForwardCounters
 from gateway.forward.destinations.base import Destination
 from gateway.forward.destinations.dicomweb import Dicomweb
 from gateway.forward.destinations.dimse import Dimse
@@ -23,7 +24,6 @@ from gateway.forward.destinations.orthanc import Orthanc
 from gateway.forward.outbox import Outbox
 from gateway.forward.retention import Retention
 from gateway.forward.worker import DestinationSenders
-from gateway.forward.counters import ForwardCounters
 
 log = logging.getLogger(__name__)
 

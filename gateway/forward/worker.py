@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 
 from gateway.config import ForwardConfig
 from gateway.errors import GatewayError, RetriableError
+from gateway.forward.counters import ForwardCounters
 from gateway.forward.destinations.base import Destination
 from gateway.forward.outbox import Delivered, Failed, Outbox, Outgoing
 from gateway.forward.retry import Breaker, BreakerChange, next_attempt
-from gateway.forward.counters import ForwardCounters
 
 log = logging.getLogger(__name__)
 IDLE_WAIT_S = 1.0
