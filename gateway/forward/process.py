@@ -32,6 +32,9 @@ from gateway.receive.spool import Spool
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
+# Below the receiver: when both cores are busy, the modality waiting on a C-STORE comes first;
+# the outbox absorbs what the senders fall behind.
+FORWARD_NICENESS = 5
 
 
 class ForwardProcess:
@@ -107,6 +110,7 @@ class ForwardProcess:
 def _child_main(config: GatewayConfig, spool: Spool, stop: Any, wake: Any, events: Any) -> None:
     """Runs in the child: build the forward stage on its own database engine, run until told."""
     die_with_parent()
+    os.nice(FORWARD_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the parent to handle
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     code = 0
