@@ -259,16 +259,6 @@ class Outbox:
                 .values(next_attempt_at=now)
             )
 
-    def has_ready(self, destination: str) -> bool:
-        now = self._clock()
-        with self._engine.connect() as c:
-            return c.scalar(
-                select(ForwardJob.id)
-                .where(ForwardJob.destination == destination, ForwardJob.state == "queued",
-                       ForwardJob.next_attempt_at <= now)
-                .limit(1)
-            ) is not None
-
     # -- proof of delivery -------------------------------------------------------------------
 
     def stable_studies(self, destination: str, quiet: timedelta, limit: int = 50) -> list[str]:
