@@ -43,3 +43,35 @@ def test_breaker_opens_after_failures_in_a_row_and_probes_once_per_interval() ->
     assert breaker.probe_due() and not breaker.probe_due()  # one prober per interval
     closed = breaker.succeeded()
     assert closed is not None and closed.state == "closed" and not breaker.is_open
+
+
+def test_stow_answers_are_read_per_instance() -> None:
+    """PS3.18 10.5.3: stored instances are in Referenced SOP Sequence, refused ones in Failed SOP
+    Sequence with a reason; 0xA7xx (out of resources) may pass later, other reasons will not."""
+    from pathlib import Path
+
+    from gateway.forward.destinations.dicomweb import _per_instance
+    from gateway.forward.outbox import Delivered, Failed, Outgoing
+
+    def job(uid: str) -> Outgoing:
+        return Outgoing(1, 1, Path("x.dcm"), "1.2", "1.2.840.10008.1.2.1", "1.3", "1.4", uid, 0, T0)
+
+    def item(uid: str, reason: int | None = None) -> dict[str, object]:
+        found: dict[str, object] = {"00081155": {"vr": "UI", "Value": [uid]}}
+        if reason is not None:
+            found["00081197"] = {"vr": "US", "Value": [reason]}
+        return found
+
+    answer = {"00081199": {"vr": "SQ", "Value": [item("1.1")]},
+              "00081198": {"vr": "SQ", "Value": [item("1.2", 0xA700), item("1.3", 0x0110)]}}
+    results = _per_instance([job("1.1"), job("1.2"), job("1.3"), job("1.4")], answer,
+                            unnamed_permanent=False)
+    assert isinstance(results[0], Delivered)
+    assert [(r.permanent, r.reason) for r in results[1:] if isinstance(r, Failed)] == [
+        (False, "STOW-RS failure reason 0xA700"),
+        (True, "STOW-RS failure reason 0x0110"),
+        (False, "STOW-RS answer did not name this instance"),
+    ]
+    refused = _per_instance([job("1.1"), job("1.9")], answer, unnamed_permanent=True)
+    assert isinstance(refused[0], Delivered) and isinstance(refused[1], Failed)
+    assert refused[1].permanent  # a 400 that stored some parts: the rest were refused
