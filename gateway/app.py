@@ -18,15 +18,15 @@ from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine, make_sessions
 from gateway.remap.rules import load_rules
 from gateway.remap.stage import Remapper
-from gateway.remap.worker import RemapWorker
+from gateway.remap.worker import remap_stage
+from gateway.stage_process import StageProcess
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
 from gateway.forward.destinations.orthanc import Orthanc
-from gateway.forward.counters import PrometheusCounters
+from gateway.forward.counters import PrometheusCounters, apply
 from gateway.forward.outbox import queue_stats
-from gateway.forward.process import ForwardProcess
 from gateway.forward.routes import Router
-from gateway.forward.service import build_destination
+from gateway.forward.service import build_destination, forward_stage
 from gateway.http import HttpEndpoint
 from gateway.logs import quiet_pynetdicom
 from gateway.metrics import Metrics
@@ -40,6 +40,10 @@ from gateway.receive.spool import Spool
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+# Background stages run below the receiver: when both cores are busy, the modality waiting on a
+# C-STORE comes first; their queues (in the database) absorb what they fall behind.
+FORWARD_NICENESS = 5
+REMAP_NICENESS = 5
 
 
 class Gateway:
@@ -70,11 +74,14 @@ class Gateway:
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.watch_spool(self.spool.free_bytes)
         self.remapper: Remapper | None = None
-        self.remap_worker: RemapWorker | None = None
+        self.remap_worker: StageProcess | None = None
         if config.remap.rules_file is not None:
             self.remapper = Remapper(load_rules(config.remap.rules_file), config.remap, self.engine)
-            self.remap_worker = RemapWorker(self.remapper, self.spool.root, config.remap.workers)
-        self.forwarder: ForwardProcess | None = None
+            self.remap_worker = StageProcess(
+                "remap", remap_stage(config, self.spool.root), REMAP_NICENESS,
+                config.dicom.shutdown_grace_s,
+            )
+        self.forwarder: StageProcess | None = None
         router: Router | None = None
         # Built here too, so a missing password stops `serve` before it listens; the Orthanc
         # ones fetch back, for C-MOVE and C-GET, what retention removed from the spool.
@@ -82,7 +89,11 @@ class Gateway:
                         for d in config.forward.destinations]
         orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
         if destinations:
-            self.forwarder = ForwardProcess(config, self.spool, PrometheusCounters(self.metrics))
+            counters = PrometheusCounters(self.metrics)
+            self.forwarder = StageProcess(
+                "forward", forward_stage(config, self.spool), FORWARD_NICENESS,
+                config.dicom.shutdown_grace_s, lambda message: apply(counters, message),
+            )
             router = Router(config.forward)
             names = [d.name for d in destinations]
             self.metrics.watch_queue(lambda: queue_stats(self.engine, names))
@@ -122,11 +133,14 @@ class Gateway:
         checks = {"database": database, "spool_free": self.spool.has_room_for(0)}
         if self.forwarder is not None:
             checks["forwarding"] = self.forwarder.alive()
+        if self.remap_worker is not None:
+            checks["rewriting"] = self.remap_worker.alive()
         return checks
 
     def start(self) -> None:
+        # First: these fork, and no other thread of this process should exist yet.
         if self.forwarder is not None:
-            self.forwarder.start()  # first: it forks, and no other thread should exist yet
+            self.forwarder.start()
         if self.remap_worker is not None:
             self.remap_worker.start()
         if self.http is not None:
@@ -139,7 +153,7 @@ class Gateway:
         if self.remap_worker is not None:
             self.remap_worker.stop()
         if self.forwarder is not None:
-            self.forwarder.stop(self.config.dicom.shutdown_grace_s)
+            self.forwarder.stop()
         if self.http is not None:
             self.http.stop()
         self.engine.dispose()

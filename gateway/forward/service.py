@@ -10,13 +10,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from datetime import UTC, datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import DicomwebDestination, DimseDestination, GatewayConfig, OrthancDestination
 from gateway.forward.confirm import Confirmer
-from gateway.forward.counters import ForwardCounters
+from gateway.db.engine import make_engine
+from gateway.forward.counters import ForwardCounters, QueuedCounters
 from gateway.forward.destinations.base import Destination
 from gateway.forward.destinations.dicomweb import Dicomweb
 from gateway.forward.destinations.dimse import Dimse
@@ -24,6 +26,7 @@ from gateway.forward.destinations.orthanc import Orthanc
 from gateway.forward.outbox import Outbox
 from gateway.forward.retention import Retention
 from gateway.forward.worker import DestinationSenders
+from gateway.receive.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class Forwarder:
             senders.start()
         self._thread.start()
 
-    def notify(self) -> None:
+    def wake(self) -> None:
         for senders in self.senders:
             senders.notify()
 
@@ -97,3 +100,19 @@ class Forwarder:
                 log.warning("forward checks skipped, database unavailable: %s", type(exc).__name__)
             except Exception:
                 log.exception("forward checks failed")
+
+
+def forward_stage(config: GatewayConfig, spool: Spool) -> Callable[[Any], Forwarder]:
+    """What the forward process builds, in the child: its own engines, metrics over the queue.
+
+    Job progress commits without fsync there (a lost update means an idempotent resend; the job
+    itself was made durable with the instance, by the receiver); retention's commits stay durable.
+    """
+
+    def build(messages: Any) -> Forwarder:
+        url, busy = config.database.url, config.database.busy_timeout_s
+        outbox = Outbox(make_engine(url, busy, durable=False), spool.root, config.forward.node_name)
+        retention = Retention(make_engine(url, busy), spool, config.retention)
+        return Forwarder(config, outbox, retention, QueuedCounters(messages))
+
+    return build

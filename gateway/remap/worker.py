@@ -17,16 +17,22 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydicom import config as pydicom_config
 
+from gateway.config import GatewayConfig
+from gateway.db.engine import make_engine
 from gateway.lifetime import exit_when_gone
 from gateway.remap.apply import rewrite_file
+from gateway.remap.rules import load_rules
 from gateway.remap.stage import Remapper, Rewritten
 
 log = logging.getLogger(__name__)
 SWEEP_S = 2.0
+SWEEP_NOW = -1  # on the queue: look in the database for pending instances now
 IDLE_WAIT_S = 0.5
 NICENESS = 10
 
@@ -55,6 +61,10 @@ class RemapWorker:
 
     def notify(self, instance_id: int) -> None:
         self._queue.put(instance_id)
+
+    def wake(self) -> None:
+        """Look for pending instances now (from another process, ids do not travel)."""
+        self._queue.put(SWEEP_NOW)
 
     def start(self) -> None:
         self._remapper.requeue_interrupted()
@@ -97,6 +107,12 @@ class RemapWorker:
                     wanted.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
+            if SWEEP_NOW in wanted:
+                wanted = [i for i in wanted if i != SWEEP_NOW]
+                try:
+                    wanted.extend(self._remapper.pending_ids())
+                except Exception:
+                    log.exception("remap: looking for pending instances failed")
             busy = set(in_flight.values())
             self._submit([i for i in dict.fromkeys(wanted) if i not in busy], in_flight)
             if in_flight:
@@ -144,3 +160,18 @@ class RemapWorker:
         except Exception:
             log.exception("could not record %d rewrite(s); they are done again after a restart",
                           len(results))
+
+
+def remap_stage(config: GatewayConfig, spool_root: Path) -> Callable[[Any], RemapWorker]:
+    """What the remap process builds, in the child: the rules, its own engine, the worker.
+
+    Rewrite states commit without fsync there: one lost to a power cut is done again, and a
+    rewrite is idempotent."""
+
+    def build(messages: Any) -> RemapWorker:
+        assert config.remap.rules_file is not None
+        engine = make_engine(config.database.url, config.database.busy_timeout_s, durable=False)
+        remapper = Remapper(load_rules(config.remap.rules_file), config.remap, engine)
+        return RemapWorker(remapper, spool_root, config.remap.workers)
+
+    return build
