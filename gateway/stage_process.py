@@ -27,6 +27,7 @@ from gateway.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
+GATHER_S = 0.1
 
 
 class Stage(Protocol):
@@ -132,6 +133,9 @@ def _child_main(build: StageFactory, niceness: int, stop_timeout_s: float, stop:
         stage.start()
         while not stop.is_set():
             if wake.wait(WATCH_S):
+                # Let a few instances gather: one claim for several, not one per instance, and
+                # fewer write transactions competing with the receiver's commits.
+                stop.wait(GATHER_S)
                 wake.clear()
                 stage.wake()
         stage.stop(stop_timeout_s)
