@@ -270,7 +270,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"{count} dead job(s) purged (their files stay in the spool)")
             return 0
         names = [d.name for d in config.forward.destinations]
-        print(operator.queue_table(queue_stats(db.engine, names)))
+        print(operator.queue_table(queue_stats(db.engine, names, count_confirmed=True)))
         return 0
     finally:
         db.close()
