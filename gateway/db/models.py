@@ -52,6 +52,8 @@ class Instance(Base):
     """The current version of each SOP instance held in the spool."""
 
     __tablename__ = "instances"
+    # Retention walks the instances still in the spool, oldest first, however many were removed.
+    __table_args__ = (Index("ix_instances_in_spool", "spool_removed_at", "received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
