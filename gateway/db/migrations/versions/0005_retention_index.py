@@ -7,7 +7,6 @@ Create Date: 2026-11-23 16:46:04.645659
 
 from __future__ import annotations
 
-import sqlalchemy as sa
 from alembic import op
 
 
