@@ -74,24 +74,36 @@ def columns_at(level: Level) -> dict[str, InstrumentedAttribute[Any]]:
     return found
 
 
-# Filled at ingest from the header; PatientID, PatientName, AccessionNumber, the UIDs, the SOP
-# class, Modality and StudyDate have columns of their own, written by ingest already.
-_INGEST_OWN = {"PatientID", "PatientName", "AccessionNumber", "StudyInstanceUID",
-               "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "StudyDate"}
-LEDGER_EXTRA: dict[str, InstrumentedAttribute[Any]] = {
-    k: c for level in LEVELS for k, c in _BY_LEVEL[level].items() if k not in _INGEST_OWN
+# The query columns ingest fills from the header, and a remap may change: every key but the UIDs
+# and the SOP class (a regenerated UID is the remap plan's business; the ledger keeps the received
+# ones, which name the spool files).
+_NOT_REMAPPED = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"}
+LEDGER_CARRIED: dict[str, InstrumentedAttribute[Any]] = {
+    k: c for level in LEVELS for k, c in _BY_LEVEL[level].items() if k not in _NOT_REMAPPED
 }
 
 
 def ledger_values(ds: Dataset, changes: Mapping[str, Any]) -> dict[str, str | None]:
-    """Column values for the extra query keys: the remap's new value where it sets one, else the
-    received one; cut to the column's length (vendors overrun VR limits; storage must not fail)."""
-    values: dict[str, str | None] = {}
-    for keyword, column in LEDGER_EXTRA.items():
-        raw = changes[keyword] if keyword in changes else ds.get(keyword)
-        if isinstance(raw, list):
-            raw = raw[0] if raw else None
-        text = None if raw is None or raw == "" else str(raw)
-        length = getattr(column.type, "length", None)
-        values[column.key] = text[:length] if text is not None and length else text
-    return values
+    """Column values for the carried keys: the remap's new value where it sets one, else the
+    received one."""
+    return {
+        column.key: _cell(column, changes[keyword] if keyword in changes else ds.get(keyword))
+        for keyword, column in LEDGER_CARRIED.items()
+    }
+
+
+def changed_values(changes: Mapping[str, Any]) -> dict[str, str | None]:
+    """Only the columns a remap plan changes: for instances planned after they were recorded."""
+    return {
+        column.key: _cell(column, changes[keyword])
+        for keyword, column in LEDGER_CARRIED.items() if keyword in changes
+    }
+
+
+def _cell(column: InstrumentedAttribute[Any], raw: Any) -> str | None:
+    """Text cut to the column's length: vendors overrun VR limits, and storage must not fail."""
+    if isinstance(raw, list):
+        raw = raw[0] if raw else None
+    text = None if raw is None or raw == "" else str(raw)
+    length = getattr(column.type, "length", None)
+    return text[:length] if text is not None and length else text

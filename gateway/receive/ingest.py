@@ -315,27 +315,17 @@ class Ingest:
         """The patient columns hold the values the object carries once remapped; the received
         ones are kept beside them."""
         changes = decided.plan.changes if decided.state == "pending" else {}
-
-        def current(keyword: str, received: str | None) -> str | None:
-            value = changes.get(keyword, received)
-            return str(value[0]) if isinstance(value, list) else value
-
         return dict(
             sop_instance_uid=str(header.sop_instance_uid),
             sop_class_uid=str(header.sop_class_uid),
             study_instance_uid=str(header.study_instance_uid),
             series_instance_uid=str(header.series_instance_uid),
-            patient_id=current("PatientID", header.patient_id),
-            patient_name=current("PatientName", header.patient_name),
-            accession_number=current("AccessionNumber", header.accession_number),
             original_patient_id=header.patient_id,
             original_patient_name=header.patient_name,
             original_accession_number=header.accession_number,
             **ledger_values(header.dataset, changes),
             remap_state=decided.state,
             remap_plan=plan_json(decided.plan) if decided.state == "pending" else None,
-            modality=header.modality,
-            study_date=header.study_date,
             calling_ae=request.calling_ae,
             peer_address=request.peer_address,
             transfer_syntax_uid=request.transfer_syntax,

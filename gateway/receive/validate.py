@@ -45,7 +45,8 @@ class Refused(PermanentError):
 
 @dataclass(frozen=True)
 class Header:
-    """What the ledger records about an instance; patient values stay out of logs."""
+    """The validated UIDs, the received patient values (the ledger keeps them beside the
+    remapped ones) and the decoded dataset; patient values stay out of logs."""
 
     sop_class_uid: UID
     sop_instance_uid: UID
@@ -54,8 +55,6 @@ class Header:
     patient_id: str | None
     patient_name: str | None
     accession_number: str | None
-    modality: str | None
-    study_date: str | None
     dataset: Dataset  # decoded, without pixel data: what remap rules match and plan on
 
 
@@ -189,7 +188,5 @@ def read_header(fp: BinaryIO, affected_sop_class: str, affected_sop_instance: st
         patient_id=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"),
         accession_number=_text(ds, "AccessionNumber"),
-        modality=_text(ds, "Modality"),
-        study_date=_text(ds, "StudyDate"),
         dataset=ds,
     )

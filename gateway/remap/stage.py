@@ -34,7 +34,7 @@ from gateway import audit
 from gateway.config import RemapConfig
 from gateway.db.engine import make_sessions
 from gateway.db.models import AssociationRecord, Instance, StudyDecision
-from gateway.query.attributes import LEDGER_EXTRA, ledger_values
+from gateway.query.attributes import changed_values
 from gateway.remap.apply import Modification, rewrite_file
 from gateway.remap.lookup import DbResolver, StoredResolver, dump
 from gateway.remap.plan import (
@@ -313,16 +313,9 @@ def _text(value: Value) -> str | None:
 
 
 def _current_values(instance: Instance, changes: dict[str, Value]) -> None:
-    """The ledger's patient columns show the values the object will carry."""
-    if "PatientID" in changes:
-        instance.patient_id = _text(changes["PatientID"])
-    if "PatientName" in changes:
-        instance.patient_name = _text(changes["PatientName"])
-    if "AccessionNumber" in changes:
-        instance.accession_number = _text(changes["AccessionNumber"])
-    for keyword, column in LEDGER_EXTRA.items():
-        if keyword in changes:
-            setattr(instance, column.key, ledger_values(Dataset(), {keyword: changes[keyword]})[column.key])
+    """The ledger's columns show the values the object will carry."""
+    for column, value in changed_values(changes).items():
+        setattr(instance, column, value)
 
 
 def _called_ae(session: Session, instance: Instance) -> str:
