@@ -151,19 +151,23 @@ class FastSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly ``nr_bytes`` (fewer only if the peer closed), as pynetdicom's ``recv``."""
+        buffer = bytearray(nr_bytes)
+        received = self.recv_into_exactly(memoryview(buffer))
+        return buffer if received == nr_bytes else buffer[:received]
+
+    def recv_into_exactly(self, view: memoryview) -> int:
+        """Fill ``view`` from the socket; the count is short only if the peer closed."""
         sock = self.socket
         assert sock is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        wanted = len(view)
         received = 0
-        while received < nr_bytes:
+        while received < wanted:
             self._rearm_quickack()
-            count = sock.recv_into(view[received:], nr_bytes - received)
+            count = sock.recv_into(view[received:], wanted - received)
             if count == 0:
-                del view
-                return buffer[:received]
+                break
             received += count
-        return buffer
+        return received
 
 
 class FastAssociation(Association):
@@ -237,7 +241,7 @@ class FastAssociation(Association):
                 return
 
 
-def _file_meta(
+def file_meta(
     sop_class_uid: UID, sop_instance_uid: UID, transfer_syntax: UID, **_: object
 ) -> FileMetaDataset:
     """pynetdicom's ``create_file_meta`` plus the sender: called in the DUL thread of the
@@ -263,4 +267,4 @@ def receive_datasets_into(folder: Path) -> None:
     dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
         tempfile.NamedTemporaryFile, dir=folder
     )
-    dimse_messages.create_file_meta = _file_meta
+    dimse_messages.create_file_meta = file_meta

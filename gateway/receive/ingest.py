@@ -59,6 +59,20 @@ class StoreRequest:
 
 
 @dataclass(frozen=True)
+class _Prepared:
+    """What ingest worked out while the received file was being synced."""
+
+    request: StoreRequest
+    decided: Decided
+    routed: tuple[str, ...]
+    values: dict[str, object]  # the row, without the kept file's columns
+
+    def row(self, stored: SpooledFile, spool_path: str) -> dict[str, object]:
+        return self.values | dict(size_bytes=stored.size_bytes, sha256=stored.sha256,
+                                  spool_path=spool_path)
+
+
+@dataclass(frozen=True)
 class StoreOutcome:
     status: Status
     kept_bytes: int = 0
@@ -91,19 +105,24 @@ class Ingest:
         # not both find "no row" and publish over each other's file.
         self._locks = [threading.Lock() for _ in range(64)]
 
+    @property
+    def incoming(self) -> Path:
+        return self._spool.incoming
+
     def store(self, request: StoreRequest) -> StoreOutcome:
         try:
             if not self._spool.has_room_for(request.incoming.stat().st_size):
                 return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool below minimum free")
             with open(request.incoming, "rb") as fp:
                 offset = dataset_offset(fp)
-                # Hash and fsync in a worker while this thread decodes the header: both release
-                # the GIL, and the fsync was the largest single wait of the handler.
+                # Hash and fsync in workers while this thread decodes the header and works out
+                # the row: both release the GIL, and the fsync is the handler's longest wait.
                 sealing = self._spool.seal_in_background(request.incoming, offset)
                 try:
                     header = read_header(
                         fp, request.affected_sop_class, request.affected_sop_instance
                     )
+                    prepared = self._prepare(request, header)
                 finally:
                     sealed = sealing.result()
         except Refused as refused:
@@ -111,21 +130,31 @@ class Ingest:
         except OSError as exc:
             log.error("spool write failed for %s: %s", request.affected_sop_instance, exc.strerror)
             return StoreOutcome(Status.OUT_OF_RESOURCES, reason="spool write failed")
+        except SQLAlchemyError as exc:
+            return self._database_unavailable(exc)
         try:
-            decided = self._decide(request, header)
-            routed = self._route(request, header)
             with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
-                outcome, pending_id = self._record(request, header, sealed, decided, routed)
+                outcome, pending_id = self._record(header, sealed, prepared)
             if pending_id is not None:
                 self._on_pending(pending_id)
-            if routed and outcome.duplicate in (None, "replaced"):
+            if prepared.routed and outcome.duplicate in (None, "replaced"):
                 self._on_queued()
             return outcome
         except SQLAlchemyError as exc:
             # IntegrityError included: only another process can race us on one UID (the lock
             # covers this one), and the sender's retry will then find the stored copy.
-            log.error("database unavailable, answering 0xA700: %s", type(exc).__name__)
-            return StoreOutcome(Status.OUT_OF_RESOURCES, reason="database unavailable")
+            return self._database_unavailable(exc)
+
+    @staticmethod
+    def _database_unavailable(exc: SQLAlchemyError) -> StoreOutcome:
+        log.error("database unavailable, answering 0xA700: %s", type(exc).__name__)
+        return StoreOutcome(Status.OUT_OF_RESOURCES, reason="database unavailable")
+
+    def _prepare(self, request: StoreRequest, header: Header) -> _Prepared:
+        """Everything the row needs but the kept file: rules, routes and column values."""
+        decided = self._decide(request, header)
+        return _Prepared(request, decided, self._route(request, header),
+                         self._instance_values(request, header, decided))
 
     def _decide(self, request: StoreRequest, header: Header) -> Decided:
         """Which rules apply and whether the study is held: decided here, carried out later."""
@@ -149,8 +178,7 @@ class Ingest:
         return StoreOutcome(Status.SUCCESS, kept_bytes, duplicate)
 
     def _record(
-        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided,
-        routed: tuple[str, ...],
+        self, header: Header, sealed: SpooledFile, prepared: _Prepared
     ) -> tuple[StoreOutcome, int | None]:
         """The common case first: a new SOP Instance UID is one hard link and one INSERT.
 
@@ -158,11 +186,12 @@ class Ingest:
         database is asked nothing before the insert; only a name already taken, or a row without
         its file, goes the longer way through ``_record_again``. The caller holds this UID's lock.
         """
+        decided = prepared.decided
         final = self._final_path(header, sealed, versioned=False)
         if self._spool.claim(sealed, final):
             published = SpooledFile(final, sealed.sha256, sealed.size_bytes)
             try:
-                instance_id = self._insert_new(request, header, published, decided, routed)
+                instance_id = self._insert_new(header, published, prepared)
                 pending = instance_id if decided.state == "pending" else None
                 return self._success(decided, published.size_bytes), pending
             except IntegrityError:
@@ -170,12 +199,9 @@ class Ingest:
             except BaseException:
                 self._spool.discard(final)
                 raise
-        return self._record_again(request, header, sealed, decided, routed)
+        return self._record_again(header, sealed, prepared)
 
-    def _insert_new(
-        self, request: StoreRequest, header: Header, published: SpooledFile, decided: Decided,
-        routed: tuple[str, ...],
-    ) -> int:
+    def _insert_new(self, header: Header, published: SpooledFile, prepared: _Prepared) -> int:
         """Commit the row while another thread syncs the folder; both must succeed.
 
         Success may only follow both, so a folder sync that fails after the commit takes the row
@@ -183,12 +209,12 @@ class Ingest:
         """
         syncing = self._spool.sync_folder_in_background(published.path.parent)
         try:
-            values = self._instance_values(request, header, published, decided)
+            values = prepared.row(published, self._spool.relative(published.path))
             with self._engine.begin() as connection:
                 inserted = connection.execute(_INSERT_INSTANCE, values)
                 key = inserted.inserted_primary_key
                 assert key is not None
-                new_jobs(connection, int(key[0]), str(header.study_instance_uid), routed,
+                new_jobs(connection, int(key[0]), str(header.study_instance_uid), prepared.routed,
                          values["received_at"])  # type: ignore[arg-type]
         finally:
             synced = syncing.exception()
@@ -202,14 +228,14 @@ class Ingest:
         return int(key[0])
 
     def _record_again(
-        self, request: StoreRequest, header: Header, sealed: SpooledFile, decided: Decided,
-        routed: tuple[str, ...],
+        self, header: Header, sealed: SpooledFile, prepared: _Prepared
     ) -> tuple[StoreOutcome, int | None]:
         """A known UID (duplicate policy), or a final name left without a row by a crash.
 
         A failed commit takes the published file back out. A received file that is not published
-        stays in ``incoming/``, where pynetdicom removes it after the handler returns.
+        stays in ``incoming/``, where the receiver removes it after the handler returns.
         """
+        decided = prepared.decided
         published: SpooledFile | None = None
         try:
             with self._sessions() as session, session.begin():
@@ -218,18 +244,18 @@ class Ingest:
                 )
                 if current_id is None:
                     published = self._publish(sealed, header, versioned=False)
-                    values = self._instance_values(request, header, published, decided)
+                    values = prepared.row(published, self._spool.relative(published.path))
                     current_id = session.scalar(
                         insert(Instance).values(values).returning(Instance.id)
                     )
                     assert current_id is not None
                     new_jobs(session.connection(), current_id, str(header.study_instance_uid),
-                             routed, values["received_at"])  # type: ignore[arg-type]
+                             prepared.routed, values["received_at"])  # type: ignore[arg-type]
                     outcome = self._success(decided, published.size_bytes)
                 else:
                     current = session.get_one(Instance, current_id)
                     outcome, published = self._second_copy(
-                        session, request, header, sealed, current, decided
+                        session, header, sealed, current, prepared
                     )
                     if outcome.duplicate == "replaced":
                         session.flush()
@@ -244,13 +270,13 @@ class Ingest:
     def _second_copy(
         self,
         session: Session,
-        request: StoreRequest,
         header: Header,
         sealed: SpooledFile,
         current: Instance,
-        decided: Decided,
+        prepared: _Prepared,
     ) -> tuple[StoreOutcome, SpooledFile | None]:
         """Duplicate policy. An identical copy is always Success and changes nothing."""
+        request = prepared.request
         known = {current.sha256} | set(
             session.scalars(
                 select(InstanceVersion.sha256).where(
@@ -295,9 +321,9 @@ class Ingest:
                 received_at=current.received_at,
             )
         )
-        for column, value in self._instance_values(request, header, published, decided).items():
+        for column, value in prepared.row(published, self._spool.relative(published.path)).items():
             setattr(current, column, value)
-        return self._success(decided, published.size_bytes, "replaced"), published
+        return self._success(prepared.decided, published.size_bytes, "replaced"), published
 
     def _publish(self, sealed: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
         return self._spool.publish(sealed, self._final_path(header, sealed, versioned))
@@ -310,7 +336,7 @@ class Ingest:
         return folder / f"{name}.dcm"
 
     def _instance_values(
-        self, request: StoreRequest, header: Header, stored: SpooledFile, decided: Decided
+        self, request: StoreRequest, header: Header, decided: Decided
     ) -> dict[str, object]:
         """The patient columns hold the values the object carries once remapped; the received
         ones are kept beside them."""
@@ -329,9 +355,6 @@ class Ingest:
             calling_ae=request.calling_ae,
             peer_address=request.peer_address,
             transfer_syntax_uid=request.transfer_syntax,
-            size_bytes=stored.size_bytes,
-            sha256=stored.sha256,
-            spool_path=self._spool.relative(stored.path),
             received_at=self._clock(),
             association_id=request.association_id,
         )

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,7 +26,8 @@ from gateway.dicom.peers import PeerPolicy, RejectReason
 from gateway.dicom.status import Status
 from gateway.metrics import Metrics
 from gateway.receive.associations import AssociationLedger, AssociationStats
-from gateway.receive.fastpath import FastAssociation, FastSocket
+from gateway.receive.fastpath import FastAssociation, FastSocket, file_meta
+from gateway.receive.streaming import StreamedStore, StreamingDUL
 from gateway.query.service import QueryService
 from gateway.receive.ingest import Ingest, StoreRequest
 
@@ -73,6 +75,11 @@ class Receiver:
         self.ae.dimse_timeout = config.dimse_timeout_s
         self.ae.network_timeout = config.network_timeout_s
         self.ae.require_called_aet = False  # GatewayACSE decides, with the reason recorded
+
+    @property
+    def incoming(self) -> Path:
+        """Where received data sets are written before they are kept."""
+        return self._ingest.incoming
 
     @property
     def address(self) -> tuple[str, int]:
@@ -175,23 +182,35 @@ class Receiver:
         return int(Status.SUCCESS)
 
     def _handle_store(self, event: evt.Event) -> int:
+        """C-STORE through pynetdicom: what ``StoreStream`` leaves to it (an odd context)."""
+        request = cast(Any, event.request)
+        return self._store(event.assoc, StreamedStore(
+            event.dataset_path, str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
+            int(event.context.context_id),
+        ))
+
+    def store_streamed(self, assoc: Association, streamed: StreamedStore) -> int:
+        """C-STORE read by the gateway's own reader (``receive.streaming``), in the DUL thread."""
+        return self._store(assoc, streamed)
+
+    def _store(self, assoc: Association, received: StreamedStore) -> int:
         """C-STORE (PS3.4 B.2.3). Never raises: pynetdicom would answer 0xC211 and lose the why."""
         started = time.perf_counter()
-        request = cast(Any, event.request)
-        state = self._state(event.assoc)
-        sop_instance = str(request.AffectedSOPInstanceUID)
+        sop_instance = received.sop_instance_uid
+        state = self._state(assoc)
         if state is None or "store" not in state.services:
-            calling = state.calling_ae if state else event.assoc.requestor.ae_title
+            calling = state.calling_ae if state else assoc.requestor.ae_title
             self._metrics.instances.labels(calling, Status.NOT_AUTHORIZED.label).inc()
             log.warning("C-STORE refused: %s may not store", calling)
             return int(Status.NOT_AUTHORIZED)
         try:
             outcome = self._ingest.store(
                 StoreRequest(
-                    incoming=event.dataset_path,
-                    affected_sop_class=str(request.AffectedSOPClassUID),
+                    incoming=received.path,
+                    affected_sop_class=received.sop_class_uid,
                     affected_sop_instance=sop_instance,
-                    transfer_syntax=str(event.context.transfer_syntax),
+                    transfer_syntax=received.transfer_syntax,
                     calling_ae=state.calling_ae,
                     called_ae=state.called_ae,
                     peer_address=state.peer,
@@ -281,6 +300,7 @@ def _handler_class(receiver: Receiver) -> type[RequestHandler]:
         def _create_association(self) -> Association:
             assoc = super()._create_association()
             FastSocket.adopt(cast(Any, assoc.dul.socket))
+            StreamingDUL.adopt(assoc.dul, receiver.store_streamed, receiver.incoming, file_meta)
             FastAssociation.adopt(assoc)
             assoc.acse = GatewayACSE(assoc, receiver)
             return assoc
