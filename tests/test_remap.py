@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,31 @@ def test_rewrite_interrupted_by_a_stop_is_finished_once_after_restart(
     ds = pydicom.dcmread(path)
     assert ds.InstitutionName == "General Hospital"
     assert len(ds.OriginalAttributesSequence) == 1
+
+
+def test_rewrites_yield_to_a_busy_receiver_but_are_never_starved(
+    make_gateway, tmp_path: Path
+) -> None:
+    """Instances arriving every 0.2 s keep a 3 s quiet period from ever passing: nothing is
+    rewritten while they arrive, until the oldest has waited max_defer_s; then all are."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = "InstitutionName", '
+                     'value = "General Hospital" }]\n')
+    app = make_gateway(remap={"rules_file": str(rules), "yield_to_receiving_s": 3.0,
+                              "max_defer_s": 2.5})
+    db = f"sqlite:///{app.config.database.url.removeprefix('sqlite:///')}"
+    started = time.monotonic()
+    done_while_sending: list[int] = []
+    for _ in range(8):
+        assert store(app.receiver.address[1], make_dataset()) == Status.SUCCESS
+        last = time.monotonic()
+        if last - started < 2.0:
+            done_while_sending.append(
+                len(rows(db, "SELECT id FROM instances WHERE remap_state = 'done'")))
+        time.sleep(0.2)
+    assert done_while_sending and set(done_while_sending) == {0}
+    wait_remapped(db, 8)
+    # done by max_defer_s, before the quiet period after the last arrival could have ended
+    assert time.monotonic() < last + 3.0
+    for path in spool_files(app.spool.root):
+        assert pydicom.dcmread(path).InstitutionName == "General Hospital"
