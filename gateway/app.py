@@ -113,7 +113,7 @@ class Gateway:
                 router=router,
                 on_queued=self.forwarder.notify if self.forwarder else lambda: None,
             ),
-            AssociationLedger(make_sessions(self.ledger_engine)),
+            AssociationLedger(self.ledger_engine),
             self.metrics,
             query,
         )

@@ -115,31 +115,44 @@ def run(engine: Engine, query: Query, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-def answers(query: Query, rows: list[dict[str, Any]], ae_title: str) -> Iterator[Dataset]:
+@dataclass(frozen=True)
+class Answer:
+    """One match's identifier as (tag, VR, value) in ascending tag order: what is written on the
+    wire, without building a Dataset unless pynetdicom must send it (``dataset``)."""
+
+    elements: tuple[tuple[BaseTag, str, Any], ...]
+    charset: str | None  # the Specific Character Set the values need, when not the default
+
+    def dataset(self) -> Dataset:
+        return Dataset({tag: DataElement(tag, vr, value) for tag, vr, value in self.elements})
+
+
+def answers(query: Query, rows: list[dict[str, Any]], ae_title: str) -> Iterator[Answer]:
     """One identifier per match: the requested keys, filled or empty, and the character set
-    the values need (PS3.4 C.4.1.1.3.2). Tags and VRs are looked up once per query, not per row:
-    a one-day query answers about a hundred studies."""
-    keys = [(k, query.requested[k].tag, query.requested[k].VR) for k in query.keys]
-    retrieve_ae = "RetrieveAETitle" in query.requested
+    the values need (PS3.4 C.4.1.1.3.2). Tags, VRs and their order are worked out once per
+    query, not per row: a one-day query answers about a hundred studies."""
+    layout: list[tuple[BaseTag, str, str | None, Any]] = [(_LEVEL, "CS", None, query.level)]
+    layout += [(query.requested[k].tag, query.requested[k].VR, k, None) for k in query.keys]
+    if "RetrieveAETitle" in query.requested:
+        layout.append((_RETRIEVE_AE, "AE", None, ae_title))
+    layout.sort(key=lambda entry: entry[0])
+    charset = (_CHARSET, "CS", "ISO_IR 192")
     for row in rows:
-        elements: dict[BaseTag, DataElement | RawDataElement] = {
-            _LEVEL: DataElement(_LEVEL, "CS", query.level)
-        }
+        elements: list[tuple[BaseTag, str, Any]] = []
         non_ascii = False
-        for keyword, tag, vr in keys:
-            value = row.get(keyword)
+        for tag, vr, keyword, constant in layout:
+            value = constant if keyword is None else row.get(keyword)
             if vr == "SQ":
                 value = []
             elif value == "":
                 value = None
             elif isinstance(value, str) and not value.isascii():
                 non_ascii = True
-            elements[tag] = DataElement(tag, vr, value)
-        if retrieve_ae:
-            elements[_RETRIEVE_AE] = DataElement(_RETRIEVE_AE, "AE", ae_title)
+            elements.append((tag, vr, value))
         if non_ascii:
-            elements[_CHARSET] = DataElement(_CHARSET, "CS", "ISO_IR 192")
-        yield Dataset(elements)  # built from a dict in one go: cheaper than adding one by one
+            yield Answer((charset, *elements), "ISO_IR 192")  # (0008,0005) sorts first
+        else:
+            yield Answer(tuple(elements), None)
 
 
 def _text(element: DataElement) -> str:

@@ -18,21 +18,19 @@ from __future__ import annotations
 import struct
 import time
 from io import BytesIO
-from operator import attrgetter
 from typing import Any, cast
 
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
+from pydicom.filebase import DicomIO
 from pydicom.filewriter import write_data_element
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 
+from gateway.query.find import Answer
+
 PENDING = 0xFF00
-_TAG = attrgetter("tag")
 _ENCODED_CACHE = 4096  # encoded elements kept per query
 _PDU_OVERHEAD = 6 + 2 * 6  # P-DATA-TF header, two PDV item headers with their control bytes
 _PDU = struct.Struct(">BxI")  # PS3.8 9.3.5: type, reserved, length
@@ -59,41 +57,41 @@ class PendingSender:
         self._dul = event.assoc.dul
         self._command_item = _PDV.pack(len(self._command) + 1, self._context_id) + self._command
         self._encoded: dict[Any, bytes] = {}
+        self._raw = BytesIO()
+        self._buffer = DicomIO(self._raw)
+        self._buffer.is_implicit_VR, self._buffer.is_little_endian = self._implicit, self._little
 
-    def _encode(self, identifier: Dataset) -> bytes:
-        """The identifier's elements written by pydicom one by one, in tag order, each value
-        encoded once per query: the answers of one query repeat most values (level, date,
-        modalities, descriptions, counts), and pydicom's encoding was the larger part of the
-        time a one-day study query took."""
-        charset = identifier.get("SpecificCharacterSet")
+    def _encode(self, answer: Answer) -> bytes:
+        """Each element encoded by pydicom, and each distinct value only once per query: the
+        answers of one query repeat most values (level, date, modalities, descriptions,
+        counts), and pydicom's encoding was the larger part of a one-day study query's time."""
         parts = []
-        for element in sorted(identifier.values(), key=_TAG):
-            value = element.value
-            key: Any = (element.tag, element.VR,
-                        tuple(value) if isinstance(value, (list, MultiValue)) else value, charset)
+        fp = self._buffer
+        for tag, vr, value in answer.elements:
+            key: Any = (tag, value, answer.charset)
             try:
                 encoded = self._encoded.get(key)
-            except TypeError:  # a value that cannot be a key: encode it each time
+            except TypeError:  # a value that cannot be a key (a sequence): encode it each time
                 key, encoded = None, None
             if encoded is None:
-                fp = DicomBytesIO()
-                fp.is_implicit_VR, fp.is_little_endian = self._implicit, self._little
-                write_data_element(fp, cast(DataElement, element), charset)
-                encoded = fp.getvalue()
+                self._raw.seek(0)
+                self._raw.truncate()
+                write_data_element(fp, DataElement(tag, vr, value), answer.charset)
+                encoded = self._raw.getvalue()
                 if key is not None and len(self._encoded) < _ENCODED_CACHE:
                     self._encoded[key] = encoded
             parts.append(encoded)
         return b"".join(parts)
 
-    def send(self, identifier: Dataset) -> bool:
+    def send(self, answer: Answer) -> bool:
         """Write one pending response; False when it must go pynetdicom's way (too large for
         one PDU of the peer's maximum length, or not encodable here)."""
         if self._deflated:
-            data = encode(identifier, self._implicit, self._little, self._deflated)
+            data = encode(answer.dataset(), self._implicit, self._little, self._deflated)
             if data is None:
                 return False
         else:
-            data = self._encode(identifier)
+            data = self._encode(answer)
         if self._max_pdu and len(self._command) + len(data) + 1 + _PDU_OVERHEAD > self._max_pdu:
             return False
         item = _PDV.pack(len(data) + 2, self._context_id) + b"\x02" + data

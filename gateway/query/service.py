@@ -80,15 +80,15 @@ class QueryService:
             level = query.level
             rows = run(self._engine, query, self._config.max_results)
             pending = PendingSender(event)
-            for ds in answers(query, rows[: self._config.max_results], self._ae_title):
+            for answer in answers(query, rows[: self._config.max_results], self._ae_title):
                 _let_the_network_catch_up(event.assoc)
                 if event.is_cancelled:
                     status = Status.CANCEL
                     yield int(Status.CANCEL), None
                     return
                 matches += 1
-                if not pending.send(ds):
-                    yield int(Status.PENDING), ds
+                if not pending.send(answer):
+                    yield int(Status.PENDING), answer.dataset()
             if len(rows) > self._config.max_results:
                 status = Status.OUT_OF_RESOURCES  # PS3.4 C.4.1.1.4: refused, out of resources
                 log.warning("C-FIND from %s stopped at query.max_results = %d", calling_ae,

@@ -2,6 +2,10 @@
 
 A ledger failure never decides an association's fate: if the database is down the association is
 still accepted (each C-STORE then answers 0xA700 by itself) and the failure is logged.
+
+Both writes are single Core statements, not ORM sessions: they run while the peer waits (the
+A-ASSOCIATE-AC and the A-RELEASE-RP follow them), and the ORM's unit of work cost about a
+millisecond of each, holding the interpreter the network thread needs to answer.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sqlalchemy import update
+from sqlalchemy import Engine, insert, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.db.models import AssociationRecord
 
 log = logging.getLogger(__name__)
+_INSERT = insert(AssociationRecord).returning(AssociationRecord.id)
 
 
 @dataclass
@@ -45,10 +49,10 @@ class AssociationStats:
 class AssociationLedger:
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        engine: Engine,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
         self._clock = clock
 
     def opened(
@@ -59,7 +63,7 @@ class AssociationLedger:
         rejected_reason: str | None = None,
     ) -> int | None:
         now = self._clock()
-        row = AssociationRecord(
+        values = dict(
             calling_ae=calling_ae,
             called_ae=called_ae,
             peer_host=peer[0],
@@ -75,10 +79,8 @@ class AssociationLedger:
             statuses="{}",
         )
         try:
-            with self._sessions() as session, session.begin():
-                session.add(row)
-                session.flush()
-                return row.id
+            with self._engine.begin() as connection:
+                return connection.execute(_INSERT, values).scalar_one()
         except SQLAlchemyError as exc:
             log.error("association ledger unavailable (%s); association not recorded",
                       type(exc).__name__)
@@ -97,8 +99,8 @@ class AssociationLedger:
                 statuses=json.dumps(dict(sorted(stats.statuses.items()))),
             )
         try:
-            with self._sessions() as session, session.begin():
-                session.execute(
+            with self._engine.begin() as connection:
+                connection.execute(
                     update(AssociationRecord)
                     .where(AssociationRecord.id == stats.record_id)
                     .values(**values)
