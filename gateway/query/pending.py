@@ -15,7 +15,6 @@ pending one has been written.
 
 from __future__ import annotations
 
-import struct
 import time
 from io import BytesIO
 from typing import Any, cast
@@ -28,13 +27,12 @@ from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 
+from gateway.dicom.pdu import COMMAND, LAST, p_data_tf, pdv_item
 from gateway.query.find import Answer
 
 PENDING = 0xFF00
 _ENCODED_CACHE = 4096  # encoded elements kept per query
 _PDU_OVERHEAD = 6 + 2 * 6  # P-DATA-TF header, two PDV item headers with their control bytes
-_PDU = struct.Struct(">BxI")  # PS3.8 9.3.5: type, reserved, length
-_PDV = struct.Struct(">IB")  # item length, presentation context ID (the control byte follows)
 
 
 class PendingSender:
@@ -48,14 +46,14 @@ class PendingSender:
         response.Identifier = BytesIO(b"\x00")  # any: it only marks a data set as present
         message = C_FIND_RSP()
         message.primitive_to_message(response)
-        self._command = b"\x03" + cast(bytes, encode(message.command_set, True, True))
+        self._command = cast(bytes, encode(message.command_set, True, True))
         self._context_id = int(context.context_id)
         syntax = UID(context.transfer_syntax)
         self._implicit, self._little = syntax.is_implicit_VR, syntax.is_little_endian
         self._deflated = syntax.is_deflated
         self._max_pdu = int(event.assoc.requestor.maximum_length or 0)
         self._dul = event.assoc.dul
-        self._command_item = _PDV.pack(len(self._command) + 1, self._context_id) + self._command
+        self._command_item = pdv_item(self._context_id, COMMAND | LAST, self._command)
         self._encoded: dict[Any, bytes] = {}
         self._raw = BytesIO()
         self._buffer = DicomIO(self._raw)
@@ -92,10 +90,9 @@ class PendingSender:
                 return False
         else:
             data = self._encode(answer)
-        if self._max_pdu and len(self._command) + len(data) + 1 + _PDU_OVERHEAD > self._max_pdu:
+        if self._max_pdu and len(self._command) + len(data) + _PDU_OVERHEAD > self._max_pdu:
             return False
-        item = _PDV.pack(len(data) + 2, self._context_id) + b"\x02" + data
-        pdu = _PDU.pack(0x04, len(self._command_item) + len(item)) + self._command_item + item
+        pdu = p_data_tf(self._command_item, pdv_item(self._context_id, LAST, data))
         # Whatever pynetdicom still has queued goes first: nothing, unless an answer too large for
         # one PDU went its way just before.
         while self._dul.to_provider_queue.qsize() and self._dul.socket is not None:

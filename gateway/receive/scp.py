@@ -187,7 +187,6 @@ class Receiver:
         return self._store(event.assoc, StreamedStore(
             event.dataset_path, str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
-            int(event.context.context_id),
         ))
 
     def store_streamed(self, assoc: Association, streamed: StreamedStore) -> int:

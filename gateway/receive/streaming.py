@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -43,17 +42,14 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 
+from gateway.dicom.pdu import COMMAND, LAST, P_DATA_TF, PDU_HEADER, PDV_HEADER, p_data_tf
 from gateway.dicom.status import Status
 
 log = logging.getLogger(__name__)
 
-P_DATA_TF = 0x04
 C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
 MAX_PDU_READ = 64 << 20  # a PDU claiming more is refused, not allocated
-_PDU_HEADER = struct.Struct(">BxI")
-_PDV_HEADER = struct.Struct(">IBB")
-_COMMAND, _LAST = 0x01, 0x02
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _MEDIA_INSTANCE = 0x00020003
 _NAMES = itertools.count()
@@ -67,7 +63,6 @@ class StreamedStore:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
-    context_id: int
 
 
 StoreHandler = Callable[[Any, StreamedStore], int]
@@ -143,8 +138,7 @@ class _Streaming:
         self.path.unlink(missing_ok=True)
 
     def complete(self) -> StreamedStore:
-        return StreamedStore(self.path, self.sop_class, self.sop_instance, self.transfer_syntax,
-                             self.context_id)
+        return StreamedStore(self.path, self.sop_class, self.sop_instance, self.transfer_syntax)
 
 class StoreStream:
     """The P-DATA reader of one association; used only from its DUL thread."""
@@ -175,9 +169,9 @@ class StoreStream:
         forward: list[bytes] = []
         position = 0
         while position < length:
-            if length - position < _PDV_HEADER.size:
+            if length - position < PDV_HEADER.size:
                 raise ProtocolError("truncated PDV item")
-            item_length, context_id, control = _PDV_HEADER.unpack_from(view, position)
+            item_length, context_id, control = PDV_HEADER.unpack_from(view, position)
             end = position + 4 + item_length
             if item_length < 2 or end > length:
                 raise ProtocolError(f"PDV item length {item_length}")
@@ -186,11 +180,11 @@ class StoreStream:
                 self._data(context_id, control, value)
             elif self._passing:
                 forward.append(bytes(view[position:end]))
-                if control & _LAST and not control & _COMMAND:
+                if control & LAST and not control & COMMAND:
                     self._passing = False
-            elif control & _COMMAND:
+            elif control & COMMAND:
                 self._command.append(bytes(view[position:end]))
-                if control & _LAST:
+                if control & LAST:
                     forward.extend(self._command_complete())
             else:
                 forward.append(bytes(view[position:end]))  # data without a command: pynetdicom's
@@ -253,10 +247,10 @@ class StoreStream:
     def _data(self, context_id: int, control: int, value: memoryview) -> None:
         streaming = self._streaming
         assert streaming is not None
-        if control & _COMMAND or context_id != streaming.context_id:
+        if control & COMMAND or context_id != streaming.context_id:
             raise ProtocolError("a new message began inside a C-STORE data set")
         streaming.write(value)
-        if control & _LAST:
+        if control & LAST:
             self._streaming = None
             self._complete(streaming)
 
@@ -293,14 +287,13 @@ class StoreStream:
         primitive = P_DATA()
         # pynetdicom's setter wants [ID, PDV] lists, though its annotation says tuples
         primitive.presentation_data_value_list = cast(Any, [
-            [streaming.context_id, bytes((_COMMAND | _LAST,)) + command],
+            [streaming.context_id, bytes((COMMAND | LAST,)) + command],
         ])
         self._dul.send_pdu(primitive)
 
     def _deliver(self, items: list[bytes]) -> None:
         """Hand PDVs to pynetdicom as the P-DATA-TF PDU it would have read."""
-        body = b"".join(items)
-        cast(Any, self._dul).deliver(_PDU_HEADER.pack(P_DATA_TF, len(body)) + body)
+        cast(Any, self._dul).deliver(p_data_tf(*items))
 
 
 class StreamingDUL(DULServiceProvider):
@@ -329,10 +322,10 @@ class StreamingDUL(DULServiceProvider):
             return
         socket = cast(Any, self.socket)
         try:
-            header = socket.recv(_PDU_HEADER.size)
-            if len(header) < _PDU_HEADER.size:
+            header = socket.recv(PDU_HEADER.size)
+            if len(header) < PDU_HEADER.size:
                 raise ConnectionError("connection closed")
-            pdu_type, length = _PDU_HEADER.unpack(header)
+            pdu_type, length = PDU_HEADER.unpack(header)
             if pdu_type == P_DATA_TF:
                 self._stream.read_pdata(length)
                 return
