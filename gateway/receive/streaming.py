@@ -104,15 +104,17 @@ class MetaTemplate:
 class _Streaming:
     """One C-STORE data set being written to its file."""
 
-    def __init__(self, request: Any, context: Any, path: Path, meta: MetaTemplate) -> None:
+    def __init__(
+        self, request: Any, context: Any, created: tuple[Path, int], meta: MetaTemplate
+    ) -> None:
         self.message_id = int(request.MessageID)
         self.context_id = int(context.context_id)
         self.sop_class = str(request.AffectedSOPClassUID)
         self.sop_instance = str(request.AffectedSOPInstanceUID)
         self.transfer_syntax = str(context.transfer_syntax[0])  # the accepted one
         self.error: OSError | None = None
-        self.path = path
-        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.path, fd = created
+        self.fd: int | None = fd
         self.write(meta.render(self.sop_instance))
 
     def write(self, data: memoryview | bytes) -> None:
@@ -156,6 +158,7 @@ class StoreStream:
         self._passing = False  # pynetdicom owns the message in progress
         self._streaming: _Streaming | None = None
         self._templates: dict[tuple[str, str], MetaTemplate] = {}
+        self._created: tuple[Path, int] | None = None  # the next image's file, made in advance
 
     def read_pdata(self, length: int) -> None:
         """Read one P-DATA-TF PDU's body and act on each PDV, in order."""
@@ -199,6 +202,10 @@ class StoreStream:
             streaming.discard()
         self._command.clear()
         self._passing = False
+        created, self._created = self._created, None
+        if created is not None:
+            os.close(created[1])
+            created[0].unlink(missing_ok=True)
 
     def _command_complete(self) -> list[bytes]:
         """Stream the message, or return its command PDVs for pynetdicom."""
@@ -212,15 +219,31 @@ class StoreStream:
         context = self._context_for(command, items[-1][4])
         if field == C_STORE_RQ and data_set_type != NO_DATA_SET and context is not None:
             meta = self._template(str(command.AffectedSOPClassUID), str(context.transfer_syntax[0]))
-            self._streaming = _Streaming(command, context, self._new_path(), meta)
+            created, self._created = self._created or self._create(), None
+            self._streaming = _Streaming(command, context, created, meta)
             return []
         self._passing = data_set_type != NO_DATA_SET
         return items
 
-    def _new_path(self) -> Path:
-        """A fresh name in ``incoming/`` (process, thread and counter make it unique; the file is
-        created exclusively all the same): cheaper than ``mkstemp``'s random names."""
-        return self._folder / f"{os.getpid()}-{self._dul.native_id}-{next(_NAMES)}.dcm"
+    def _create(self) -> tuple[Path, int]:
+        """A new file in ``incoming/`` under a fresh name (process, thread and counter make it
+        unique; it is created exclusively all the same): cheaper than ``mkstemp``'s random names."""
+        path = self._folder / f"{os.getpid()}-{self._dul.native_id}-{next(_NAMES)}.dcm"
+        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def _create_next(self) -> None:
+        """Create the next image's file while the sender is busy with its next request.
+
+        Creating a file in ``incoming/`` took 0.2-0.5 ms per image on the path from the command
+        to the data, on this ext4 disk, while sent -> next command leaves the reader idle for
+        longer than that. Made only after a kept image (a refusal or failure leaves
+        ``incoming/`` empty); ``abandon`` removes it when the association ends.
+        """
+        if self._created is None and self._assoc.is_established:
+            try:
+                self._created = self._create()
+            except OSError:
+                pass  # made when the command comes; an error then is reported there
 
     def _template(self, sop_class: str, transfer_syntax: str) -> MetaTemplate:
         key = (sop_class, transfer_syntax)
@@ -266,9 +289,15 @@ class StoreStream:
             except Exception:
                 log.exception("C-STORE %s: handler failed; answering 0xA700",
                               streaming.sop_instance)
-            finally:
-                streaming.path.unlink(missing_ok=True)  # kept copies were linked or renamed
-        self._respond(streaming, status)
+        if status == Status.SUCCESS or 0xB000 <= status <= 0xBFFF:  # PS3.7 C.1: kept
+            # Kept copies were linked or renamed: this name is only litter now, removed after
+            # the answer is on its way (``Spool.recover`` removes it after a crash).
+            self._respond(streaming, status)
+            streaming.path.unlink(missing_ok=True)
+            self._create_next()
+        else:
+            streaming.path.unlink(missing_ok=True)  # nothing half-written before the answer
+            self._respond(streaming, status)
 
     def _respond(self, streaming: _Streaming, status: int) -> None:
         """Send the C-STORE-RSP (PS3.7 9.3.1.2); the command set is assembled from elements
