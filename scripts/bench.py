@@ -7,10 +7,13 @@ back to back on the same machine, with the same sender (DCMTK ``storescu``, one 
 file), the same files and loopback only. A third receiver, ``scripts/bare_scp.py`` (a tuned
 pynetdicom SCP that only writes what it receives), is measured the same way as a reference with no
 target: it is the floor a pynetdicom-based receiver starts from, which the gateway has to beat while
-doing more. The repetitions rotate which receiver goes first so that none always gets the warmer
-page cache or the quieter minute. Only the ``storescu`` command is timed; each receiver is started
-fresh in its own temp dir and must have written every image, since a run that loses images is a
-bug, not a fast result.
+doing more. A fourth, ``scripts/durable_floor.py``, is the gateway's own network path with a
+handler that does only the durable steps (sync, link, then sync the folder while one row commits):
+what a receiver can reach here while Success waits for the disk, which ``storescp`` never does.
+The CT set also goes to the gateway with remap rules (``remap``). The repetitions rotate which
+receiver goes first so that none always gets the warmer page cache or the quieter minute. Only the
+``storescu`` command is timed; each receiver is started fresh in its own temp dir and must have
+written every image, since a run that loses images is a bug, not a fast result.
 
 Test data is synthetic and cached outside git (``~/.cache/gateway-bench``): N CT images of
 512x512 16-bit (about 0.53 MB each, like a real CT slice) and 100 small 64x64 images, built from
@@ -58,6 +61,7 @@ CONFIG = REPO / "config" / "gateway.toml"
 GATEWAY_BIN = REPO / ".venv" / "bin" / "gateway"
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 BARE_SCP = REPO / "scripts" / "bare_scp.py"
+DURABLE_FLOOR = REPO / "scripts" / "durable_floor.py"
 LOOPBACK = "127.0.0.1"
 CALLING_AE = "BENCH"
 STORESCP_PDU = 131072
@@ -77,8 +81,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _HIGH_BYTE_MASK = bytes(b & 0x0F for b in range(256))
 
 SetName = Literal["ct", "small"]
-TargetName = Literal["storescp", "gateway", "pynetdicom", "remap"]
-TARGETS: tuple[TargetName, ...] = ("storescp", "gateway", "pynetdicom", "remap")
+TargetName = Literal["storescp", "gateway", "pynetdicom", "remap", "floor"]
+TARGETS: tuple[TargetName, ...] = ("storescp", "gateway", "pynetdicom", "remap", "floor")
 REMAP_TARGET = 0.9  # gateway with rules / gateway without, CT set: at least this
 IDENTITY_ROWS = 100_000
 DRAIN_TIMEOUT_S = 600.0
@@ -387,7 +391,7 @@ class GatewayServer:
     name: TargetName = "gateway"
     called_ae = "GATEWAY"
 
-    def __init__(self, workdir: Path, remap_db: Path | None = None) -> None:
+    def __init__(self, workdir: Path, remap_db: Path | None = None, floor: bool = False) -> None:
         self.spool = workdir / "spool"
         self.db = workdir / "gateway.db"
         if remap_db is not None:
@@ -409,6 +413,9 @@ class GatewayServer:
         if remap_db is not None:
             env["GATEWAY_REMAP__RULES_FILE"] = str(workdir / "rules.toml")
         command = [str(GATEWAY_BIN), "serve", "--config", str(CONFIG)]
+        if floor:  # the durable minimum on the gateway's own network path (durable_floor.py)
+            self.name = "floor"
+            command = [str(VENV_PYTHON), str(DURABLE_FLOOR)] + command[1:]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
                 command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -520,6 +527,8 @@ def make_receiver(
     if target == "remap":
         assert remap_db is not None
         return GatewayServer(workdir, remap_db)
+    if target == "floor":
+        return GatewayServer(workdir, floor=True)
     return BarePynetdicomScp(workdir)
 
 
@@ -713,6 +722,18 @@ def report(runs: Sequence[Run], sets: Sequence[ImageSet]) -> str:
         )
     for images in sets:
         gateway = [r for r in runs if r.image_set is images and r.target == "gateway"]
+        floor = [r for r in runs if r.image_set is images and r.target == "floor"]
+        baseline = [r for r in runs if r.image_set is images and r.target == "storescp"]
+        if not gateway or not floor or not baseline:
+            continue
+        to_floor = median_rate(gateway) / median_rate(floor)
+        lines.append(
+            f"ratio durable floor/storescp, {targets[images.name][0]} ({images.label}): "
+            f"{median_rate(floor) / median_rate(baseline):.2f}   (reference: only the durable steps "
+            f"before each Success; gateway/floor {to_floor:.2f})"
+        )
+    for images in sets:
+        gateway = [r for r in runs if r.image_set is images and r.target == "gateway"]
         remap = [r for r in runs if r.image_set is images and r.target == "remap"]
         if not gateway or not remap:
             continue
@@ -788,8 +809,8 @@ def run(args: argparse.Namespace) -> int:
             order = TARGETS[shift:] + TARGETS[:shift]
             for images in sets:
                 for target in order:
-                    if target == "remap" and images.name != "ct":
-                        continue  # the remap target is about the CT set
+                    if target in ("remap", "floor") and images.name != "ct":
+                        continue  # the remap target and the durable floor are about the CT set
                     result = run_once(target, images, rep, storescu, storescp, args.keep,
                                       remap_db)
                     runs.append(result)
