@@ -24,6 +24,7 @@ from pathlib import Path
 from gateway.cli import main
 from gateway.dicom.status import Status
 from gateway.receive import ingest
+from gateway.receive.spool import fsync_path
 
 SYNC = not os.environ.get("FLOOR_NOSYNC")
 _lock = threading.Lock()
@@ -48,11 +49,7 @@ def _connection(root: Path) -> sqlite3.Connection:
 
 def _sync(path: Path) -> None:
     if SYNC:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def store(self: ingest.Ingest, request: ingest.StoreRequest) -> ingest.StoreOutcome:
