@@ -19,6 +19,7 @@ from gateway.db.engine import make_engine, make_sessions
 from gateway.remap.rules import load_rules
 from gateway.remap.stage import Remapper
 from gateway.remap.worker import remap_stage
+from gateway.busy import ReceiverLoad
 from gateway.stage_process import StageProcess
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
@@ -88,10 +89,13 @@ class Gateway:
         destinations = [build_destination(d, config.dicom.ae_title)
                         for d in config.forward.destinations]
         orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
+        # How busy the receiver is, read by the forward process (gateway.busy)
+        self.load: ReceiverLoad | None = None
         if destinations:
             counters = PrometheusCounters(self.metrics)
+            self.load = ReceiverLoad()
             self.forwarder = StageProcess(
-                "forward", forward_stage(config, self.spool), FORWARD_NICENESS,
+                "forward", forward_stage(config, self.spool, self.load), FORWARD_NICENESS,
                 config.dicom.shutdown_grace_s, lambda message: apply(counters, message),
             )
             router = Router(config.forward)
@@ -116,6 +120,7 @@ class Gateway:
             AssociationLedger(self.ledger_engine),
             self.metrics,
             query,
+            self.load,
         )
         self.http: HttpEndpoint | None = None
         if config.metrics.enabled:

@@ -255,6 +255,11 @@ class ForwardConfig(_Model):
     batch_wait_s: float = Field(
         0.2, ge=0, description="after a partial batch, wait this long for more before claiming"
     )
+    burst_hold_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="while C-STOREs keep the receiver saturated, forwarding holds each instance "
+        "back up to this long after it arrived, so that the modalities get the machine; 0 = never",
+    )
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerConfig = BreakerConfig()

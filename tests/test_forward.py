@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,13 @@ def send(port: int, files: list[Path], calling_ae: str = "CT_ROOM1") -> None:
     result = dcmtk("storescu", "-aet", calling_ae, "-aec", "GATEWAY", "127.0.0.1", str(port),
                    *map(str, files), timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def waited(job: Any) -> float:
+    """Seconds from received to forwarded (SQLite gives the times back as text)."""
+    times = [t if isinstance(t, datetime) else datetime.fromisoformat(t)
+             for t in (job.created_at, job.forwarded_at)]
+    return (times[1] - times[0]).total_seconds()
 
 
 def new_instance_events(orthanc: Orthanc) -> int:
@@ -432,3 +440,47 @@ def test_low_disk_removes_confirmed_files_early_and_never_unconfirmed_ones(
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_forwarding_stands_aside_while_the_receiver_is_saturated_never_longer_than_the_hold(
+    make_gateway: Callable[..., Gateway], orthanc_factory: Callable[..., Orthanc],
+    db_url: str, tmp_path: Path,
+) -> None:
+    """During a burst the modality gets the machine; the archive's copy waits, at most
+    ``burst_hold_s`` after arrival. Out of a burst, instances leave at once. The saturation is
+    simulated (the C-STORE handlers' busy seconds, 80% of wall time): a real one depends on the
+    machine, and everything else here is real."""
+    orthanc = orthanc_factory()
+    app = make_gateway(db=db_url, forward={
+        **FAST, "burst_hold_s": 3.0, "destinations": [orthanc_destination(orthanc, tmp_path)]})
+    load = app.load
+    assert load is not None
+    stop = threading.Event()
+
+    def saturate() -> None:
+        last = time.monotonic()
+        while not stop.is_set():  # as the receiver does: a little after every instance
+            time.sleep(0.01)
+            now = time.monotonic()
+            load.add(0.8 * (now - last))
+            last = now
+
+    busy = threading.Thread(target=saturate, daemon=True)
+    busy.start()
+    try:
+        time.sleep(0.4)
+        send(app.config.dicom.port, write_study(tmp_path / "burst", 3))
+        time.sleep(1.5)
+        assert not orthanc.sop_instance_uids(), "forwarded while the receiver was saturated"
+        wait_for(lambda: len(jobs(db_url, "confirmed")) == 3, 20, "held instances confirmed")
+    finally:
+        stop.set()
+        busy.join()
+    held = [waited(j) for j in jobs(db_url)]
+    assert all(2.5 <= s <= 6.0 for s in held), held
+
+    send(app.config.dicom.port, write_study(tmp_path / "quiet", 2))
+    wait_for(lambda: len(jobs(db_url, "confirmed")) == 5, 20, "later instances confirmed")
+    later = [waited(j) for j in jobs(db_url)[3:]]
+    assert all(s < 1.5 for s in later), later
+    assert len(orthanc.sop_instance_uids()) == 5

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.busy import BurstHold, ReceiverLoad
 from gateway.config import DicomwebDestination, DimseDestination, GatewayConfig, OrthancDestination
 from gateway.forward.confirm import Confirmer
 from gateway.db.engine import make_engine
@@ -49,6 +50,7 @@ class Forwarder:
         retention: Retention,
         counters: ForwardCounters,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        hold: BurstHold | None = None,
     ) -> None:
         forward = config.forward
         self._outbox = outbox
@@ -60,7 +62,7 @@ class Forwarder:
         ]
         self.senders = [
             DestinationSenders(dest, cfg.concurrency, cfg.batch_size, forward, outbox, counters,
-                               clock)
+                               clock, hold)
             for dest, cfg in zip(destinations, forward.destinations, strict=True)
         ]
         open_breakers = {s.destination.name: s.breaker for s in self.senders}
@@ -68,11 +70,14 @@ class Forwarder:
                                    unavailable=lambda name: open_breakers[name].is_open)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._housekeeping, name="forward-check", daemon=True)
+        self._hold = hold
 
     def start(self) -> None:
         requeued = self._outbox.requeue_interrupted()
         if requeued:
             log.warning("queued again %d forward jobs interrupted by the previous stop", requeued)
+        if self._hold is not None:
+            self._hold.start()
         for senders in self.senders:
             senders.start()
         self._thread.start()
@@ -85,6 +90,8 @@ class Forwarder:
         self._stopping.set()
         for senders in self.senders:
             senders.stop(timeout_s)
+        if self._hold is not None:
+            self._hold.stop()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
@@ -102,7 +109,9 @@ class Forwarder:
                 log.exception("forward checks failed")
 
 
-def forward_stage(config: GatewayConfig, spool: Spool) -> Callable[[Any], Forwarder]:
+def forward_stage(
+    config: GatewayConfig, spool: Spool, load: ReceiverLoad | None = None
+) -> Callable[[Any], Forwarder]:
     """What the forward process builds, in the child: its own engines, metrics over the queue.
 
     Job progress commits without fsync there (a lost update means an idempotent resend; the job
@@ -113,6 +122,9 @@ def forward_stage(config: GatewayConfig, spool: Spool) -> Callable[[Any], Forwar
         url, busy = config.database.url, config.database.busy_timeout_s
         outbox = Outbox(make_engine(url, busy, durable=False), spool.root, config.forward.node_name)
         retention = Retention(make_engine(url, busy), spool, config.retention)
-        return Forwarder(config, outbox, retention, QueuedCounters(messages))
+        hold = None
+        if load is not None:
+            hold = BurstHold(load, config.forward.burst_hold_s, lambda: datetime.now(UTC))
+        return Forwarder(config, outbox, retention, QueuedCounters(messages), hold=hold)
 
     return build

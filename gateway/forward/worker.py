@@ -1,8 +1,9 @@
 """Senders: per destination, ``concurrency`` threads that drain the outbox.
 
 Each loop: when the breaker is open, probe now and then and send nothing; otherwise claim a batch
-(one study's oldest ready jobs), send it over one association or HTTP session, settle the results.
-The C-STORE handler only wakes the senders (``notify``); it never waits on a destination.
+(one study's oldest ready jobs), hold it while a burst saturates the receiver (``gateway.busy``),
+send it over one association or HTTP session, settle the results. The C-STORE handler only wakes
+the senders (``notify``); it never waits on a destination.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from gateway.busy import BurstHold
 from gateway.config import ForwardConfig
 from gateway.errors import GatewayError, RetriableError
 from gateway.forward.counters import ForwardCounters
@@ -34,8 +36,10 @@ class DestinationSenders:
         outbox: Outbox,
         counters: ForwardCounters,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        hold: BurstHold | None = None,
     ) -> None:
         self.destination = destination
+        self._hold = hold
         self.breaker = Breaker(config.breaker, time.monotonic)
         self._concurrency = concurrency
         self._batch_size = batch_size
@@ -89,7 +93,10 @@ class DestinationSenders:
         batch = self._outbox.claim(self.destination.name, self._batch_size)
         if not batch:
             return False
-        if len(batch) < self._batch_size:
+        held = self._hold is not None and self._hold.wait(
+            min(job.created_at for job in batch), self._stopping
+        )
+        if len(batch) < self._batch_size and not held:
             # Caught up with the receiver: let a batch gather before the next claim, so that a
             # stream of images costs one claim and one settlement per batch, not per image.
             self._stopping.wait(self._config.batch_wait_s)

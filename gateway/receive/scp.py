@@ -20,6 +20,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from gateway.busy import ReceiverLoad
 from gateway.config import DicomConfig, Service
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.peers import PeerPolicy, RejectReason
@@ -55,8 +56,10 @@ class Receiver:
         ledger: AssociationLedger,
         metrics: Metrics,
         query: QueryService | None = None,
+        load: ReceiverLoad | None = None,
     ) -> None:
         self._query = query
+        self._load = load
         self._config = config
         self._policy = policy
         self._ingest = ingest
@@ -231,7 +234,10 @@ class Receiver:
         if duplicate:
             self._metrics.duplicates.labels(duplicate).inc()
         state.stats.count(status.label, kept, duplicate is not None)
-        self._metrics.store_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._metrics.store_seconds.observe(elapsed)
+        if self._load is not None:
+            self._load.add(elapsed)
         return int(status)
 
     def _handle_query(self, event: evt.Event, kind: Service) -> Iterator[Any]:

@@ -1,4 +1,8 @@
-"""One ``requests`` session per sending thread, with the destination's credentials and TLS."""
+"""One ``requests`` session per sending thread, with the destination's credentials and TLS.
+
+The environment (proxies, CA bundle) is read once, when a session is made, not at every request:
+``requests`` would otherwise walk the whole environment and look for a ``.netrc`` per instance,
+about 5% of the forward process's CPU. Credentials come from the configuration only."""
 
 from __future__ import annotations
 
@@ -27,11 +31,22 @@ class Sessions:
         if session is None:
             session = requests.Session()
             session.auth = self._auth
-            session.verify = str(self._config.ca_file) if self._config.ca_file else self._config.verify_tls
+            session.trust_env = False
+            session.proxies.update(requests.utils.get_environ_proxies(self._config.url))
+            session.verify = self._verify()
             self._local.session = session
             with self._lock:
                 self._all.append(session)
         return session
+
+    def _verify(self) -> bool | str:
+        """The destination's CA file; else, when verifying, the bundle the environment names
+        as ``requests`` itself would (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE); else the default."""
+        if self._config.ca_file:
+            return str(self._config.ca_file)
+        if not self._config.verify_tls:
+            return False
+        return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
     def request(self, method: str, url: str, **kwargs: object) -> requests.Response:
         """Network trouble (refused, reset, timed out, TLS) is retriable, named by its kind."""

@@ -1,0 +1,108 @@
+"""How busy the receiver is, shared with the background stages' processes, so that they can
+stand aside during a burst of C-STOREs.
+
+Why: on a gateway's own machine (and more so when the destination, an Orthanc, runs there too)
+every instance forwarded while a modality streams images takes CPU, disk and memory bandwidth
+from the receiver. Priorities do not help: measured with ``scripts/bench --forward``, the forward
+process and Orthanc at nice 19 slowed the receiver as much as at nice 0 (ingest 0.58 of ingest
+alone either way); what costs the modality is the work happening at the same time at all. A
+burst is short, a modality's wait is not free, and a copy at the archive a few seconds later
+costs nobody: so while the receiver is saturated, forwarding holds each instance back, up to
+``hold_s`` after it arrived. Under sustained load every instance leaves ``hold_s`` late and
+forwarding still runs at full pace; under ordinary load (half the receiver's capacity and less)
+nothing is held.
+
+The receiver adds the seconds it spends in each C-STORE handler to a counter in shared memory;
+the stage reads it twice, ``window`` apart, and calls the receiver saturated when the share of
+wall time is at least ``BUSY_SHARE``. A saturated receiver measures about 0.7 here (the rest is
+the network and the sender's turnaround); half load about 0.2.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+BUSY_SHARE = 0.4
+WINDOW_S = 0.2
+POLL_S = 0.05
+
+
+class ReceiverLoad:
+    """Created before the stages' processes fork; the receiver adds, the stages read."""
+
+    def __init__(self) -> None:
+        self._seconds: Any = multiprocessing.get_context("fork").RawValue("d", 0.0)
+        self._lock = threading.Lock()  # association threads add concurrently
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._seconds.value += seconds
+
+    def seconds(self) -> float:
+        return float(self._seconds.value)
+
+
+class BurstHold:
+    """In a stage's process: ``wait`` returns once the receiver is not saturated, or once the
+    oldest instance in hand has waited ``hold_s``. A thread samples the receiver's counter every
+    ``POLL_S``, so that the share is always read over a whole window, never over the first few
+    milliseconds of one."""
+
+    def __init__(
+        self,
+        load: ReceiverLoad,
+        hold_s: float,
+        clock: Callable[[], datetime],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._hold = timedelta(seconds=hold_s)
+        self._clock = clock
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._samples: deque[tuple[float, float]] = deque(maxlen=round(WINDOW_S / POLL_S) + 1)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="burst-hold", daemon=True)
+
+    def start(self) -> None:
+        if self._hold:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def wait(self, oldest: datetime, stopping: threading.Event) -> bool:
+        """True when it held anything back."""
+        held = False
+        while (
+            self._hold
+            and not stopping.is_set()
+            and self._clock() - oldest < self._hold
+            and self.saturated()
+        ):
+            held = True
+            stopping.wait(POLL_S)
+        return held
+
+    def saturated(self) -> bool:
+        return self.share() >= BUSY_SHARE
+
+    def share(self) -> float:
+        """The receiver's busy share over the last ``WINDOW_S``; 0 until there are two samples."""
+        with self._lock:
+            if len(self._samples) < 2:
+                return 0.0
+            (then, before), (now, busy) = self._samples[0], self._samples[-1]
+        return (busy - before) / max(now - then, 1e-6)
+
+    def _sample(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                self._samples.append((self._monotonic(), self._load.seconds()))
+            self._stopping.wait(POLL_S)
