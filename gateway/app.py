@@ -74,12 +74,16 @@ class Gateway:
         fastpath.receive_datasets_into(self.spool.incoming)
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.metrics.watch_spool(self.spool.free_bytes)
+        # How busy the receiver is, read by the background stages' processes (gateway.busy)
+        self.load: ReceiverLoad | None = None
+        if config.remap.rules_file is not None or config.forward.destinations:
+            self.load = ReceiverLoad()
         self.remapper: Remapper | None = None
         self.remap_worker: StageProcess | None = None
         if config.remap.rules_file is not None:
             self.remapper = Remapper(load_rules(config.remap.rules_file), config.remap, self.engine)
             self.remap_worker = StageProcess(
-                "remap", remap_stage(config, self.spool.root), REMAP_NICENESS,
+                "remap", remap_stage(config, self.spool.root, self.load), REMAP_NICENESS,
                 config.dicom.shutdown_grace_s,
             )
         self.forwarder: StageProcess | None = None
@@ -89,11 +93,8 @@ class Gateway:
         destinations = [build_destination(d, config.dicom.ae_title)
                         for d in config.forward.destinations]
         orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
-        # How busy the receiver is, read by the forward process (gateway.busy)
-        self.load: ReceiverLoad | None = None
         if destinations:
             counters = PrometheusCounters(self.metrics)
-            self.load = ReceiverLoad()
             self.forwarder = StageProcess(
                 "forward", forward_stage(config, self.spool, self.load), FORWARD_NICENESS,
                 config.dicom.shutdown_grace_s, lambda message: apply(counters, message),

@@ -117,11 +117,9 @@ class RemapConfig(_Model):
     coerced_status: Literal["success", "warning"] = "success"
     order_window_h: float = Field(24.0, gt=0)
     workers: int = Field(1, ge=1, le=16)
-    yield_to_receiving_s: float = Field(
-        0.3, ge=0, le=60, description="rewrites start once nothing has arrived for this long"
-    )
     max_defer_s: float = Field(
-        5.0, ge=0, le=600, description="but an instance never waits longer than this for it"
+        5.0, ge=0, le=600,
+        description="while C-STOREs saturate the receiver, rewrites wait, at most this long",
     )
 
     @field_validator("uid_root")

@@ -18,11 +18,13 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydicom import config as pydicom_config
 
+from gateway.busy import BurstHold, ReceiverLoad
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine
 from gateway.lifetime import exit_when_gone
@@ -51,10 +53,10 @@ def _init_process(gateway_pid: int) -> None:
 
 class RemapWorker:
     def __init__(
-        self, remapper: Remapper, spool_root: Path, processes: int, quiet_s: float = 0.0,
-        max_defer_s: float = 0.0,
+        self, remapper: Remapper, spool_root: Path, processes: int,
+        hold: BurstHold | None = None, max_defer_s: float = 0.0,
     ) -> None:
-        self._quiet_s = quiet_s
+        self._hold = hold
         self._max_defer_s = max_defer_s
         self._remapper = remapper
         self._spool_root = spool_root
@@ -73,6 +75,8 @@ class RemapWorker:
 
     def start(self) -> None:
         self._remapper.requeue_interrupted()
+        if self._hold is not None:
+            self._hold.start()
         self._pool = self._new_pool()
         self._thread = threading.Thread(target=self._run, name="remap-worker", daemon=True)
         self._thread.start()
@@ -88,6 +92,8 @@ class RemapWorker:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
+        if self._hold is not None:
+            self._hold.stop()
         if self._thread is not None:
             self._thread.join(timeout_s)
         if self._pool is not None:
@@ -96,7 +102,6 @@ class RemapWorker:
     def _run(self) -> None:
         in_flight: dict[Future[int], int] = {}
         waiting: dict[int, float] = {}  # instance id -> when it was first wanted
-        last_arrival = 0.0
         next_sweep = 0.0
         while not self._stopping.is_set():
             wanted: list[int] = []
@@ -117,7 +122,6 @@ class RemapWorker:
                 pass
             now = time.monotonic()
             if arrived:
-                last_arrival = now
                 wanted.extend(arrived)
             if SWEEP_NOW in wanted:
                 wanted = [i for i in wanted if i != SWEEP_NOW]
@@ -129,20 +133,22 @@ class RemapWorker:
             for instance_id in wanted:
                 if instance_id not in busy:
                     waiting.setdefault(instance_id, now)
-            if waiting and self._may_start(now, last_arrival, min(waiting.values())):
+            if waiting and self._may_start(now, min(waiting.values())):
                 self._submit(list(waiting), in_flight)
                 waiting.clear()
             if in_flight:
                 done, _ = wait(list(in_flight), timeout=0.2, return_when=FIRST_COMPLETED)
                 self._finish([(in_flight.pop(future), future) for future in done])
 
-    def _may_start(self, now: float, last_arrival: float, oldest: float) -> bool:
-        """Rewrites yield to a receiver that is busy: on two cores a rewrite running beside a
-        burst of C-STOREs cost the modality a fifth of its rate (scripts/bench, receiver
-        ``remap``). They start once nothing has arrived for ``yield_to_receiving_s``, or once the
-        oldest has waited ``max_defer_s``, so a receiver that is never quiet still gets its
-        rewrites, in batches."""
-        return (now - last_arrival >= self._quiet_s) or (now - oldest >= self._max_defer_s)
+    def _may_start(self, now: float, oldest: float) -> bool:
+        """Rewrites yield to a saturated receiver (``gateway.busy``): on two cores a rewrite
+        running beside a burst of C-STOREs cost the modality a fifth of its rate (scripts/bench,
+        receiver ``remap``). They start once it is not saturated, or once the oldest has waited
+        ``max_defer_s``, so a receiver that is always saturated still gets its rewrites, in
+        batches."""
+        if self._hold is None or now - oldest >= self._max_defer_s:
+            return True
+        return not self._hold.saturated()
 
     def _submit(self, instance_ids: list[int], in_flight: dict[Future[int], int]) -> None:
         assert self._pool is not None
@@ -187,7 +193,9 @@ class RemapWorker:
                           len(results))
 
 
-def remap_stage(config: GatewayConfig, spool_root: Path) -> Callable[[Any], RemapWorker]:
+def remap_stage(
+    config: GatewayConfig, spool_root: Path, load: ReceiverLoad | None = None
+) -> Callable[[Any], RemapWorker]:
     """What the remap process builds, in the child: the rules, its own engine, the worker.
 
     Rewrite states commit without fsync there: one lost to a power cut is done again, and a
@@ -197,7 +205,10 @@ def remap_stage(config: GatewayConfig, spool_root: Path) -> Callable[[Any], Rema
         assert config.remap.rules_file is not None
         engine = make_engine(config.database.url, config.database.busy_timeout_s, durable=False)
         remapper = Remapper(load_rules(config.remap.rules_file), config.remap, engine)
-        return RemapWorker(remapper, spool_root, config.remap.workers,
-                           config.remap.yield_to_receiving_s, config.remap.max_defer_s)
+        hold = None
+        if load is not None:
+            hold = BurstHold(load, config.remap.max_defer_s, lambda: datetime.now(UTC))
+        return RemapWorker(remapper, spool_root, config.remap.workers, hold,
+                           config.remap.max_defer_s)
 
     return build
