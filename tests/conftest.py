@@ -6,11 +6,13 @@ as a subprocess, as an operator would, for tests about signals, crashes and logs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway
+from gateway.busy import ReceiverLoad
 from gateway.config import GatewayConfig
 
 IN_CI = os.environ.get("CI") == "true"
@@ -34,6 +37,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def saturated(load: ReceiverLoad | None, share: float = 0.8) -> Iterator[None]:
+    """The receiver's C-STORE handlers busy ``share`` of wall time, as ``gateway.busy`` reads it
+    (a little after every instance): a real saturation depends on the machine running the tests."""
+    assert load is not None, "the gateway has no background stage to read its load"
+    stop = threading.Event()
+
+    def add() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            time.sleep(0.01)
+            now = time.monotonic()
+            load.add(share * (now - last))
+            last = now
+
+    thread = threading.Thread(target=add, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.4)  # a whole window of it before anyone looks
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:

@@ -28,6 +28,7 @@ from tests.conftest import (
     port_open,
     rows,
     running,
+    saturated,
     wait_for,
 )
 from tests.factory import make_dataset, write_file, write_study
@@ -453,29 +454,11 @@ def test_forwarding_stands_aside_while_the_receiver_is_saturated_never_longer_th
     orthanc = orthanc_factory()
     app = make_gateway(db=db_url, forward={
         **FAST, "burst_hold_s": 3.0, "destinations": [orthanc_destination(orthanc, tmp_path)]})
-    load = app.load
-    assert load is not None
-    stop = threading.Event()
-
-    def saturate() -> None:
-        last = time.monotonic()
-        while not stop.is_set():  # as the receiver does: a little after every instance
-            time.sleep(0.01)
-            now = time.monotonic()
-            load.add(0.8 * (now - last))
-            last = now
-
-    busy = threading.Thread(target=saturate, daemon=True)
-    busy.start()
-    try:
-        time.sleep(0.4)
+    with saturated(app.load):
         send(app.config.dicom.port, write_study(tmp_path / "burst", 3))
         time.sleep(1.5)
         assert not orthanc.sop_instance_uids(), "forwarded while the receiver was saturated"
         wait_for(lambda: len(jobs(db_url, "confirmed")) == 3, 20, "held instances confirmed")
-    finally:
-        stop.set()
-        busy.join()
     held = [waited(j) for j in jobs(db_url)]
     assert all(2.5 <= s <= 6.0 for s in held), held
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from gateway.dicom.status import Status
-from tests.conftest import GATEWAY_BIN, rows, wait_for
+from tests.conftest import GATEWAY_BIN, rows, saturated, wait_for
 from tests.factory import make_dataset, write_file, write_study
 from tests.peers import dcmtk, spool_files, store
 
@@ -388,22 +387,7 @@ def test_rewrites_yield_to_a_saturated_receiver_but_are_never_starved(
                      'value = "General Hospital" }]\n')
     app = make_gateway(remap={"rules_file": str(rules), "max_defer_s": 2.5})
     db = f"sqlite:///{app.config.database.url.removeprefix('sqlite:///')}"
-    load = app.load
-    assert load is not None
-    stop = threading.Event()
-
-    def saturate() -> None:
-        last = time.monotonic()
-        while not stop.is_set():
-            time.sleep(0.01)
-            now = time.monotonic()
-            load.add(0.8 * (now - last))
-            last = now
-
-    busy = threading.Thread(target=saturate, daemon=True)
-    busy.start()
-    try:
-        time.sleep(0.4)
+    with saturated(app.load):
         first = time.monotonic()
         done_while_saturated: list[int] = []
         for _ in range(8):
@@ -415,9 +399,6 @@ def test_rewrites_yield_to_a_saturated_receiver_but_are_never_starved(
         assert done_while_saturated and set(done_while_saturated) == {0}
         wait_remapped(db, 8)  # still saturated: done because the first waited max_defer_s
         assert time.monotonic() < first + 2.5 + 2.0
-    finally:
-        stop.set()
-        busy.join()
     for path in spool_files(app.spool.root):
         assert pydicom.dcmread(path).InstitutionName == "General Hospital"
 
