@@ -16,8 +16,9 @@ The remap stage's rewrites yield the same way, up to ``remap.max_defer_s``.
 
 The receiver adds the seconds it spends in each C-STORE handler to a counter in shared memory; a
 thread in the stage's process samples it every ``POLL_S`` and calls the receiver saturated when
-its share of the last ``WINDOW_S`` of wall time is at least ``BUSY_SHARE``. A saturated receiver measures about 0.7 here (the rest is
-the network and the sender's turnaround); half load about 0.2.
+its share of the last ``WINDOW_S`` of wall time is at least ``BUSY_SHARE``. A saturated receiver
+measures about 0.7 here (the rest is the network and the sender's turnaround); half load about
+0.2.
 """
 
 from __future__ import annotations
