@@ -38,7 +38,7 @@ class Orthanc:
             body: bytes | BinaryIO = file.read() if size <= IN_ONE_PIECE_BYTES else file
             response = self._http.request(
                 "POST", f"{self._url}/instances", data=body,
-                headers={"Content-Type": "application/dicom", "Expect": ""},
+                headers={"Content-Type": "application/dicom"},
             )
         if response.status_code != 200:
             raise http_error(response.status_code, "POST /instances")
