@@ -49,7 +49,7 @@ def saturated(load: ReceiverLoad | None, share: float = 0.8) -> Iterator[None]:
     def add() -> None:
         last = time.monotonic()
         while not stop.is_set():
-            time.sleep(0.01)
+            time.sleep(0.005)  # often: gateway.busy takes a 50 ms pause for the end of a burst
             now = time.monotonic()
             load.add(share * (now - last))
             last = now
