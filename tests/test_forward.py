@@ -102,6 +102,20 @@ def test_storescu_to_orthanc_every_instance_confirmed_with_equal_pixels(
     assert [j.forwarded_at for j in first] == sorted(j.forwarded_at for j in first)
 
 
+def test_a_drained_queue_is_verified_at_once_not_at_the_next_round(
+    make_gateway: Callable[..., Gateway], orthanc_factory: Callable[..., Orthanc],
+    db_url: str, tmp_path: Path,
+) -> None:
+    """The proof of delivery runs when a destination's queue empties, not only every
+    ``check_interval_s``: with a round a minute apart, the study is still confirmed in seconds."""
+    orthanc = orthanc_factory()
+    app = make_gateway(db=db_url, forward={
+        **FAST, "stable_after_s": 0.0, "check_interval_s": 60.0,
+        "destinations": [orthanc_destination(orthanc, tmp_path)]})
+    send(app.config.dicom.port, write_study(tmp_path / "study", 4))
+    wait_for(lambda: len(jobs(db_url, "confirmed")) == 4, 15, "confirmed before the first round")
+
+
 def test_orthanc_down_for_a_minute_then_everything_arrives_once(
     served: Callable[..., Served], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
 ) -> None:

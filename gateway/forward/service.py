@@ -60,9 +60,10 @@ class Forwarder:
         self.destinations = destinations = [
             build_destination(d, config.dicom.ae_title) for d in forward.destinations
         ]
+        self._check_now = threading.Event()
         self.senders = [
             DestinationSenders(dest, cfg.concurrency, cfg.batch_size, forward, outbox, counters,
-                               clock, hold)
+                               clock, hold, drained=self._drained)
             for dest, cfg in zip(destinations, forward.destinations, strict=True)
         ]
         open_breakers = {s.destination.name: s.breaker for s in self.senders}
@@ -86,8 +87,14 @@ class Forwarder:
         for senders in self.senders:
             senders.notify()
 
+    def _drained(self) -> None:
+        """A destination's queue just emptied: its last studies may be stable already (they
+        are, after a burst longer than ``stable_after_s``), so check now, not at the next round."""
+        self._check_now.set()
+
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
+        self._check_now.set()
         for senders in self.senders:
             senders.stop(timeout_s)
         if self._hold is not None:
@@ -97,7 +104,11 @@ class Forwarder:
 
     def _housekeeping(self) -> None:
         next_retention = time.monotonic()
-        while not self._stopping.wait(self._check_s):
+        while not self._stopping.is_set():
+            self._check_now.wait(self._check_s)
+            self._check_now.clear()
+            if self._stopping.is_set():
+                return
             try:
                 self.confirmer.run_once()
                 if time.monotonic() >= next_retention:

@@ -37,9 +37,12 @@ class DestinationSenders:
         counters: ForwardCounters,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         hold: BurstHold | None = None,
+        drained: Callable[[], None] = lambda: None,
     ) -> None:
         self.destination = destination
         self._hold = hold
+        self._drained = drained
+        self._sent_since_drained = False  # threads race on it harmlessly: at worst a spare check
         self.breaker = Breaker(config.breaker, time.monotonic)
         self._concurrency = concurrency
         self._batch_size = batch_size
@@ -92,6 +95,9 @@ class DestinationSenders:
             return False
         batch = self._outbox.claim(self.destination.name, self._batch_size)
         if not batch:
+            if self._sent_since_drained:  # once per drain: an idle sender looks every second
+                self._sent_since_drained = False
+                self._drained()  # the proof of delivery need not wait for its next round
             return False
         held = self._hold is not None and self._hold.wait(
             min(job.created_at for job in batch), self._stopping
@@ -110,6 +116,7 @@ class DestinationSenders:
         done = {r.job.job_id for r in results}
         untried = [job for job in batch if job.job_id not in done]
         dead = self._outbox.settle(results, untried, self._retry_at)
+        self._sent_since_drained = True  # after settling: the last thread to settle wakes
         self._count(results, dead, time.monotonic() - started)
         return True
 
