@@ -16,9 +16,11 @@ The remap stage's rewrites yield the same way, up to ``remap.max_defer_s``.
 
 The receiver adds the seconds it spends in each C-STORE handler to a counter in shared memory; a
 thread in the stage's process samples it every ``POLL_S`` and calls the receiver saturated when
-its share of the last ``WINDOW_S`` of wall time is at least ``BUSY_SHARE``. A saturated receiver
-measures about 0.7 here (the rest is the network and the sender's turnaround); half load about
-0.2. The share lags the end of a burst by most of a window, so the receiver also counts as free
+its share of wall time is at least ``BUSY_SHARE`` in each of the last two ``WINDOW_S``: one C-STORE
+that stalls for a few hundred ms (a busy disk, a descheduled VM: seen at 0.9 and 1.5 in one
+window of a paced run) fills one window on its own, a burst fills both. A saturated receiver
+measures about 0.6-0.7 here (the rest is the network and the sender's turnaround); a third of its
+capacity 0.1-0.3. The share lags the end of a burst by most of a window, so the receiver also counts as free
 once no C-STORE has ended for ``QUIET_GAPS`` times the window's usual gap between two (and at
 least ``QUIET_S``): a burst's last instance releases the hold within about 60 ms, not 150.
 """
@@ -68,6 +70,13 @@ class ReceiverLoad:
         return float(self._last.value)
 
 
+_Sample = tuple[float, float, int]  # monotonic time, handler seconds, handler count
+
+
+def _share(before: _Sample, after: _Sample) -> float:
+    return (after[1] - before[1]) / max(after[0] - before[0], 1e-6)
+
+
 class BurstHold:
     """In a stage's process: ``wait`` returns once the receiver is not saturated, or once the
     oldest instance in hand has waited ``hold_s``. A thread samples the receiver's counter every
@@ -86,7 +95,7 @@ class BurstHold:
         self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
-        self._samples: deque[tuple[float, float, int]] = deque(maxlen=round(WINDOW_S / POLL_S) + 1)
+        self._samples: deque[_Sample] = deque(maxlen=2 * round(WINDOW_S / POLL_S) + 1)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="burst-hold", daemon=True)
 
@@ -112,12 +121,13 @@ class BurstHold:
 
     def saturated(self) -> bool:
         with self._lock:
-            if len(self._samples) < 2:
+            if len(self._samples) < 3:
                 return False
-            (then, busy_then, count_then), (now, busy_now, count_now) = (
-                self._samples[0], self._samples[-1])
-        if (busy_now - busy_then) / max(now - then, 1e-6) < BUSY_SHARE:
+            first, middle, last = (
+                self._samples[0], self._samples[len(self._samples) // 2], self._samples[-1])
+        if _share(first, middle) < BUSY_SHARE or _share(middle, last) < BUSY_SHARE:
             return False
+        (then, _, count_then), (now, _, count_now) = first, last
         usual_gap = (now - then) / max(count_now - count_then, 1)
         return self._monotonic() - self._load.last() < max(QUIET_S, QUIET_GAPS * usual_gap)
 

@@ -57,7 +57,7 @@ def saturated(load: ReceiverLoad | None, share: float = 0.8) -> Iterator[None]:
     thread = threading.Thread(target=add, daemon=True)
     thread.start()
     try:
-        time.sleep(0.4)  # a whole window of it before anyone looks
+        time.sleep(0.5)  # both windows of it before anyone looks
         yield
     finally:
         stop.set()

@@ -1,0 +1,67 @@
+"""The burst hold's reading of the receiver: a burst holds forwarding back, one stalled C-STORE
+at moderate load does not."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+from gateway.busy import BurstHold, ReceiverLoad
+
+
+def _observe(hold: BurstHold, seconds: float) -> list[bool]:
+    """saturated() every 10 ms for ``seconds``."""
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append(hold.saturated())
+        time.sleep(0.01)
+    return seen
+
+
+def _paced(load: ReceiverLoad, stop: threading.Event, every_s: float, handler_s: float) -> None:
+    while not stop.wait(every_s):
+        load.add(handler_s)
+
+
+def _hold(load: ReceiverLoad) -> BurstHold:
+    hold = BurstHold(load, hold_s=5.0, clock=lambda: datetime.now(UTC))
+    hold.start()
+    return hold
+
+
+def test_one_stalled_c_store_at_moderate_load_is_not_a_burst() -> None:
+    load, stop = ReceiverLoad(), threading.Event()
+    hold = _hold(load)
+    pacer = threading.Thread(target=_paced, args=(load, stop, 0.06, 0.01), daemon=True)
+    pacer.start()
+    try:
+        time.sleep(0.5)
+        load.add(0.35)  # one handler that took 350 ms: more than a whole window's worth
+        seen = _observe(hold, 0.6)
+    finally:
+        stop.set()
+        hold.stop()
+    assert not any(seen), f"saturated in {sum(seen)} of {len(seen)} looks after one stall"
+
+
+def test_a_sustained_burst_is_saturated_and_its_end_releases_within_a_fraction_of_a_second() -> None:
+    load, stop = ReceiverLoad(), threading.Event()
+    hold = _hold(load)
+    pacer = threading.Thread(target=_paced, args=(load, stop, 0.005, 0.0035), daemon=True)
+    pacer.start()
+    try:
+        time.sleep(0.5)
+        during = _observe(hold, 0.3)
+        stop.set()
+        pacer.join()
+        ended = time.monotonic()
+        while hold.saturated() and time.monotonic() - ended < 2.0:
+            time.sleep(0.005)
+        released_after = time.monotonic() - ended
+    finally:
+        stop.set()
+        hold.stop()
+    assert sum(during) >= 0.9 * len(during), f"saturated in {sum(during)} of {len(during)} looks"
+    assert released_after < 0.3, f"still held {released_after:.2f} s after the last C-STORE"
