@@ -25,17 +25,20 @@ def _paced(load: ReceiverLoad, stop: threading.Event, every_s: float, handler_s:
         load.add(handler_s)
 
 
-def _hold(load: ReceiverLoad) -> BurstHold:
+def _receiving(
+    every_s: float, handler_s: float
+) -> tuple[ReceiverLoad, BurstHold, threading.Event, threading.Thread]:
+    """A receiver ending a C-STORE of ``handler_s`` every ``every_s``, and a hold reading it."""
+    load, stop = ReceiverLoad(), threading.Event()
     hold = BurstHold(load, hold_s=5.0, clock=lambda: datetime.now(UTC))
     hold.start()
-    return hold
+    pacer = threading.Thread(target=_paced, args=(load, stop, every_s, handler_s), daemon=True)
+    pacer.start()
+    return load, hold, stop, pacer
 
 
 def test_one_stalled_c_store_at_moderate_load_is_not_a_burst() -> None:
-    load, stop = ReceiverLoad(), threading.Event()
-    hold = _hold(load)
-    pacer = threading.Thread(target=_paced, args=(load, stop, 0.06, 0.01), daemon=True)
-    pacer.start()
+    load, hold, stop, _ = _receiving(0.06, 0.01)
     try:
         time.sleep(0.5)
         load.add(0.35)  # one handler that took 350 ms: more than a whole window's worth
@@ -47,10 +50,7 @@ def test_one_stalled_c_store_at_moderate_load_is_not_a_burst() -> None:
 
 
 def test_a_sustained_burst_is_saturated_and_its_end_releases_within_a_fraction_of_a_second() -> None:
-    load, stop = ReceiverLoad(), threading.Event()
-    hold = _hold(load)
-    pacer = threading.Thread(target=_paced, args=(load, stop, 0.005, 0.0035), daemon=True)
-    pacer.start()
+    _, hold, stop, pacer = _receiving(0.005, 0.0035)
     try:
         time.sleep(0.5)
         during = _observe(hold, 0.3)
