@@ -89,6 +89,9 @@ from bench import (
     tail,
 )
 
+sys.path.insert(0, str(bench.REPO))  # for the tests' Orthanc configuration
+from tests.orthanc_config import orthanc_config  # noqa: E402
+
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 ORTHANC_USER = "bench"
 ORTHANC_PASSWORD = "bench"
@@ -177,30 +180,8 @@ class OrthancServer:
         return f"http://{LOOPBACK}:{self.http_port}"
 
     def config(self) -> dict[str, object]:
-        return {
-            "Name": f"bench-orthanc-{self.http_port}",
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
-            "StorageCompression": False,
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True,
-            "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
-            "WebDavEnabled": False,
-            "DicomServerEnabled": True,
-            "DicomAet": self.called_ae,
-            "DicomPort": self.port,
-            "DicomCheckCalledAet": False,
-            "DicomCheckModalityHost": False,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": True,
-            "DicomModalities": {},
-            "DicomAssociationCloseDelay": 0,
-            "SaveJobs": False,
-            "LogExportedResources": False,
-            "Plugins": [],
-        }
+        return orthanc_config(f"bench-orthanc-{self.http_port}", self.root, self.http_port,
+                              self.port, self.called_ae, {ORTHANC_USER: ORTHANC_PASSWORD})
 
     def request(self, method: str, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         req = urllib.request.Request(self.url + path, method=method,

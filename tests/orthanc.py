@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import free_port, wait_for
+from tests.orthanc_config import DICOMWEB_PLUGIN, orthanc_config
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 IN_CI = os.environ.get("CI") == "true"
 
 
@@ -69,43 +69,10 @@ class Orthanc:
 
     def config(self) -> dict[str, Any]:
         """The configuration ``start()`` writes (keys as in Debian's /etc/orthanc/*.json)."""
-        data: dict[str, Any] = {
-            "Name": f"test-orthanc-{self.http_port}",
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "index"),
-            "StorageCompression": False,
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True,
-            "RegisteredUsers": {self.username: self.password},
-            "WebDavEnabled": False,
-            "DicomServerEnabled": True,
-            "DicomAet": self.aet,
-            "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": False,
-            "DicomCheckModalityHost": False,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowFind": True,
-            "DicomAlwaysAllowGet": True,
-            "DicomAlwaysAllowMove": True,
-            "DicomModalities": {
-                name: {"AET": aet, "Host": host, "Port": port}
-                for name, (aet, host, port) in self.modalities.items()
-            },
-            "DicomScuTimeout": 10,
-            # Orthanc's SCU keeps an idle association open this long (default 5 s); close at once
-            # so that a stopped peer does not find a half-dead association later.
-            "DicomAssociationCloseDelay": 0,
-            "HttpTimeout": 10,
-            "StableAge": 2,
-            "SaveJobs": False,
-            "LogExportedResources": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
-        }
-        if self.dicomweb:
-            data["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        data = orthanc_config(
+            f"test-orthanc-{self.http_port}", self.root, self.http_port, self.dicom_port,
+            self.aet, {self.username: self.password}, self.modalities, self.dicomweb,
+        )
         data.update(self.extra_config)
         return data
 
