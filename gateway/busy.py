@@ -21,11 +21,11 @@ that stalls for a few hundred ms (a busy disk, a descheduled VM: seen at 0.9 and
 window of a paced run) fills one window on its own, a burst fills both. Once in a burst, the
 receiver stays saturated while the latest window alone is ``STAY_SHARE`` busy: a burst's share
 dips below 0.4 for a window now and then, and each dip let forwarding in beside it (ingest 0.77
-of ingest alone without this, measured). A saturated receiver
-measures about 0.6-0.7 here (the rest is the network and the sender's turnaround); a third of its
-capacity 0.1-0.3. The share lags the end of a burst by most of a window, so the receiver also counts as free
-once no C-STORE has ended for ``QUIET_GAPS`` times the window's usual gap between two (and at
-least ``QUIET_S``): a burst's last instance releases the hold within about 60 ms, not 150.
+of ingest alone without this, measured). A saturated receiver measures about 0.6-0.7 here (the
+rest is the network and the sender's turnaround); a third of its capacity 0.1-0.3. The share
+lags the end of a burst by most of a window, so the receiver also counts as free once no C-STORE
+has ended for ``QUIET_GAPS`` times the window's usual gap between two (and at least
+``QUIET_S``): a burst's last instance releases the hold within about 60 ms, not 150.
 """
 
 from __future__ import annotations

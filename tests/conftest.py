@@ -39,29 +39,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def saturated(load: ReceiverLoad | None, share: float = 0.8) -> Iterator[None]:
-    """The receiver's C-STORE handlers busy ``share`` of wall time, as ``gateway.busy`` reads it
-    (a little after every instance): a real saturation depends on the machine running the tests."""
-    assert load is not None, "the gateway has no background stage to read its load"
-    stop = threading.Event()
+class PacedReceiver:
+    """Stands in for the C-STORE handlers as ``gateway.busy`` reads them: one ends every
+    ``every_s``, and together they are busy ``share`` of wall time (set ``share`` to change it as
+    it runs). The share of the time elapsed is added, so it is exact however the waits are timed;
+    a real saturation depends on the machine running the tests."""
 
-    def add() -> None:
+    def __init__(self, load: ReceiverLoad, share: float, every_s: float = 0.005) -> None:
+        self.share = share
+        self._load = load
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PacedReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """No C-STORE ends after this returns."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
         last = time.monotonic()
-        while not stop.is_set():
-            time.sleep(0.005)  # often: gateway.busy takes a 50 ms pause for the end of a burst
+        while not self._stop.wait(self._every_s):
             now = time.monotonic()
-            load.add(share * (now - last))
+            self._load.add(self.share * (now - last))
             last = now
 
-    thread = threading.Thread(target=add, daemon=True)
-    thread.start()
-    try:
+
+@contextlib.contextmanager
+def saturated(load: ReceiverLoad | None, share: float = 0.8) -> Iterator[None]:
+    """The receiver's C-STORE handlers busy ``share`` of wall time, ending every 5 ms (often:
+    gateway.busy takes a 50 ms pause for the end of a burst)."""
+    assert load is not None, "the gateway has no background stage to read its load"
+    with PacedReceiver(load, share):
         time.sleep(0.5)  # both windows of it before anyone looks
         yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
