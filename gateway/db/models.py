@@ -96,6 +96,9 @@ class Instance(Base):
     series_description: Mapped[str | None] = mapped_column(String(64))
     body_part_examined: Mapped[str | None] = mapped_column(String(16))
     instance_number: Mapped[str | None] = mapped_column(String(12))
+    # gateway.query.folding.fold of the names above: matching compares these, on every database.
+    patient_name_folded: Mapped[str | None] = mapped_column(String(324), index=True)
+    referring_physician_name_folded: Mapped[str | None] = mapped_column(String(324))
     # Retention (gateway.forward.retention) removed the file once every destination confirmed it.
     spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -230,6 +233,9 @@ class ForwardJob(Base):
     sent_series_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
     sent_sop_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
     remote_id: Mapped[str | None] = mapped_column(String(64))
+    # Times the destination was asked (proof of delivery) and lacked this instance; the re-send
+    # stops at ``forward.max_verify_misses`` and the job goes to the dead letters.
+    verify_misses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(String(400))
 
 
