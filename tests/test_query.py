@@ -157,8 +157,8 @@ def test_find_uid_list_and_character_set(archive: Any, tmp_path: Path) -> None:
     assert str(found_one.PatientName) == "Müller^Jürgen"
 
 
-def test_find_cap_and_refusal_are_audited(archive: Any, tmp_path: Path) -> None:
-    app = archive(query={"max_results": 2})
+def test_find_cap_and_refusal_are_audited(archive: Any, tmp_path: Path, db_url: str) -> None:
+    app = archive(db=db_url, query={"max_results": 2})
     capped, found = find(app, tmp_path, "QueryRetrieveLevel=STUDY", "AccessionNumber")
     assert len(found) == 2 and "(Refused: OutOfResources)" in capped.stderr  # 0xA700
     refused, found = find(app, tmp_path, "QueryRetrieveLevel=STUDY", "PatientID", aet="MODALITY")
@@ -170,8 +170,8 @@ def test_find_cap_and_refusal_are_audited(archive: Any, tmp_path: Path) -> None:
             for a in audit] == [("VIEWER", 2, "0xA700"), ("MODALITY", 0, "0x0124")]
 
 
-def test_find_cancel_stops_the_matches(archive: Any, tmp_path: Path) -> None:
-    app = archive(query={"max_results": 20000})
+def test_find_cancel_stops_the_matches(archive: Any, tmp_path: Path, db_url: str) -> None:
+    app = archive(db=db_url, query={"max_results": 20000})
     # Many matches, so that the C-CANCEL arrives while answers are still going out: ledger rows
     # (queries never read files), copied from a stored instance with new UIDs.
     import sqlalchemy as sa
@@ -190,13 +190,13 @@ def test_find_cancel_stops_the_matches(archive: Any, tmp_path: Path) -> None:
 
 
 def test_move_to_storescp_unknown_destination_and_refusing_destination(
-    archive: Any, tmp_path: Path,
+    archive: Any, tmp_path: Path, db_url: str,
 ) -> None:
     pacs, pacs_port = start_storescp(tmp_path / "pacs")
     profile = storescp_profile(tmp_path / "us-only.cfg", "UltrasoundImageStorage")
     picky, picky_port = start_storescp(tmp_path / "picky", "-xf", str(profile), "Default")
     try:
-        app = archive(peers=[
+        app = archive(db=db_url, peers=[
             {"ae_title": "VIEWER", "services": ALL},
             {"ae_title": "MODALITY", "services": ["store"]},
             {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port, "services": ["echo"]},
@@ -213,7 +213,9 @@ def test_move_to_storescp_unknown_destination_and_refusing_destination(
 
         moved = move("PACS")
         assert moved.returncode == 0, moved.stderr
-        assert len(list((tmp_path / "pacs").iterdir())) == 4
+        arrived = sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in (tmp_path / "pacs").iterdir())
+        assert arrived == sorted(r.sop_instance_uid for r in rows(
+            db, "SELECT sop_instance_uid FROM instances WHERE accession_number = 'ACC-A'"))
         unknown = move("NOWHERE")
         assert "(Refused: MoveDestinationUnknown)" in unknown.stderr  # 0xA801
         refused = move("PICKY")
@@ -232,8 +234,8 @@ def test_move_to_storescp_unknown_destination_and_refusing_destination(
             process.wait(10)
 
 
-def test_get_sends_on_the_same_association(archive: Any, tmp_path: Path) -> None:
-    app = archive()
+def test_get_sends_on_the_same_association(archive: Any, tmp_path: Path, db_url: str) -> None:
+    app = archive(db=db_url)
     out = tmp_path / "got"
     out.mkdir()
     result = dcmtk("getscu", "-S", "-aet", "VIEWER", "-aec", "GATEWAY", "-od", str(out),
@@ -249,7 +251,9 @@ def test_get_sends_on_the_same_association(archive: Any, tmp_path: Path) -> None
                    "-k", f"StudyInstanceUID={study_b}")
     assert result.returncode == 0, result.stderr
     got = [pydicom.dcmread(f) for f in out.iterdir()]
-    assert len(got) == 3 and {g.Modality for g in got} == {"MR"}
+    assert sorted(str(g.SOPInstanceUID) for g in got) == sorted(r.sop_instance_uid for r in rows(
+        db, "SELECT sop_instance_uid FROM instances WHERE accession_number = 'ACC-B'"))
+    assert {g.Modality for g in got} == {"MR"}
 
 
 def test_orthanc_queries_and_retrieves_through_its_rest_api(
@@ -277,12 +281,13 @@ def test_orthanc_queries_and_retrieves_through_its_rest_api(
 
 
 def test_move_fetches_back_from_orthanc_what_retention_removed(
-    archive: Any, orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+    archive: Any, orthanc_factory: Callable[..., Orthanc], tmp_path: Path, db_url: str,
 ) -> None:
     orthanc = orthanc_factory()
     pacs, pacs_port = start_storescp(tmp_path / "pacs")
     try:
         app = archive(
+            db=db_url,
             peers=[{"ae_title": "VIEWER", "services": ALL},
                    {"ae_title": "MODALITY", "services": ["store"]},
                    {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
@@ -299,34 +304,14 @@ def test_move_fetches_back_from_orthanc_what_retention_removed(
                       "-k", f"StudyInstanceUID={study_c}")
         assert moved.returncode == 0, moved.stderr
         arrived = [pydicom.dcmread(f) for f in (tmp_path / "pacs").iterdir()]
-        assert len(arrived) == 2 and {a.AccessionNumber for a in arrived} == {"ACC-C"}
-    finally:
-        pacs.terminate()
-        pacs.wait(10)
-
-
-def test_move_of_a_compressed_instance_to_a_peer_taking_only_uncompressed(
-    archive: Any, tmp_path: Path,
-) -> None:
-    from tests.test_forward import jpeg_file
-
-    pacs, pacs_port = start_storescp(tmp_path / "pacs")  # storescp's default: uncompressed only
-    try:
-        app = archive(peers=[{"ae_title": "VIEWER", "services": ALL},
-                             {"ae_title": "MODALITY", "services": ["store"]},
-                             {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}])
-        original = jpeg_file(tmp_path / "jpeg.dcm")
-        assert dcmtk("dcmsend", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
-                     str(app.config.dicom.port), str(original)).returncode == 0
-        moved = dcmtk("movescu", "-S", "-aet", "VIEWER", "-aec", "GATEWAY", "-aem", "PACS",
-                      "127.0.0.1", str(app.config.dicom.port), "-k", "QueryRetrieveLevel=STUDY",
-                      "-k", f"StudyInstanceUID={pydicom.dcmread(original).StudyInstanceUID}")
-        assert moved.returncode == 0, moved.stderr
-        (arrived,) = [pydicom.dcmread(f) for f in (tmp_path / "pacs").iterdir()]
-        assert not arrived.file_meta.TransferSyntaxUID.is_compressed
-        expected = pydicom.dcmread(original)
-        expected.decompress()
-        assert arrived.pixel_array.tobytes() == expected.pixel_array.tobytes()
+        kept = {r.sop_instance_uid: r for r in rows(
+            db, "SELECT sop_instance_uid, series_instance_uid, spool_removed_at FROM instances "
+            "WHERE study_instance_uid = :study", study=study_c)}
+        assert all(r.spool_removed_at is not None for r in kept.values())  # fetched back
+        assert sorted(str(a.SOPInstanceUID) for a in arrived) == sorted(kept)
+        assert all((a.StudyInstanceUID, a.SeriesInstanceUID) ==
+                   (study_c, kept[a.SOPInstanceUID].series_instance_uid) for a in arrived)
+        assert {a.AccessionNumber for a in arrived} == {"ACC-C"}
     finally:
         pacs.terminate()
         pacs.wait(10)

@@ -38,12 +38,16 @@ class Stored:
     copies: tuple[tuple[str, str], ...]  # (destination, remote id) that confirmed it
 
 
-def lookup(engine: Engine, query: Query) -> list[Stored]:
+def check_retrievable(query: Query) -> None:
     """PS3.4 C.4.2.2.1: a retrieve names its level's unique key; without one it would move
-    everything, so it is refused."""
+    everything, so it is refused with 0xC000 (unable to process), saying which key."""
     if UNIQUE_KEY[query.level] not in query.keys or not query.where:
         raise QueryRefused(Status.UNABLE_TO_PROCESS,
-                           f"a {query.level} retrieve needs {UNIQUE_KEY[query.level]}")
+                           f"a {query.level} retrieve needs {UNIQUE_KEY[query.level]} with a value")
+
+
+def lookup(engine: Engine, query: Query) -> list[Stored]:
+    check_retrievable(query)
     with engine.connect() as c:
         rows = c.execute(
             select(Instance.id, Instance.sop_instance_uid, Instance.sop_class_uid,

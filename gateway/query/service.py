@@ -19,7 +19,12 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy import Engine
@@ -34,11 +39,12 @@ from gateway.dicom.transcode import as_uncompressed
 from gateway.errors import PermanentError
 from gateway.metrics import Metrics
 from gateway.query.find import QueryRefused, answers, parse, run
+from gateway.query.gate import status_dataset
 from gateway.query.pending import PendingSender
-from gateway.query.retrieve import Loader, Stored, lookup, unsendable
+from gateway.query.retrieve import Loader, Stored, check_retrievable, lookup, unsendable
 
 log = logging.getLogger(__name__)
-Reply = tuple[int, Dataset | None]
+Reply = tuple[int | Dataset, Dataset | None]  # a status, or a status Dataset with its Error Comment
 VERIFICATION = "1.2.840.10008.1.1"
 OUTGOING_BACKLOG = 32  # P-DATA primitives waiting to be sent
 
@@ -93,15 +99,16 @@ class QueryService:
                 status = Status.OUT_OF_RESOURCES  # PS3.4 C.4.1.1.4: refused, out of resources
                 log.warning("C-FIND from %s stopped at query.max_results = %d", calling_ae,
                             self._config.max_results)
-                yield int(status), _comment(f"more than {self._config.max_results} matches; "
-                                            "narrow the query")
+                yield status_dataset(status, f"more than {self._config.max_results} matches; "
+                                     "narrow the query"), None
         except QueryRefused as refused:
             status = refused.status
-            yield int(status), _comment(str(refused))
+            log.warning("C-FIND from %s refused (%s): %s", calling_ae, status.label, refused)
+            yield status_dataset(status, str(refused)), None
         except SQLAlchemyError as exc:
             status = Status.OUT_OF_RESOURCES
             log.error("C-FIND from %s: database unavailable (%s)", calling_ae, type(exc).__name__)
-            yield int(status), None
+            yield status_dataset(status, "database unavailable; try again later"), None
         finally:
             self._finished("find", calling_ae, model, level, status, matches, started)
 
@@ -116,10 +123,8 @@ class QueryService:
         found: list[Stored] = []
         status, level, tally, cancelled = Status.SUCCESS, "?", _SubOperations(), False
         try:
-            if peer is None:
+            if peer is None or not peer.host or not peer.port:  # precheck() refuses these first
                 status = Status.MOVE_DESTINATION_UNKNOWN
-                log.warning("C-MOVE from %s: destination %s is not a configured peer with host "
-                            "and port", calling_ae, destination)
                 yield None, None
                 return
             # pynetdicom reads the association options only after the count is yielded, so the
@@ -128,15 +133,9 @@ class QueryService:
                 (evt.EVT_ESTABLISHED, _no_delay), (evt.EVT_ESTABLISHED, tally.on_established),
                 (evt.EVT_DIMSE_RECV, tally.on_response)]}
             yield peer.host, peer.port, options
-            try:
-                query = parse(event.identifier, model, self._dialect, self._config)
-                level = query.level
-                found = lookup(self._engine, query)
-            except QueryRefused as refused:
-                # pynetdicom answers an exception here with 0xC513 (unable to process)
-                status = Status.UNABLE_TO_PROCESS
-                log.warning("C-MOVE from %s refused: %s", calling_ae, refused)
-                raise
+            query = parse(event.identifier, model, self._dialect, self._config)
+            level = query.level
+            found = lookup(self._engine, query)  # precheck() refused what lookup would refuse
             options["contexts"] = _contexts_for(found)
             yield len(found)
             cancelled = False
@@ -164,14 +163,9 @@ class QueryService:
         found: list[Stored] = []
         status, level, tally, cancelled = Status.SUCCESS, "?", _SubOperations(), False
         try:
-            try:
-                query = parse(event.identifier, model, self._dialect, self._config)
-                level = query.level
-                found = lookup(self._engine, query)
-            except QueryRefused as refused:
-                status = refused.status
-                yield int(status), _comment(str(refused))
-                return
+            query = parse(event.identifier, model, self._dialect, self._config)
+            level = query.level
+            found = lookup(self._engine, query)  # precheck() refused what lookup would refuse
             yield len(found)
             accepted = _accepted_for_sending(event.assoc)
             event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)
@@ -188,9 +182,46 @@ class QueryService:
             self._finished("get", calling_ae, model, level, status, len(found), started,
                            completed=tally.completed, warning=tally.warning)
 
-    def refused(self, kind: str, calling_ae: str, model: str) -> None:
-        """A caller without the service: counted and audited like every other request."""
+    def refused(self, kind: str, calling_ae: str, model: str) -> Dataset:
+        """A caller without the service (PS3.7 C.5: 0x0124): counted and audited like every
+        other request; the Error Comment says how to allow it."""
         self._finished(kind, calling_ae, model, "?", Status.NOT_AUTHORIZED, 0, time.perf_counter())
+        log.warning("C-%s refused: %s may not %s; add \"%s\" to its services in "
+                    "[[security.peers]]", kind.upper(), calling_ae, kind, kind)
+        return status_dataset(Status.NOT_AUTHORIZED,
+                              f'{calling_ae} may not C-{kind.upper()}: add "{kind}" to its services')
+
+    def precheck(self, kind: str, request: Any, identifier: Dataset | None,
+                 calling_ae: str) -> Dataset | None:
+        """A C-MOVE or C-GET's refusal, decided before pynetdicom starts (``query.gate``): an
+        identifier that cannot be decoded or answered (0xC000, 0xA900), a retrieve without its
+        level's unique key (0xC000), a move destination that is not a peer with host and port
+        (0xA801). None when the request may go on."""
+        model = str(request.AffectedSOPClassUID)
+        level = "?"
+        try:
+            if identifier is None:
+                raise QueryRefused(Status.UNABLE_TO_PROCESS, "identifier could not be decoded")
+            level = str(identifier.get("QueryRetrieveLevel", "?")).strip() or "?"
+            query = parse(identifier, model, self._dialect, self._config)
+            check_retrievable(query)
+        except QueryRefused as refused:
+            return self._refuse(kind, calling_ae, model, level, refused.status, str(refused))
+        if kind == "move":
+            destination = str(request.MoveDestination).strip()
+            if destination not in self._destinations:
+                return self._refuse(
+                    kind, calling_ae, model, level, Status.MOVE_DESTINATION_UNKNOWN,
+                    f"move destination {destination} unknown: list it with host and port",
+                    destination=destination)
+        return None
+
+    def _refuse(self, kind: str, calling_ae: str, model: str, level: str, status: Status,
+                reason: str, **detail: object) -> Dataset:
+        log.warning("C-%s from %s at %s level refused (%s): %s", kind.upper(), calling_ae, level,
+                    status.label, reason)
+        self._finished(kind, calling_ae, model, level, status, 0, time.perf_counter(), **detail)
+        return status_dataset(status, reason)
 
     def _finished(self, kind: str, calling_ae: str, model: str, level: str, status: Status,
                   count: int, started: float, **detail: object) -> None:
@@ -264,12 +295,6 @@ def _let_the_network_catch_up(assoc: Any) -> None:
         time.sleep(0.0005)
 
 
-def _comment(text: str) -> Dataset:
-    ds = Dataset()
-    ds.ErrorComment = text[:64]
-    return ds
-
-
 def _contexts_for(found: list[Stored]) -> list[PresentationContext]:
     """Verification too, so that a destination refusing every SOP class still associates and
     each sub-operation fails visibly (0xA702) rather than looking like an unknown destination."""
@@ -294,14 +319,24 @@ def _accepted_for_sending(assoc: Any) -> dict[str, set[str]]:
     return accepted
 
 
+# Little-endian syntaxes pydicom writes from any decoded data set, in the order we send them.
+_PLAIN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
+
+
 def _fit(ds: Dataset, accepted: dict[str, set[str]]) -> Dataset:
+    """The instance in a syntax the peer accepted for its SOP class: as stored when it can be,
+    else decompressed and re-stated in an accepted little-endian syntax (pynetdicom encodes it
+    as the file meta says). A peer may well accept deflated and not explicit VR for a context
+    (the acceptor picks one syntax per context), so every plain one counts. With none accepted
+    the instance goes as it is, and pynetdicom fails and lists that sub-operation."""
     syntaxes = accepted.get(str(ds.get("SOPClassUID", "")), set())
     stored = UID(ds.file_meta.TransferSyntaxUID) if "file_meta" in ds.__dict__ else None
-    if stored is None or stored in syntaxes or not stored.is_compressed:
-        return ds
-    if not syntaxes & {ExplicitVRLittleEndian, ImplicitVRLittleEndian}:
+    target = next((s for s in _PLAIN if s in syntaxes), None)
+    if stored is None or stored in syntaxes or target is None:
         return ds
     try:
-        return as_uncompressed(ds)
+        plain = as_uncompressed(ds)
     except PermanentError:
         return unsendable(str(ds.SOPInstanceUID))
+    plain.file_meta.TransferSyntaxUID = target
+    return plain

@@ -11,13 +11,17 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import decode
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway.busy import ReceiverLoad
@@ -26,11 +30,12 @@ from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.peers import PeerPolicy, RejectReason
 from gateway.dicom.status import Status
 from gateway.metrics import Metrics
-from gateway.receive.associations import AssociationLedger, AssociationStats
-from gateway.receive.fastpath import FastAssociation, FastSocket, file_meta
-from gateway.receive.streaming import StreamedStore, StreamingDUL
+from gateway.query.gate import GatedAssociation, Retrieve, status_dataset
 from gateway.query.service import QueryService
+from gateway.receive.associations import AssociationLedger, AssociationStats
+from gateway.receive.fastpath import FastSocket, file_meta
 from gateway.receive.ingest import Ingest, StoreRequest
+from gateway.receive.streaming import StreamedStore, StreamingDUL
 
 log = logging.getLogger(__name__)
 
@@ -242,21 +247,43 @@ class Receiver:
 
     def _handle_query(self, event: evt.Event, kind: Service) -> Iterator[Any]:
         """C-FIND / C-MOVE / C-GET: the caller's services decide, then ``QueryService``.
-        A refusal is 0x0124 (PS3.7 C.5.x, not authorized); a C-MOVE refusal first names no
-        destination, so that no association is opened."""
+        A refusal is 0x0124 (PS3.7 C.5.x, not authorized) with an Error Comment saying how to
+        allow it; C-MOVE and C-GET refusals are answered by ``gate_retrieve`` before this runs."""
         state = self._state(event.assoc)
         if self._query is None or state is None or kind not in state.services:
-            calling = state.calling_ae if state else event.assoc.requestor.ae_title
-            log.warning("C-%s refused: %s may not %s", kind.upper(), calling, kind)
-            if self._query is not None:
-                self._query.refused(kind, calling, str(cast(Any, event.request).AffectedSOPClassUID))
+            refusal = self._refusal(event.assoc, kind, cast(Any, event.request))
             if kind == "move":
-                yield None, None  # pynetdicom answers 0xA801 without associating
+                yield None, None  # not reached: the gate answered it
                 return
-            yield int(Status.NOT_AUTHORIZED), None
+            yield refusal, None
             return
         handler = {"find": self._query.find, "move": self._query.move, "get": self._query.get}[kind]
         yield from handler(event, state.calling_ae)
+
+    def gate_retrieve(
+        self, assoc: Association, request: Retrieve, context: PresentationContext
+    ) -> Dataset | None:
+        """Called by ``GatedAssociation`` before pynetdicom's C-MOVE/C-GET SCP: the refusal to
+        answer (0x0124, 0xC000, 0xA900, 0xA801), or None to go on."""
+        kind: Service = "move" if isinstance(request, C_MOVE) else "get"
+        state = self._state(assoc)
+        if self._query is None or state is None or kind not in state.services:
+            return self._refusal(assoc, kind, request)
+        syntax = context.transfer_syntax[0]
+        try:
+            identifier = decode(cast(Any, request.Identifier), syntax.is_implicit_VR,
+                                syntax.is_little_endian, syntax.is_deflated)
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes; the refusal says so
+            log.debug("C-%s identifier not decodable: %s", kind.upper(), type(exc).__name__)
+            identifier = None
+        return self._query.precheck(kind, request, identifier, state.calling_ae)
+
+    def _refusal(self, assoc: Association, kind: Service, request: Any) -> Dataset:
+        state = self._state(assoc)
+        calling = state.calling_ae if state else str(assoc.requestor.ae_title).strip()
+        if self._query is None:
+            return status_dataset(Status.NOT_AUTHORIZED, f"C-{kind.upper()} is not served here")
+        return self._query.refused(kind, calling, str(request.AffectedSOPClassUID))
 
     def _handle_end(self, event: evt.Event, end_state: str) -> None:
         state = self._state(event.assoc)
@@ -306,7 +333,7 @@ def _handler_class(receiver: Receiver) -> type[RequestHandler]:
             assoc = super()._create_association()
             FastSocket.adopt(cast(Any, assoc.dul.socket))
             StreamingDUL.adopt(assoc.dul, receiver.store_streamed, receiver.incoming, file_meta)
-            FastAssociation.adopt(assoc)
+            GatedAssociation.adopt_with_gate(assoc, receiver.gate_retrieve)
             assoc.acse = GatewayACSE(assoc, receiver)
             return assoc
 
