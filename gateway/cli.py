@@ -13,26 +13,44 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from gateway import __version__
 from gateway.config import GatewayConfig, load
 from gateway.errors import ConfigError
 
+# Every command reads the same file: --config, else $GATEWAY_CONFIG, else config/gateway.toml.
 DEFAULT_CONFIG = Path(os.environ.get("GATEWAY_CONFIG", "config/gateway.toml"))
 EXIT_CONFIG = 2
+EXIT_NO_DATA = 1
 log = logging.getLogger("gateway")
+
+
+def _refuse(path: Path, problems: list[str]) -> SystemExit:
+    print(f"{path}: configuration has {len(problems)} problem(s):", file=sys.stderr)
+    for problem in problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return SystemExit(EXIT_CONFIG)
 
 
 def _load_or_exit(path: Path) -> GatewayConfig:
     try:
         return load(path)
     except ConfigError as exc:
-        print(f"{path}: configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
+        raise _refuse(path, exc.problems)
+
+
+def _ready_or_exit(path: Path, ports: bool = True) -> GatewayConfig:
+    """The configuration and everything ``serve`` checks at start (``gateway.preflight``)."""
+    from gateway import preflight
+
+    config = _load_or_exit(path)
+    found = preflight.problems(config, ports=ports)
+    if found:
+        raise _refuse(path, found)
+    return config
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    _load_or_exit(args.config)
+    _ready_or_exit(args.config)
     print("ok")
     return 0
 
@@ -41,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.app import Gateway
 
-    config = _load_or_exit(args.config)
+    config = _ready_or_exit(args.config)
     logs.setup(config.logging.level)
     stopping = threading.Event()
 
@@ -54,11 +72,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         gateway = Gateway(config)
-    except ConfigError as exc:  # found while building: a destination's password, say
-        for problem in exc.problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    gateway.start()
+        gateway.start()
+    except ConfigError as exc:  # found while building, after the checks: say it the same way
+        raise _refuse(args.config, exc.problems)
+    except OSError as exc:  # a port taken between the check and the bind
+        raise _refuse(args.config, [f"cannot listen: {exc.strerror or exc}; check dicom.port and "
+                                    "metrics.port (GATEWAY_DICOM__PORT, GATEWAY_METRICS__PORT)"])
     if gateway.http is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, gateway.http.port)
     # A timed wait: the kernel may deliver the signal to one of pynetdicom's threads, and an
@@ -83,18 +102,16 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from gateway.db.engine import make_engine, make_sessions
-    from gateway.db.migrate import upgrade
-    from gateway.receive.spool import Spool
     from gateway.report import status_report
 
     config = _load_or_exit(args.config)
-    engine = make_engine(config.database.url, config.database.busy_timeout_s)
-    upgrade(engine)
-    spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * 1024 * 1024)
-    with make_sessions(engine)() as session:
-        print(status_report(session, spool))
-    engine.dispose()
+    db = _Database(config, args.config, read_only=True)
+    try:
+        with db.sessions() as session:
+            print(status_report(session, config.storage.spool_dir,
+                                config.storage.min_free_mb * 1024 * 1024))
+    finally:
+        db.close()
     return 0
 
 
@@ -103,15 +120,38 @@ def _operator() -> str:
 
 
 class _Database:
-    """An operator command's view of the configured database (migrated first)."""
+    """An operator command's view of the configured database.
 
-    def __init__(self, config: GatewayConfig) -> None:
+    Commands that change something migrate it first, as ``serve`` does. Commands that only look
+    (``status``, ``queue``, ``reconcile list``) never create or migrate one: a database that is
+    not there means the command is reading another configuration than the running gateway's,
+    and it says where it looked instead of answering "(nothing yet)" from a new empty file.
+    """
+
+    def __init__(self, config: GatewayConfig, path: Path, read_only: bool = False) -> None:
         from gateway.db.engine import make_engine, make_sessions
-        from gateway.db.migrate import upgrade
+        from gateway.db.migrate import current, head, upgrade
 
-        self.engine = make_engine(config.database.url, config.database.busy_timeout_s)
-        upgrade(self.engine)
+        url = config.database.url
+        if read_only and url.startswith("sqlite:///"):
+            database = Path(url.removeprefix("sqlite:///"))
+            if not database.is_file():
+                print(f"no database at {database} (database.url of {path}): the gateway has "
+                      "not run with this configuration; pass --config (or set GATEWAY_CONFIG) "
+                      "with the running gateway's file", file=sys.stderr)
+                raise SystemExit(EXIT_NO_DATA)
+        self.engine = make_engine(url, config.database.busy_timeout_s)
         self.sessions = make_sessions(self.engine)
+        if not read_only:
+            upgrade(self.engine)
+            return
+        found = current(self.engine)
+        if found != head():
+            self.engine.dispose()
+            where = "has no gateway tables" if found is None else f"is at schema {found}"
+            print(f"the database of {path} {where}; this gateway needs {head()}: start the "
+                  "gateway or run `gateway db upgrade`", file=sys.stderr)
+            raise SystemExit(EXIT_NO_DATA)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -121,7 +161,7 @@ def _import(args: argparse.Namespace, kind: str) -> int:
     from gateway.remap.imports import import_identities, import_orders
 
     config = _load_or_exit(args.config)
-    db = _Database(config)
+    db = _Database(config, args.config)
     load = import_identities if kind == "identities" else import_orders
     try:
         with db.sessions() as session, session.begin():
@@ -153,14 +193,15 @@ def _remapper(config: GatewayConfig, rules_path: Path | None, db: _Database) -> 
 
 
 @contextmanager
-def _dry_run(config: GatewayConfig, rules_path: Path | None) -> Iterator[tuple[Any, Any, Any]]:
+def _dry_run(config: GatewayConfig, config_path: Path,
+             rules_path: Path | None) -> Iterator[tuple[Any, Any, Any]]:
     """(remapper, session, resolver) for commands that look but never write: the session is
     rolled back when it closes."""
     from datetime import timedelta
 
     from gateway.remap.lookup import DbResolver
 
-    db = _Database(config)
+    db = _Database(config, config_path)
     try:
         remapper = _remapper(config, rules_path, db)
         with db.sessions() as session:
@@ -173,7 +214,7 @@ def cmd_remap_test(args: argparse.Namespace) -> int:
     from gateway.remap.dryrun import test_files
 
     config = _load_or_exit(args.config)
-    with _dry_run(config, args.rules) as (remapper, _session, resolver):
+    with _dry_run(config, args.config, args.rules) as (remapper, _session, resolver):
         for line in test_files(remapper.rules, remapper.settings, resolver, args.paths,
                                args.calling_ae, args.called_ae or config.dicom.ae_title):
             print(line)
@@ -193,7 +234,7 @@ def cmd_remap_replay(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if since.tzinfo is None:
         since = since.astimezone()
-    with _dry_run(config, args.rules) as (remapper, session, resolver):
+    with _dry_run(config, args.config, args.rules) as (remapper, session, resolver):
         for line in replay(session, remapper.rules, remapper.settings, resolver,
                            config.storage.spool_dir, since, config.remap.modifying_system):
             print(line)
@@ -204,7 +245,7 @@ def cmd_reconcile_list(args: argparse.Namespace) -> int:
     from gateway.remap.reconcile import held_studies
 
     config = _load_or_exit(args.config)
-    db = _Database(config)
+    db = _Database(config, args.config, read_only=True)
     try:
         with db.sessions() as session:
             held = held_studies(session)
@@ -215,8 +256,9 @@ def cmd_reconcile_list(args: argparse.Namespace) -> int:
     for study in held:
         print(f"{study.study_instance_uid}: {study.instances} held instance(s) from "
               f"{study.calling_ae}; {study.reason}")
+        accession = repr(study.accession_number) if study.accession_number else "none"
         print(f"  received: patient ID {study.patient_id!r}, name {study.patient_name!r}, "
-              f"accession {study.accession_number!r}, {study.modality} on {study.study_date}")
+              f"accession {accession}, {study.modality} on {study.study_date}")
         for order in study.candidates:
             print(f"  candidate {order.accession_number}: MRN {order.mrn}, {order.modality} "
                   f"at {order.scheduled_at:%Y-%m-%d %H:%M}, "
@@ -231,8 +273,8 @@ def cmd_reconcile_assign(args: argparse.Namespace) -> int:
     from gateway.remap.reconcile import assign
 
     config = _load_or_exit(args.config)
-    db = _Database(config)
-    remapper = _remapper(config, None, db)
+    db = _Database(config, args.config)
+    remapper = _remapper(config, args.rules, db)
     try:
         with db.sessions() as session:
             done = assign(remapper, session, config.storage.spool_dir, args.study, args.accession,
@@ -252,9 +294,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from gateway.forward.outbox import queue_stats
 
     config = _load_or_exit(args.config)
-    db = _Database(config)
+    action = getattr(args, "queue_command", None)
+    db = _Database(config, args.config, read_only=action is None)
     try:
-        action = getattr(args, "queue_command", None)
         if action == "retry":
             count = operator.retry(db.engine, args.by or _operator(), args.destination, args.study,
                                    args.dead)
@@ -270,7 +312,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"{count} dead job(s) purged (their files stay in the spool)")
             return 0
         names = [d.name for d in config.forward.destinations]
-        print(operator.queue_table(queue_stats(db.engine, names, count_confirmed=True)))
+        stats = queue_stats(db.engine, names, count_confirmed=True)
+        if not stats:
+            print(f"nothing is forwarded: {args.config} has no [[forward.destinations]]; add one "
+                  "(see config/gateway.example.toml) and restart the gateway")
+            return 0
+        print(operator.queue_table(stats))
         return 0
     finally:
         db.close()
@@ -280,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="DICOM gateway: receive, keep, remap and forward images."
     )
-    config_help = f"TOML configuration file (default {DEFAULT_CONFIG}, or $GATEWAY_CONFIG)"
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    config_help = ("TOML configuration file (default: $GATEWAY_CONFIG, else "
+                   "config/gateway.toml); relative paths in it are relative to its folder")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -335,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     assign.add_argument("study", help="Study Instance UID")
     assign.add_argument("accession", help="accession number of the order")
     assign.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
+    assign.add_argument("--rules", type=Path, help="rules file (default: remap.rules_file)")
     queue = command("queue", "forward queue per destination: depth, in flight, unconfirmed, dead, "
                     "oldest, breaker")
     queue.set_defaults(func=cmd_queue)

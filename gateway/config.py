@@ -8,6 +8,7 @@ as a TOML value when it parses as one (``true``, ``11112``, ``["echo"]``) and as
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -343,6 +344,38 @@ def _overlay_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, 
     return origins
 
 
+# pydantic's wording for a few error types, in the words of a TOML file
+_PLAIN_WORDS = {
+    "tuple_type": "should be a list, e.g. [\"echo\", \"store\"]",
+    "list_type": "should be a list, e.g. [\"a\", \"b\"]",
+    "dict_type": "should be a table ([section] or { key = value })",
+    "model_type": "should be a table ([section] or { key = value })",
+    "bool_parsing": "should be true or false",
+    "bool_type": "should be true or false",
+    "int_parsing": "should be a whole number",
+    "int_type": "should be a whole number",
+    "float_parsing": "should be a number",
+    "float_type": "should be a number",
+    "string_type": "should be a string in quotes",
+}
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    """The keys the table at ``loc`` (an unknown key's location, without that key) accepts."""
+    model: Any = GatewayConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", ())
+        model = annotation if hasattr(annotation, "model_fields") else next(
+            (a for a in inner if hasattr(a, "model_fields")), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
 def _describe(err: Mapping[str, Any], origins: dict[str, dict[str, Any]], source: str) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc)
@@ -351,11 +384,14 @@ def _describe(err: Mapping[str, Any], origins: dict[str, dict[str, Any]], source
         where = f"environment variable {origins[loc[0]][loc[1]]}"
     bad = err.get("input")
     if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1, cutoff=0.6)
+        if close:
+            return f"{key}: unknown key (in {where}); did you mean {close[0]}?"
         fix = "remove it or check its spelling against config/gateway.example.toml"
         return f"{key}: unknown key (in {where}); {fix}"
     if err["type"] == "missing":
         return f"{key}: required but missing (in {where}); add it"
-    message = str(err["msg"]).removeprefix("Value error, ")
+    message = _PLAIN_WORDS.get(err["type"]) or str(err["msg"]).removeprefix("Value error, ")
     shown = "<hidden>" if loc[:2] == ["database", "url"] else repr(bad)
     return f"{key} = {shown} (in {where}): {message}"
 
@@ -374,7 +410,7 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_describe(e, origins, str(path)) for e in exc.errors()])
-    config = _absolute_paths(config)
+    config = _absolute_paths(config, path.resolve().parent, origins)
     if config.remap.rules_file is not None:
         from gateway.remap.rules import load_rules
 
@@ -382,15 +418,38 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     return config
 
 
-def _absolute_paths(config: GatewayConfig) -> GatewayConfig:
-    """Relative paths are relative to the working directory, as an operator expects from a
-    command line; they are made absolute once so that nothing later can move them."""
-    spool = config.storage.spool_dir
-    if not spool.is_absolute():
-        spool = Path.cwd() / spool
-    storage = config.storage.model_copy(update={"spool_dir": spool})
+def _absolute_paths(
+    config: GatewayConfig, folder: Path, origins: dict[str, dict[str, Any]]
+) -> GatewayConfig:
+    """A relative path in the file is relative to the file's folder, so every command that reads
+    the file (``serve``, ``status``, ``queue`` from any directory) finds the same spool and
+    database; one from an environment variable is relative to the working directory, as on a
+    command line. Made absolute once, so that nothing later can move them."""
+
+    def absolute(value: Path, section: str, key: str) -> Path:
+        if value.is_absolute():
+            return value
+        return Path(os.path.normpath((Path.cwd() if key in origins.get(section, {}) else folder)
+                                     / value))
+
+    storage = config.storage.model_copy(
+        update={"spool_dir": absolute(config.storage.spool_dir, "storage", "spool_dir")})
     rules = config.remap.rules_file
-    if rules is not None and not rules.is_absolute():
-        rules = Path.cwd() / rules
-    remap = config.remap.model_copy(update={"rules_file": rules})
-    return config.model_copy(update={"storage": storage, "remap": remap})
+    remap = config.remap.model_copy(
+        update={"rules_file": None if rules is None else absolute(rules, "remap", "rules_file")})
+    url = config.database.url
+    if url.startswith("sqlite:///") and url not in ("sqlite:///", "sqlite:///:memory:"):
+        database_path = absolute(Path(url.removeprefix("sqlite:///")), "database", "url")
+        url = f"sqlite:///{database_path}"
+    database = config.database.model_copy(update={"url": url})
+    destinations = []
+    for destination in config.forward.destinations:
+        update = {
+            key: Path(os.path.normpath(folder / value))
+            for key in ("password_file", "ca_file")
+            if isinstance(value := getattr(destination, key, None), Path) and not value.is_absolute()
+        }
+        destinations.append(destination.model_copy(update=update) if update else destination)
+    forward = config.forward.model_copy(update={"destinations": tuple(destinations)})
+    return config.model_copy(update={"storage": storage, "remap": remap, "database": database,
+                                     "forward": forward})

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,6 +27,10 @@ class QueueRow(Protocol):
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        # No ``*_created`` series beside every counter and histogram (prometheus-client's
+        # default): a timestamp per series nobody graphs, doubling what each scrape carries.
+        # Process-wide in prometheus-client, so it is set here, where the metrics are made.
+        disable_created_metrics()
         self.registry = registry
         self.associations = Counter(
             "gateway_associations",

@@ -6,12 +6,13 @@ Shows AE titles, counts and sizes only; patient values stay in the database.
 from __future__ import annotations
 
 from datetime import UTC, datetime, time
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway.db.models import AssociationRecord, Instance, InstanceVersion
-from gateway.receive.spool import Spool
+from gateway.receive.spool import filesystem_free_bytes
 
 
 def _size(n: int | None) -> str:
@@ -23,7 +24,9 @@ def _size(n: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def status_report(session: Session, spool: Spool, now: datetime | None = None) -> str:
+def status_report(session: Session, spool_root: Path, min_free_bytes: int,
+                  now: datetime | None = None) -> str:
+    """Read-only: the spool folder is measured where it is (or would be), never created."""
     now = now or datetime.now(UTC)
     midnight = datetime.combine(now.date(), time.min, tzinfo=UTC)
     lines = [f"Received today (since {midnight:%Y-%m-%d %H:%M} UTC), by calling AE:"]
@@ -41,9 +44,12 @@ def status_report(session: Session, spool: Spool, now: datetime | None = None) -
     versions = session.scalar(select(func.sum(InstanceVersion.size_bytes))) or 0
     total = session.scalar(select(func.count()).select_from(Instance)) or 0
     lines.append("")
-    lines.append(f"Spool {spool.root}: {total} instances, {_size(held + versions)} "
-                 f"(other versions {_size(versions)}); free {_size(spool.free_bytes())}, "
-                 f"minimum {_size(spool.min_free_bytes)}")
+    measured = spool_root
+    while not measured.exists() and measured != measured.parent:
+        measured = measured.parent
+    lines.append(f"Spool {spool_root}: {total} instances, {_size(held + versions)} "
+                 f"(other versions {_size(versions)}); free "
+                 f"{_size(filesystem_free_bytes(measured))}, minimum {_size(min_free_bytes)}")
     lines.append("")
     lines.append("Last associations:")
     recent = session.scalars(

@@ -1,6 +1,6 @@
 # Shared by scripts/run, scripts/test and scripts/bench: the project's virtualenv, made once.
 # ensure_venv [EXTRAS]: create .venv with python3 >= 3.11 and install the package (editable) with
-# the given extras, re-installing when pyproject.toml changed since the last install.
+# the given extras, re-installing when pyproject.toml changed since the last install with them.
 
 ensure_venv() {
     local extras="${1:-}" spec="." stamp=".venv/.installed${1:+-$1}"
@@ -15,5 +15,8 @@ ensure_venv() {
         .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
         .venv/bin/python -m pip install --quiet -e "$spec"
         touch "$stamp"
+        # an install with extras includes the plain one: scripts/run after scripts/test has
+        # nothing to install
+        [ -n "$extras" ] && touch ".venv/.installed"
     fi
 }

@@ -55,7 +55,7 @@ def test_every_error_is_listed_with_key_value_and_source(tmp_path: Path) -> None
     text = "\n".join(problems)
     assert "dicom.port = 70000" in text and "less than or equal to 65535" in text
     assert "dicom.ae_title" in text
-    assert "storage.spool: unknown key" in text and "check its spelling" in text
+    assert "storage.spool: unknown key" in text and "did you mean spool_dir?" in text
     assert "environment variable GATEWAY_STORAGE__MIN_FREE_MB" in text
     assert "database.url" in text and "postgresql+psycopg://" in text
     assert "secret" not in text  # a database URL may hold a password

@@ -50,13 +50,17 @@ def test_files(
             continue
         sender = calling_ae or str(ds.file_meta.get("SourceApplicationEntityTitle", "")).strip()
         plan = make_plan(rules, Subject(sender, called_ae), ds, resolver, settings)
-        state = "held: " + "; ".join(plan.holds) if plan.held else (
-            f"{len(plan.changes)} change(s)" if plan.changes else "unchanged")
+        # A held study is kept exactly as received until an operator assigns it an order
+        # (`gateway reconcile assign`), which decides its values then: no change to show now.
+        state = ("held, kept unchanged until `gateway reconcile assign`: " + "; ".join(plan.holds)
+                 if plan.held else
+                 f"{len(plan.changes)} change(s)" if plan.changes else "unchanged")
         yield f"{path}: {state}; rules: {', '.join(plan.rules) or 'none'} (calling AE {sender!r})"
         for flag in plan.flags:
             yield f"  passed through: {flag}"
-        for keyword, old, new in describe(plan.changes, ds):
-            yield f"  {keyword}: {_show(old)} -> {_show(new)}"
+        if not plan.held:
+            for keyword, old, new in describe(plan.changes, ds):
+                yield f"  {keyword}: {_show(old)} -> {_show(new)}"
 
 
 def _show(value: Value) -> str:
