@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -29,6 +30,10 @@ from gateway.forward.outbox import queue_stats
 from gateway.forward.routes import Router
 from gateway.forward.service import build_destination, forward_stage
 from gateway.http import HttpEndpoint
+from gateway.jobs.kinds import JobContext
+from gateway.jobs.ledger import RunLedger
+from gateway.jobs.runner import JobRunner
+from gateway.jobs.scheduler import JobScheduler
 from gateway.logs import quiet_pynetdicom
 from gateway.metrics import Metrics
 from gateway.query.retrieve import Loader
@@ -123,6 +128,13 @@ class Gateway:
             query,
             self.load,
         )
+        node = config.forward.node_name
+        runs = RunLedger(self.engine, node)
+        self.jobs = JobScheduler(
+            config.jobs,
+            JobRunner(runs, JobContext(config, self.sessions, node, _now, _debug), self.metrics),
+            runs,
+        )
         self.http: HttpEndpoint | None = None
         if config.metrics.enabled:
             self.http = HttpEndpoint(
@@ -152,8 +164,10 @@ class Gateway:
         if self.http is not None:
             self.http.start()
         self.receiver.start()
+        self.jobs.start()
 
     def stop(self) -> None:
+        self.jobs.stop()
         self.receiver.stop(self.config.dicom.shutdown_grace_s)
         self.query.close()
         if self.remap_worker is not None:
@@ -164,3 +178,12 @@ class Gateway:
             self.http.stop()
         self.engine.dispose()
         self.ledger_engine.dispose()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _debug(line: str) -> None:
+    """A job's progress line: the scheduler's runs are followed through job_runs, not the log."""
+    log.debug("job progress: %s", line)

@@ -323,6 +323,101 @@ def cmd_queue(args: argparse.Namespace) -> int:
         db.close()
 
 
+def _job_or_exit(config: GatewayConfig, name: str, path: Path) -> Any:
+    job = next((j for j in config.jobs if j.name == name), None)
+    if job is None:
+        names = ", ".join(j.name for j in config.jobs) or "none"
+        print(f"no job named {name!r} in {path} (jobs: {names})", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return job
+
+
+def _when(at: Any) -> str:
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at is not None else "-"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """Each job, its next run, and how its last run ended (read-only)."""
+    from datetime import UTC, datetime
+
+    from gateway.jobs.ledger import RunLedger
+    from gateway.jobs.triggers import make_trigger, next_fire
+
+    config = _load_or_exit(args.config)
+    if not config.jobs:
+        print(f"no jobs: {args.config} has no [[jobs]]; see config/gateway.example.toml")
+        return 0
+    db = _Database(config, args.config, read_only=True)
+    try:
+        latest = RunLedger(db.engine, config.forward.node_name).latest()
+    finally:
+        db.close()
+    now = datetime.now(UTC)
+    print(f"{'job':<20} {'kind':<14} {'schedule':<16} {'next run':<20} last run")
+    for job in config.jobs:
+        schedule = job.cron or f"every {job.every_s:g} s"
+        following = next_fire(make_trigger(job.cron, job.every_s), now) if job.enabled else None
+        last = latest.get(job.name)
+        done = "never" if last is None else (
+            f"{last.outcome} {_when(last.started_at)} on {last.node}"
+            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(last.counts.items()))})"
+               if last.counts else "") + (f": {last.error}" if last.error else ""))
+        print(f"{job.name:<20} {job.kind:<14} {schedule:<16} "
+              f"{_when(following) if job.enabled else 'disabled':<20} {done}")
+    return 0
+
+
+def cmd_jobs_run(args: argparse.Namespace) -> int:
+    """Run a job now, in the foreground, printing its progress; the same ledger and lease as
+    the scheduler, so it never overlaps a scheduled run of the same job."""
+    from datetime import UTC, datetime
+
+    from gateway.jobs.kinds import JobContext
+    from gateway.jobs.ledger import RunLedger
+    from gateway.jobs.runner import JobRunner
+
+    config = _load_or_exit(args.config)
+    job = _job_or_exit(config, args.name, args.config)
+    db = _Database(config, args.config)
+    try:
+        node = config.forward.node_name
+        context = JobContext(config, db.sessions, node, lambda: datetime.now(UTC), print)
+        outcome = JobRunner(RunLedger(db.engine, node), context).run(job, "operator", None)
+    finally:
+        db.close()
+    if outcome is None:
+        print(f"job {job.name} is running now (on this or another node); try again when it ends",
+              file=sys.stderr)
+        return 3
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))
+    print(f"job {job.name}: {outcome.outcome}" + (f" ({counts})" if counts else ""))
+    if outcome.error:
+        print(f"  {outcome.error}", file=sys.stderr)
+    return 0 if outcome.outcome == "success" else 1
+
+
+def cmd_jobs_history(args: argparse.Namespace) -> int:
+    from gateway.jobs.ledger import RunLedger
+
+    config = _load_or_exit(args.config)
+    _job_or_exit(config, args.name, args.config)
+    db = _Database(config, args.config, read_only=True)
+    try:
+        runs = RunLedger(db.engine, config.forward.node_name).history(args.name, args.limit)
+    finally:
+        db.close()
+    if not runs:
+        print(f"job {args.name} has not run yet")
+    for run in runs:
+        took = (f"{(run.finished_at - run.started_at).total_seconds():.1f} s"
+                if run.finished_at else "running")
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(run.counts.items()))
+        print(f"#{run.id} {_when(run.started_at)} {run.trigger:<9} {run.outcome:<11} {took:>9} "
+              f"on {run.node}" + (f"  {counts}" if counts else "")
+              + (f"  {run.error}" if run.error else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="DICOM gateway: receive, keep, remap and forward images."
@@ -399,6 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_queue)
     purge.add_argument("--older-than", required=True, help="e.g. 7d, 12h, 30m")
     purge.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
+    jobs = command("jobs", "scheduled jobs ([[jobs]]): each one's schedule, next run and last run")
+    jobs.set_defaults(func=cmd_jobs)
+    job_actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+    run = sub(job_actions, "run", "run a job now, in the foreground, with its progress",
+              cmd_jobs_run)
+    run.add_argument("name", help="the job's name")
+    history = sub(job_actions, "history", "a job's last runs, newest first", cmd_jobs_history)
+    history.add_argument("name", help="the job's name")
+    history.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
     return parser
 
 

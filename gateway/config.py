@@ -299,6 +299,43 @@ class QueryConfig(_Model):
     )
 
 
+class _Job(_Model):
+    """A periodic job (gateway.jobs): ``cron`` (five crontab fields, local time) or ``every_s``."""
+
+    name: str = Field(pattern=_NAME)
+    cron: str | None = Field(None, description='e.g. "0 2 * * *": every day at 02:00')
+    every_s: float | None = Field(None, gt=0)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> _Job:
+        if (self.cron is None) == (self.every_s is None):
+            raise ValueError(f"job {self.name}: give cron or every_s, exactly one")
+        if self.cron is not None:
+            from gateway.jobs.triggers import make_trigger
+
+            try:
+                make_trigger(self.cron, None)
+            except ValueError as exc:
+                raise ValueError(f"job {self.name}: cron {self.cron!r} is not a crontab "
+                                 f"expression ({exc}); e.g. \"0 2 * * *\"") from None
+        return self
+
+
+class OrderFolderJob(_Job):
+    """Imports every new CSV or JSON file of ``folder`` into the orders table (as ``gateway
+    orders import``), then moves it to ``done/``, or to ``rejected/`` with a ``.reason.txt``."""
+
+    kind: Literal["order_folder"]
+    folder: Path
+    settle_s: float = Field(
+        10.0, ge=0, description="a file is read once unchanged for this long (still being written)"
+    )
+
+
+Job = Annotated[OrderFolderJob, Field(discriminator="kind")]
+
+
 class MetricsConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -320,6 +357,15 @@ class GatewayConfig(_Model):
     query: QueryConfig = QueryConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    jobs: tuple[Job, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_jobs(self) -> GatewayConfig:
+        names = [j.name for j in self.jobs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"job names must be unique: {', '.join(twice)} given twice")
+        return self
 
 
 def _env_value(raw: str) -> Any:
@@ -451,5 +497,10 @@ def _absolute_paths(
         }
         destinations.append(destination.model_copy(update=update) if update else destination)
     forward = config.forward.model_copy(update={"destinations": tuple(destinations)})
+    jobs = tuple(
+        job.model_copy(update={"folder": Path(os.path.normpath(folder / job.folder))})
+        if isinstance(job, OrderFolderJob) and not job.folder.is_absolute() else job
+        for job in config.jobs
+    )
     return config.model_copy(update={"storage": storage, "remap": remap, "database": database,
-                                     "forward": forward})
+                                     "forward": forward, "jobs": jobs})

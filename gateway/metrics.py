@@ -25,6 +25,9 @@ class QueueRow(Protocol):
     def oldest_unconfirmed(self) -> datetime | None: ...
 
 
+JOB_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         # No ``*_created`` series beside every counter and histogram (prometheus-client's
@@ -102,6 +105,21 @@ class Metrics:
         self.suboperations = Counter("gateway_retrieve_suboperations",
                                      "Instances offered to C-MOVE and C-GET sub-operations",
                                      ["kind"], registry=registry)
+
+        # Scheduled jobs (gateway.jobs)
+        self.job_runs = Counter("gateway_job_runs", "Job runs by job and outcome",
+                                ["job", "outcome"], registry=registry)
+        self.job_seconds = Histogram("gateway_job_run_seconds", "How long each job run took",
+                                     ["job"], buckets=JOB_BUCKETS_S, registry=registry)
+        self.job_last_success = Gauge("gateway_job_last_success_timestamp_seconds",
+                                      "When each job last ended in success (Unix time)",
+                                      ["job"], registry=registry)
+
+    def job_finished(self, job: str, outcome: str, seconds: float, at: float) -> None:
+        self.job_runs.labels(job, outcome).inc()
+        self.job_seconds.labels(job).observe(seconds)
+        if outcome == "success":
+            self.job_last_success.labels(job).set(at)
 
     def watch_queue(self, stats: Callable[[], Sequence[QueueRow]]) -> None:
         """Queue depth and age are read from the outbox at scrape time."""

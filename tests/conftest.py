@@ -127,7 +127,7 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'gateway.db'}"
 
 
-def config_dict(tmp_path: Path, db: str, port: int, **sections: dict[str, Any]) -> dict[str, Any]:
+def config_dict(tmp_path: Path, db: str, port: int, **sections: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "dicom": {"ae_title": "GATEWAY", "bind_host": "127.0.0.1", "port": port,
                   "shutdown_grace_s": 5.0},
@@ -137,8 +137,8 @@ def config_dict(tmp_path: Path, db: str, port: int, **sections: dict[str, Any]) 
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
         "logging": {"level": "INFO"},
     }
-    for section, values in sections.items():
-        data[section] = {**data.get(section, {}), **values}
+    for section, values in sections.items():  # a table is merged; a list ([[jobs]]) replaces
+        data[section] = values if isinstance(values, list) else {**data.get(section, {}), **values}
     return data
 
 
@@ -178,9 +178,11 @@ def toml_value(value: Any) -> str:
 def write_toml(path: Path, data: dict[str, Any]) -> Path:
     lines = []
     for section, values in data.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-        lines.append("")
+        tables = values if isinstance(values, list) else [values]  # a list: [[section]] each
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items())
+            lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

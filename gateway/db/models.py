@@ -250,3 +250,38 @@ class DestinationState(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0)
     since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(String(400))
+
+
+class JobRun(Base):
+    """One run of a scheduled job (gateway.jobs): when, where, how it ended and what it did.
+
+    ``scheduled_for`` is the fire time a scheduled run answers (None for a run an operator asked
+    for); it is unique per job, so two nodes firing the same time run it once. ``outcome``:
+    running, success, failed, interrupted (the node stopped or died while it ran)."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (UniqueConstraint("job", "scheduled_for"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    node: Mapped[str] = mapped_column(String(64))
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | missed | operator
+    scheduled_for: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    counts: Mapped[str] = mapped_column(Text, default="{}")  # JSON {"imported": 3, ...}
+    error: Mapped[str | None] = mapped_column(String(400))
+
+
+class JobLease(Base):
+    """Who runs a job now: one row per job, held until ``lease_until`` (renewed while the run
+    lasts), so a job never runs twice at once, on one node or on several sharing PostgreSQL."""
+
+    __tablename__ = "job_leases"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    lease_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,42 @@
+"""What each job ``kind`` does: one function per kind, given the job's config and what it needs.
+
+A kind returns its counts (shown by ``gateway jobs``, kept in ``job_runs.counts``) and reports
+progress as lines (``gateway jobs run`` prints them; the scheduler logs them at DEBUG). Counts and
+lines carry file names and numbers, never patient values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from gateway.config import GatewayConfig, Job, OrderFolderJob
+from gateway.jobs.order_folder import run_order_folder
+
+
+@dataclass(frozen=True)
+class JobContext:
+    config: GatewayConfig
+    sessions: Callable[[], Session]
+    node: str
+    clock: Callable[[], datetime]
+    progress: Callable[[str], None]
+
+
+JobFunction = Callable[[JobContext, Job], dict[str, int]]
+
+
+def _order_folder(context: JobContext, job: Job) -> dict[str, int]:
+    assert isinstance(job, OrderFolderJob)
+    report = run_order_folder(context.sessions, job, f"job:{job.name}", context.clock())
+    for line in report.lines:
+        context.progress(line)
+    return report.counts()
+
+
+KINDS: dict[str, JobFunction] = {
+    "order_folder": _order_folder,
+}
