@@ -160,6 +160,94 @@ class Order(Base):
     sex: Mapped[str | None] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="scheduled")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Worklist (gateway.worklist): where and by whom it is to be performed, from the RIS (HL7
+    # OBR/ORC) or an import; ``procedure_steps`` lists several steps as JSON when the order has
+    # more than one (each {step_id, description, modality, station_ae, start}); the HL7 order
+    # numbers tie change and cancel messages to the order.
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    scheduled_station_ae: Mapped[str | None] = mapped_column(String(16))
+    scheduled_station_name: Mapped[str | None] = mapped_column(String(16))
+    performing_physician: Mapped[str | None] = mapped_column(String(324))
+    referring_physician: Mapped[str | None] = mapped_column(String(324))
+    procedure_steps: Mapped[str | None] = mapped_column(Text)
+    placer_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    filler_order_number: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+class WorklistItem(Base):
+    """One Scheduled Procedure Step a modality sees in its worklist (PS3.4 Annex K), built from
+    an order by the worklist build job. ``status`` holds the DICOM SPS status (SCHEDULED,
+    STARTED, COMPLETED, DISCONTINUED); only SCHEDULED and STARTED items are listed. Names are
+    stored with their folded form (gateway.query.folding) for matching, as the ledger does."""
+
+    __tablename__ = "worklist_items"
+    __table_args__ = (UniqueConstraint("order_id", "step_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"), index=True)
+    step_id: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    accession_number: Mapped[str] = mapped_column(String(16), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_name_folded: Mapped[str | None] = mapped_column(String(324), index=True)
+    birth_date: Mapped[str | None] = mapped_column(String(8))
+    sex: Mapped[str | None] = mapped_column(String(16))
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), index=True)
+    requested_procedure_id: Mapped[str | None] = mapped_column(String(16))
+    requested_procedure_description: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16), index=True)
+    station_ae: Mapped[str | None] = mapped_column(String(16), index=True)
+    station_name: Mapped[str | None] = mapped_column(String(16))
+    start_date: Mapped[str] = mapped_column(String(8), index=True)  # DA, local
+    start_time: Mapped[str] = mapped_column(String(16))  # TM, local
+    performing_physician: Mapped[str | None] = mapped_column(String(324))
+    performing_physician_folded: Mapped[str | None] = mapped_column(String(324))
+    step_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician: Mapped[str | None] = mapped_column(String(324))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    built_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PerformedStep(Base):
+    """A Modality Performed Procedure Step (PS3.4 Annex F): created IN PROGRESS by N-CREATE,
+    ended COMPLETED or DISCONTINUED by N-SET. ``attributes`` is the step as last set, in the
+    DICOM JSON model (PS3.18 F.2), which the N-SET checks read; the performed series it lists
+    link the study to its order (``study_instance_uid``, ``accession_number``)."""
+
+    __tablename__ = "performed_steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    worklist_item_id: Mapped[int | None] = mapped_column(ForeignKey("worklist_items.id"))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    performed_series: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of UIDs
+    attributes: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Hl7Message(Base):
+    """Every HL7 v2 message received over MLLP, in full (it holds patient data: it lives here,
+    never in the service log), with the acknowledgement it got (AA, AE or AR) and why."""
+
+    __tablename__ = "hl7_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    peer: Mapped[str] = mapped_column(String(80))
+    message_type: Mapped[str | None] = mapped_column(String(16))
+    control_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)
+    ack_code: Mapped[str] = mapped_column(String(2), index=True)
+    error: Mapped[str | None] = mapped_column(String(400))
+    raw: Mapped[str] = mapped_column(Text)
 
 
 class StudyDecision(Base):
