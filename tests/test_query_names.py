@@ -494,3 +494,36 @@ def test_remapped_names_are_matched_as_they_now_read(
     assert accessions("ΗΛΙΌΠΟΥΛΟΣ^ΣΟΦΊΑ", "ISO_IR 126") == {"ACC-EL"}  # planned at ingest
     assert accessions("кузнецова*", "ISO_IR 144") == {"ACC-RU"}          # released on assignment
     assert accessions("test^patient", "ISO_IR 192") == set()             # the received name
+
+
+def test_orthanc_finds_names_in_any_case(
+    make_gateway: Callable[..., Gateway], orthanc_factory: Callable[..., Any], tmp_path: Path,
+) -> None:
+    """Orthanc querying the gateway through its REST API, as a PACS would. Orthanc encodes its
+    queries in its DefaultEncoding (Latin1 unless configured; it drops what Latin1 lacks, so a
+    Greek query reaches any SCP as ``*``): Latin-1 names here, the other scripts above."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    orthanc = orthanc_factory(modalities={"gateway": ("GATEWAY", "127.0.0.1", port)})
+    app = make_gateway(dicom={"port": port}, security={
+        "unknown_callers": ["echo", "store"],
+        "peers": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                   "services": ["echo", "find"]}]})
+    archive_of_names(lambda **_: app, tmp_path, "", True)
+    expected = {
+        "müller*": {("DE-MUELLER", "MÜLLER^JÜRGEN")},
+        "*jürgen": {("DE-MUELLER", "MÜLLER^JÜRGEN")},
+        "Müller^Jürgen": {("DE-MUELLER", "MÜLLER^JÜRGEN")},
+        "STRAUSS^ÄNNE": {("DE-STRAUSS", "Strauß^Änne")},
+        "LEFÈVRE^HÉLÈNE": {("FR-LEFEVRE", "Lefèvre^Hélène")},
+        # stored decomposed: Orthanc's Latin1 keeps the o and drops the combining diaeresis
+        "könig*": {("DE-KOENIG", "Konig^Eva")},
+    }
+    found = {}
+    for value in expected:
+        query = orthanc.post_json("/modalities/gateway/query", {
+            "Level": "Study", "Query": {"PatientName": value, "AccessionNumber": ""}})
+        answers = orthanc.get_json(f"/queries/{query['ID']}/answers?expand")
+        found[value] = {(a["0008,0050"]["Value"], a["0010,0010"]["Value"]) for a in answers}
+    assert found == expected
