@@ -9,7 +9,7 @@ import importlib.util
 import re
 import subprocess
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -256,7 +256,7 @@ def _insert_as_ingest(engine: sa.Engine, name: str, referring: str | None = None
 
 
 @pytest.fixture
-def engine(db_url: str) -> Any:
+def engine(db_url: str) -> Iterator[sa.Engine]:
     engine = make_engine(db_url)
     upgrade(engine)
     yield engine
@@ -282,17 +282,23 @@ def test_any_name_is_found_in_any_case_and_as_a_prefix(
 
 
 def test_wildcard_characters_in_a_name_are_literal(engine: sa.Engine) -> None:
-    """Literal ``[``, ``%``, ``_`` in a stored name are escaped for GLOB and LIKE alike;
-    full-width ＊ and ？ fold to nothing special and are never wildcards."""
+    """Literal ``[``, ``]``, ``%``, ``_`` in a name are escaped for GLOB and LIKE alike, in a
+    wildcard query too; full-width ＊ and ？ are letters, never wildcards."""
     odd = {name: _insert_as_ingest(engine, name)
            for name in ("O[B]RIEN^ANN", "PERCENT%^A_B", "ＳＴＡＲ＊^Ｘ", "ASTERISK^Ｘ")}
-    for name, study in odd.items():
-        assert [r["PatientName"] for r in _find_study(engine, study, name.lower())] == [name]
-    assert _find_study(engine, odd["PERCENT%^A_B"], "PERCENTX^AZB") == []
-    assert _find_study(engine, odd["O[B]RIEN^ANN"], "OBRIEN^ANN") == []
-    assert _find_study(engine, odd["ASTERISK^Ｘ"], "ASTERISK＊") == []  # ＊ is a letter here
-    assert [r["PatientName"] for r in _find_study(engine, odd["ＳＴＡＲ＊^Ｘ"], "star＊*")] == [
-        "ＳＴＡＲ＊^Ｘ"]
+    cases = [
+        ("O[B]RIEN^ANN", "o[b]rien^ann", True), ("O[B]RIEN^ANN", "o[b]rien*", True),
+        ("O[B]RIEN^ANN", "o?b?rien^*", True), ("O[B]RIEN^ANN", "obrien*", False),
+        ("O[B]RIEN^ANN", "o[b]*]", False),
+        ("PERCENT%^A_B", "percent%^a_b", True), ("PERCENT%^A_B", "percent%^*", True),
+        ("PERCENT%^A_B", "percentx^*", False), ("PERCENT%^A_B", "percent%^axb*", False),
+        ("PERCENT%^A_B", "percent%^a_*", True),
+        ("ＳＴＡＲ＊^Ｘ", "star＊^x", True), ("ＳＴＡＲ＊^Ｘ", "star＊*", True),
+        ("ASTERISK^Ｘ", "ASTERISK＊", False), ("ASTERISK^Ｘ", "ASTERISK＾Ｘ", False),
+    ]
+    for name, value, expected in cases:
+        found = [r["PatientName"] for r in _find_study(engine, odd[name], value)]
+        assert found == ([name] if expected else []), value
 
 
 YAMADA = "Yamada^Tarou=山田^太郎=やまだ^たろう"
