@@ -96,7 +96,7 @@ class Instance(Base):
     series_description: Mapped[str | None] = mapped_column(String(64))
     body_part_examined: Mapped[str | None] = mapped_column(String(16))
     instance_number: Mapped[str | None] = mapped_column(String(12))
-    # gateway.query.folding.fold of the names above: matching compares these, on every database.
+    # gateway.query.folding.fold_name of the names above: matching compares these, on every database.
     patient_name_folded: Mapped[str | None] = mapped_column(String(324), index=True)
     referring_physician_name_folded: Mapped[str | None] = mapped_column(String(324))
     # Retention (gateway.forward.retention) removed the file once every destination confirmed it.

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import InstrumentedAttribute
 
 from gateway.db.models import Instance
+from gateway.query.folding import fold_name
 
 Level = str  # PATIENT | STUDY | SERIES | IMAGE
 LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -66,6 +67,14 @@ COUNTED: dict[Level, tuple[str, ...]] = {
 }
 
 
+# PN keys and the column holding their ``fold_name``, which matching compares in any case
+# (gateway.query.matching); every writer of a name writes its folded copy in the same statement.
+FOLDED: dict[str, InstrumentedAttribute[Any]] = {
+    "PatientName": Instance.patient_name_folded,
+    "ReferringPhysicianName": Instance.referring_physician_name_folded,
+}
+
+
 def columns_at(level: Level) -> dict[str, InstrumentedAttribute[Any]]:
     """The keys a level answers: its own and those of every level above it."""
     found: dict[str, InstrumentedAttribute[Any]] = {}
@@ -85,19 +94,27 @@ LEDGER_CARRIED: dict[str, InstrumentedAttribute[Any]] = {
 
 def ledger_values(ds: Dataset, changes: Mapping[str, Any]) -> dict[str, str | None]:
     """Column values for the carried keys: the remap's new value where it sets one, else the
-    received one."""
-    return {
+    received one; and the folded copy of each name."""
+    return _with_folded({
         key: _text(changes[keyword] if keyword in changes else ds.get(keyword), length)
         for keyword, key, length in _CARRIED_CELLS
-    }
+    })
 
 
 def changed_values(changes: Mapping[str, Any]) -> dict[str, str | None]:
-    """Only the columns a remap plan changes: for instances planned after they were recorded."""
-    return {
+    """Only the columns a remap plan changes, with the folded copy of a changed name: for
+    instances planned after they were recorded."""
+    return _with_folded({
         key: _text(changes[keyword], length)
         for keyword, key, length in _CARRIED_CELLS if keyword in changes
-    }
+    })
+
+
+def _with_folded(values: dict[str, str | None]) -> dict[str, str | None]:
+    for name, folded in _FOLDED_CELLS:
+        if name in values:
+            values[folded] = fold_name(values[name])
+    return values
 
 
 def _text(raw: Any, length: int | None) -> str | None:
@@ -112,4 +129,8 @@ def _text(raw: Any, length: int | None) -> str | None:
 _CARRIED_CELLS: tuple[tuple[str, str, int | None], ...] = tuple(
     (keyword, column.key, getattr(column.type, "length", None))
     for keyword, column in LEDGER_CARRIED.items()
+)
+# (name column key, folded column key)
+_FOLDED_CELLS: tuple[tuple[str, str], ...] = tuple(
+    (LEDGER_CARRIED[keyword].key, column.key) for keyword, column in FOLDED.items()
 )

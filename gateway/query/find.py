@@ -21,7 +21,7 @@ from sqlalchemy import ColumnElement, Engine, distinct, func, literal_column, se
 from gateway.config import QueryConfig
 from gateway.db.models import Instance
 from gateway.dicom.status import Status
-from gateway.query.attributes import COUNTED, LEVELS, UNIQUE_KEY, columns_at
+from gateway.query.attributes import COUNTED, FOLDED, LEVELS, UNIQUE_KEY, columns_at
 from gateway.query.matching import condition
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -66,7 +66,7 @@ def parse(identifier: Dataset, model: str, dialect: str, config: QueryConfig) ->
         value = _text(element)
         if keyword in columns:
             found = condition(columns[keyword], element.VR, value, dialect,
-                              config.case_insensitive_names)
+                              config.case_insensitive_names, FOLDED.get(keyword))
             if found is not None:
                 where.append(found)
         elif keyword == "ModalitiesInStudy" and value.strip("*\\ "):

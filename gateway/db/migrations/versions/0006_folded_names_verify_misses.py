@@ -4,9 +4,10 @@ Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-03 08:30:00
 
-``patient_name_folded`` and ``referring_physician_name_folded`` hold ``gateway.query.folding.fold``
-of the name (SQLite's ``lower()`` folds ASCII only); existing rows are filled here with the fold as
-it was written on this date, copied so that this migration never changes when that module does.
+``patient_name_folded`` and ``referring_physician_name_folded`` hold
+``gateway.query.folding.fold_name`` of the name (SQLite's ``lower()`` folds ASCII only); existing
+rows are filled here with the fold as it was written on this date, copied so that this migration
+never changes when that module does.
 ``forward_jobs.verify_misses`` counts how often a destination was asked and lacked the instance.
 """
 
@@ -25,8 +26,26 @@ depends_on = None
 _BATCH = 5000
 
 
-def _fold(text: str | None) -> str | None:
-    return None if text is None else unicodedata.normalize("NFC", text).casefold()
+_WIDTH = {
+    code: unicodedata.normalize("NFKC", chr(code))
+    for low, high in ((0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0xFF61, 0xFF9F),
+                      (0x3000, 0x3000))
+    for code in range(low, high + 1)
+}
+
+
+def _fold_text(text: str) -> str:
+    return unicodedata.normalize(
+        "NFC", unicodedata.normalize("NFD", text.translate(_WIDTH)).casefold()
+    )
+
+
+def _fold(value: str | None) -> str | None:
+    if value is None:
+        return None
+    groups = ["^".join(_fold_text(c) for c in group.split("^")).rstrip("^")
+              for group in value.rstrip(" ").split("=")]
+    return "=".join(groups).rstrip("=")[:324] or None
 
 
 def upgrade() -> None:
