@@ -34,7 +34,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from gateway.config import DicomConfig, load
-from tests.conftest import GATEWAY_BIN, POSTGRES_URL, free_port, port_open, wait_for
+from tests.conftest import GATEWAY_BIN, free_port, port_open, wait_for
 from tests.factory import make_dataset, write_study
 from tests.peers import dcmtk, encode, raw_c_store, require_tool, spool_files
 
@@ -49,6 +49,12 @@ UNIT = ROOT / "config/systemd/gateway.service"
 IMAGE_CONFIG_PATH = "/etc/gateway/gateway.toml"
 METRIC_NAME = re.compile(r"\bgateway_[a-z0-9_]+")
 IN_CI = os.environ.get("CI") == "true"
+
+
+def run(args: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """A command's exit status and output, for the test to judge."""
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
 
 
 # --- the Dockerfile, read as Docker reads it -------------------------------------------------
@@ -125,7 +131,8 @@ class Process:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def wait_listening(self, port: int) -> None:
-        wait_for(lambda: port_open(port) or self.process.poll() is not None, 30, "gateway to listen")
+        wait_for(lambda: port_open(port) or self.process.poll() is not None, 30,
+                 "gateway to listen")
         assert self.process.poll() is None, f"gateway exited at start:\n{self.log()}"
 
     def terminate(self) -> int:
@@ -154,7 +161,7 @@ def serve(processes: list[Process], config: Path, env: dict[str, str], log: Path
 
 
 def run_healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(healthcheck(), env=env, capture_output=True, text=True, timeout=30)
+    return run(healthcheck(), timeout=30, env=env)
 
 
 # --- the image -------------------------------------------------------------------------------
@@ -173,8 +180,7 @@ def test_image_config_keeps_everything_on_the_volume_and_exposes_metrics() -> No
 def test_image_config_starts_as_is_and_its_healthcheck_passes(tmp_path: Path,
                                                                 processes: list[Process]) -> None:
     env = as_in_the_image(tmp_path)
-    check = subprocess.run([str(GATEWAY_BIN), "check-config", "--config", str(baked_config())],
-                           env=env, capture_output=True, text=True, timeout=60)
+    check = run([str(GATEWAY_BIN), "check-config", "--config", str(baked_config())], env=env)
     assert (check.returncode, check.stdout.strip()) == (0, "ok"), check.stderr
     gateway = serve(processes, baked_config(), env, tmp_path / "gateway.log")
     port = env["GATEWAY_DICOM__PORT"]
@@ -244,8 +250,7 @@ def docker_daemon() -> str | None:
     """None when a Docker daemon answers, else why not."""
     if shutil.which("docker") is None:
         return "no docker command"
-    info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
-                          capture_output=True, text=True, timeout=60)
+    info = run(["docker", "info", "--format", "{{.ServerVersion}}"])
     if info.returncode != 0:
         return (info.stderr.strip().splitlines() or ["docker info failed"])[-1]
     return None
@@ -257,35 +262,30 @@ def test_image_builds_starts_healthy_and_stops_on_sigterm(tmp_path: Path) -> Non
         pytest.skip(f"no Docker daemon here ({why}): the image build and run are not tested")
     tag = f"dicom-gateway-test:{uuid.uuid4().hex[:8]}"
     name = f"gateway-test-{uuid.uuid4().hex[:8]}"
-    build = subprocess.run(["docker", "build", "-t", tag, str(ROOT)], capture_output=True,
-                           text=True, timeout=1800)
+    build = run(["docker", "build", "-t", tag, str(ROOT)], timeout=1800)
     assert build.returncode == 0, build.stderr[-4000:]
     try:
-        run = subprocess.run(["docker", "run", "-d", "--name", name, "--stop-timeout", "120",
-                              "-p", "127.0.0.1::11112", "-p", "127.0.0.1::9110", tag],
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
+        started = run(["docker", "run", "-d", "--name", name, "--stop-timeout", "120",
+                       "-p", "127.0.0.1::11112", "-p", "127.0.0.1::9110", tag])
+        assert started.returncode == 0, started.stderr
 
         def inspect(template: str) -> str:
-            return subprocess.run(["docker", "inspect", "-f", template, name],
-                                  capture_output=True, text=True, timeout=60).stdout.strip()
+            return run(["docker", "inspect", "-f", template, name]).stdout.strip()
 
         wait_for(lambda: inspect("{{.State.Health.Status}}") in ("healthy", "unhealthy"), 180,
                  "the container's HEALTHCHECK to pass")
         assert inspect("{{.State.Health.Status}}") == "healthy"
-        port = subprocess.run(["docker", "port", name, "11112/tcp"], capture_output=True,
-                              text=True, timeout=60).stdout.split(":")[-1].strip()
+        port = run(["docker", "port", name, "11112/tcp"]).stdout.split(":")[-1].strip()
         echo = dcmtk("echoscu", "-aet", "MONITORING", "-aec", "GATEWAY", "127.0.0.1", port)
         assert echo.returncode == 0, echo.stderr
-        metrics_port = subprocess.run(["docker", "port", name, "9110/tcp"], capture_output=True,
-                                      text=True, timeout=60).stdout.split(":")[-1].strip()
+        metrics_port = run(["docker", "port", name, "9110/tcp"]).stdout.split(":")[-1].strip()
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
             assert b"gateway_spool_free_bytes" in response.read()
-        subprocess.run(["docker", "stop", name], capture_output=True, timeout=180, check=True)
+        assert run(["docker", "stop", name], timeout=180).returncode == 0
         assert inspect("{{.State.ExitCode}}") == "0"
     finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
-        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=120)
+        run(["docker", "rm", "-f", name])
+        run(["docker", "rmi", "-f", tag])
 
 
 # --- docker compose --------------------------------------------------------------------------
@@ -321,13 +321,12 @@ def test_compose_files_agree_with_each_other() -> None:
     [volume] = [json.loads(a)[0] for i, a in dockerfile() if i == "VOLUME"]
     assert volume in mounts(gateway)
     config_file = ROOT / mounts(gateway)[IMAGE_CONFIG_PATH]
-    env = {k: str(v) for k, v in gateway["environment"].items()}
-    config = load(config_file, environ={**env, "ORTHANC_PASSWORD": "x",
-                                        "GATEWAY_DATABASE__URL": _interpolated(env["GATEWAY_DATABASE__URL"])})
+    env = {k: _interpolated(str(v)) for k, v in gateway["environment"].items()}
+    config = load(config_file, environ=env)
     assert {config.dicom.port, config.metrics.port} <= published(gateway)
 
     # The gateway reaches PostgreSQL and Orthanc by their service names, as the user they know.
-    url = sa.make_url(_interpolated(env["GATEWAY_DATABASE__URL"]))
+    url = sa.make_url(env["GATEWAY_DATABASE__URL"])
     postgres = services["postgres"]
     assert url.host == "postgres" and "postgres" in gateway["depends_on"]
     assert (url.username, url.database) == (postgres["environment"]["POSTGRES_USER"],
@@ -335,13 +334,15 @@ def test_compose_files_agree_with_each_other() -> None:
     [orthanc] = config.forward.destinations
     assert orthanc.type == "orthanc" and orthanc.password_env in env
     assert urllib.parse.urlsplit(orthanc.url).hostname == "orthanc"
-    users = json.loads(_interpolated(services["orthanc"]["environment"]["ORTHANC__REGISTERED_USERS"]))
+    orthanc_env = services["orthanc"]["environment"]
+    users = json.loads(_interpolated(orthanc_env["ORTHANC__REGISTERED_USERS"]))
     assert orthanc.username in users
 
     # Prometheus scrapes the gateway's metrics port and finds its rules where prometheus.yml says.
     prometheus = services["prometheus"]
     prometheus_mounts = mounts(prometheus)
-    scrape = yaml.safe_load((ROOT / prometheus_mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    scrape_file = ROOT / prometheus_mounts["/etc/prometheus/prometheus.yml"]
+    scrape = yaml.safe_load(scrape_file.read_text(encoding="utf-8"))
     targets = [t for job in scrape["scrape_configs"] for s in job["static_configs"]
                for t in s["targets"]]
     assert f"gateway:{config.metrics.port}" in targets
@@ -376,7 +377,7 @@ def test_compose_secrets_come_from_an_ignored_env_file() -> None:
     assert wanted and wanted == given
     # every secret is required (${VAR:?...}): no silent empty password
     assert all(re.search(rf"\$\{{{var}:\?", text) for var in wanted)
-    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
+    ignored = run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
     assert ignored.returncode == 0, ".env must be git-ignored"
     # The database URL (with its password) comes from the environment, not the mounted file.
     mounted = tomllib.loads((ROOT / "config/compose.toml").read_text(encoding="utf-8"))
@@ -394,11 +395,10 @@ def test_compose_gateway_config_forwards_to_orthanc_on_postgresql(
     assert "http://orthanc:8042" in text
     config = tmp_path / "compose.toml"
     config.write_text(text.replace("http://orthanc:8042", orthanc.url), encoding="utf-8")
-    env = clean_env(**image_env(), **{
-        "GATEWAY_DATABASE__URL": db_url, "ORTHANC_PASSWORD": orthanc.password,
-        "GATEWAY_STORAGE__SPOOL_DIR": str(tmp_path / "volume/spool"),
-        "GATEWAY_DICOM__PORT": str(free_port()), "GATEWAY_METRICS__PORT": str(free_port()),
-    })
+    env = clean_env(**image_env(), GATEWAY_DATABASE__URL=db_url,
+                    ORTHANC_PASSWORD=orthanc.password,
+                    GATEWAY_STORAGE__SPOOL_DIR=str(tmp_path / "volume/spool"),
+                    GATEWAY_DICOM__PORT=str(free_port()), GATEWAY_METRICS__PORT=str(free_port()))
     gateway = serve(processes, config, env, tmp_path / "gateway.log")
     files = write_study(tmp_path / "study", 5, PatientName="Ødegård^Åse")
     store = dcmtk("storescu", "-aet", "CT_ROOM1", "-aec", "GATEWAY", "127.0.0.1",
@@ -463,27 +463,26 @@ def installed_unit(tmp_path: Path) -> Path:
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     tool = require_tool("systemd-analyze")
-    result = subprocess.run([tool, "verify", "--man=no", str(installed_unit(tmp_path))],
-                            capture_output=True, text=True, timeout=60)
+    result = run([tool, "verify", "--man=no", str(installed_unit(tmp_path))])
     # Unknown keys and bad values are warnings on stderr with exit 0: no output at all is asked.
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
     tool = require_tool("systemd-analyze")
-    result = subprocess.run([tool, "security", "--offline=true", "--no-pager",
-                             str(installed_unit(tmp_path))], capture_output=True, text=True,
-                            timeout=60)
+    result = run([tool, "security", "--offline=true", "--no-pager",
+                  str(installed_unit(tmp_path))])
     assert result.returncode == 0, result.stderr
-    level = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)[1])  # type: ignore[index]
+    overall = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    assert overall, result.stdout
+    level = float(overall[1])
     assert level <= 2.0, result.stdout  # "OK"; an unhardened unit scores 9.6 ("UNSAFE")
 
 
 # --- Prometheus and Grafana ------------------------------------------------------------------
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_tool("promtool"), *args], capture_output=True, text=True,
-                          timeout=120)
+    return run([require_tool("promtool"), *args])
 
 
 def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
@@ -616,7 +615,8 @@ def busy_gateway(served: Any, tmp_path: Path) -> Any:
 
     def breaker_open() -> bool:
         with urllib.request.urlopen(url) as response:
-            return 'gateway_forward_breaker_open{destination="pacs"} 1.0' in response.read().decode()
+            exposition = response.read().decode()
+        return 'gateway_forward_breaker_open{destination="pacs"} 1.0' in exposition
 
     wait_for(breaker_open, 30, "the breaker of the unanswering destination to open")
     return gateway
@@ -689,3 +689,16 @@ def test_prometheus_scraping_a_gateway_raises_its_alert_and_fills_the_dashboard(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_readme_deploying_section_names_only_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Deploying"):readme.index("## Development")]
+    named = set(re.findall(r"(?<![\w/.])((?:config|scripts)/[\w./-]+\.\w+|\.env\.example|"
+                           r"compose\.yaml|Dockerfile)", section))
+    assert {"config/docker.toml", "config/systemd/gateway.service", "compose.yaml",
+            ".env.example", "config/prometheus/alerts.yml"} <= named
+    for path in named:
+        assert (ROOT / path).exists(), f"README names {path}, which does not exist"
+    for alert in re.findall(r"`(Gateway[A-Za-z]+)`", section):
+        assert alert in {rule["alert"] for rule in alert_rules()}, alert
