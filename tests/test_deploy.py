@@ -23,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,28 @@ def test_build_context_is_only_what_the_image_copies() -> None:
                  ".git/config", "tests/test_deploy.py", "gateway/__pycache__/app.cpython-311.pyc",
                  "scripts/bench", ".bench-cache/ct/1.dcm"):
         assert dockerignore_excludes(path, patterns), f"{path} would be sent to the daemon"
+
+
+def test_build_context_alone_builds_the_whole_package(tmp_path: Path) -> None:
+    """The image's `pip install .` sees only the context: built from a copy of just that, the
+    package holds every module and data file of gateway/ (migrations included)."""
+    patterns = [line.strip() for line in
+                (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.startswith("#")]
+    tracked = run(["git", "ls-files"], cwd=ROOT).stdout.split()
+    context = tmp_path / "context"
+    for path in tracked:
+        if not dockerignore_excludes(path, patterns):
+            (context / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / path, context / path)
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
+                 str(tmp_path / "wheel"), str(context)], timeout=600)
+    assert built.returncode == 0, built.stderr[-4000:]
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = {name for name in archive.namelist() if name.startswith("gateway/")}
+    wanted = {path for path in tracked if path.startswith("gateway/")}
+    assert wanted - packaged == set(), "left out of the image"
 
 
 def docker_daemon() -> str | None:
