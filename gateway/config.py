@@ -183,8 +183,8 @@ class _HttpDestination(_Destination):
         if self.password_env:
             if self.password_env not in environ:
                 raise ConfigError(
-                    [f"destination {self.name}: environment variable {self.password_env} is not "
-                     "set; export it or use password_file"]
+                    [(f"destination {self.name}: environment variable {self.password_env} is not "
+                      "set; export it or use password_file")]
                 )
             return environ[self.password_env]
         if self.password_file:
@@ -192,8 +192,8 @@ class _HttpDestination(_Destination):
                 return self.password_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(
-                    [f"destination {self.name}: cannot read password_file {self.password_file} "
-                     f"({exc.strerror}); fix the path or its permissions"]
+                    [(f"destination {self.name}: cannot read password_file {self.password_file} "
+                      f"({exc.strerror}); fix the path or its permissions")]
                 ) from None
         return None
 
@@ -258,6 +258,11 @@ class ForwardConfig(_Model):
         30.0, ge=0, le=3600,
         description="while C-STOREs keep the receiver saturated, forwarding holds each instance "
         "back up to this long after it arrived, so that the modalities get the machine; 0 = never",
+    )
+    max_verify_misses: int = Field(
+        3, ge=1, le=100,
+        description="proof of delivery: an instance the destination still lacks after this many "
+        "verifications goes to the dead letters instead of being sent again",
     )
     node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
     retry: RetryPolicy = RetryPolicy()

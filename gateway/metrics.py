@@ -87,6 +87,10 @@ class Metrics:
             "gateway_forward_requeued_missing",
             "Forwarded instances the destination did not hold when verified (sent again)", d,
             registry=registry)
+        self.verify_gave_up = Counter(
+            "gateway_forward_verify_gave_up",
+            "Instances dead-lettered because the destination still lacked them after "
+            "forward.max_verify_misses verifications (it may change UIDs)", d, registry=registry)
         self.forward_latency = Histogram(
             "gateway_forward_latency_seconds", "From received to confirmed at the destination",
             d, buckets=LATENCY_BUCKETS_S, registry=registry)

@@ -9,15 +9,28 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pydicom
+import pytest
 from PIL import Image
+from pydicom.data.data_manager import DATA_ROOT
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from gateway.app import Gateway
 from tests.conftest import (
@@ -31,7 +44,7 @@ from tests.conftest import (
     saturated,
     wait_for,
 )
-from tests.factory import make_dataset, write_file, write_study
+from tests.factory import CANARY_ID, CANARY_NAME, make_dataset, write_file, write_study
 from tests.orthanc import Orthanc
 from tests.peers import dcmtk, require_tool
 
@@ -71,11 +84,77 @@ def waited(job: Any) -> float:
     return (times[1] - times[0]).total_seconds()
 
 
-def new_instance_events(orthanc: Orthanc) -> int:
-    """How many times Orthanc stored a new instance: a second copy would show as a second event
-    only if it were stored twice, which Orthanc's changes log would record."""
-    changes = orthanc.get_json("/changes?limit=10000")
-    return sum(1 for c in changes["Changes"] if c["ChangeType"] == "NewInstance")
+Uids = tuple[str, str, str]  # Study, Series, SOP Instance UID
+
+
+@dataclass
+class Recording:
+    """A real Orthanc whose Lua ``ReceivedInstanceFilter`` writes the UIDs of every copy it is
+    given (REST, DICOMweb or C-STORE) before it looks for duplicates: Orthanc keeps the first
+    copy of a UID and its changes log shows a second one nowhere, so only this sees a re-send."""
+
+    orthanc: Orthanc
+    received: Path
+
+    def copies(self) -> list[Uids]:
+        if not self.received.exists():
+            return []
+        lines = self.received.read_text(encoding="ascii").splitlines()
+        return [(study, series, sop) for study, series, sop in (line.split() for line in lines)]
+
+
+RECORD_EVERY_COPY = """
+function ReceivedInstanceFilter(dicom, origin, info)
+   local f = io.open([[{path}]], "a")
+   f:write(dicom.StudyInstanceUID .. " " .. dicom.SeriesInstanceUID .. " " ..
+           dicom.SOPInstanceUID .. "\\n")
+   f:close()
+   return true
+end
+"""
+# A destination that never holds what it stores: each instance is deleted once stored.
+DROP_EVERY_INSTANCE = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+   Delete(instanceId)
+end
+"""
+UNCOMPRESSED = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+
+
+@pytest.fixture
+def recording_orthanc(tmp_path: Path) -> Iterator[Callable[..., Recording]]:
+    """``recording_orthanc(dicomweb=, uncompressed_only=, drops=)``: a started Orthanc that
+    records every copy; ``uncompressed_only`` accepts only little endian uncompressed over DIMSE
+    (as many PACS are set up); ``drops`` deletes each instance once stored."""
+    started: list[Orthanc] = []
+
+    def start(dicomweb: bool = False, uncompressed_only: bool = False,
+              drops: bool = False) -> Recording:
+        root = tmp_path / f"recording-orthanc-{len(started)}"
+        root.mkdir(parents=True)
+        received = root / "received.txt"
+        script = root / "record.lua"
+        script.write_text(RECORD_EVERY_COPY.format(path=received)
+                          + (DROP_EVERY_INSTANCE if drops else ""), encoding="utf-8")
+        extra: dict[str, Any] = {"LuaScripts": [str(script)]}
+        if uncompressed_only:
+            extra["AcceptedTransferSyntaxes"] = UNCOMPRESSED
+        orthanc = Orthanc(root, free_port(), free_port(), dicomweb=dicomweb, extra_config=extra)
+        started.append(orthanc)
+        orthanc.start()
+        return Recording(orthanc, received)
+
+    yield start
+    for orthanc in started:
+        orthanc.kill()
+
+
+def metric(port: int, line_start: str) -> float:
+    """One sample from a served gateway's /metrics (0 when the labelled series does not exist)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        text = response.read().decode()
+    found = [line for line in text.splitlines() if line.startswith(line_start + " ")]
+    return float(found[0].split()[-1]) if found else 0.0
 
 
 def test_storescu_to_orthanc_every_instance_confirmed_with_equal_pixels(
@@ -117,9 +196,12 @@ def test_a_drained_queue_is_verified_at_once_not_at_the_next_round(
 
 
 def test_orthanc_down_for_a_minute_then_everything_arrives_once(
-    served: Callable[..., Served], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+    served: Callable[..., Served], recording_orthanc: Callable[..., Recording], tmp_path: Path,
 ) -> None:
-    orthanc = orthanc_factory()
+    """Once: what the gateway was told stored is counted (a re-send would count twice), and the
+    destination records every copy it is given; only a send the kill cut short may come again."""
+    recording = recording_orthanc()
+    orthanc = recording.orthanc
     gateway = served(forward={**FAST, "destinations": [orthanc_destination(orthanc, tmp_path)]})
     files = write_study(tmp_path / "a", 250) + write_study(tmp_path / "b", 250)
     sender = threading.Thread(target=send, args=(gateway.port, files))
@@ -127,13 +209,14 @@ def test_orthanc_down_for_a_minute_then_everything_arrives_once(
     wait_for(lambda: len(jobs(gateway.db_url, "forwarded") + jobs(gateway.db_url, "confirmed")) >= 20,
              60, "forwarding under way")
     orthanc.kill()  # at once: a clean stop takes Orthanc 3.5 s, and the queue would be empty
+    before_kill = {sop for _, _, sop in recording.copies()}
     sender.join(timeout=300)  # the modality notices nothing: every C-STORE answered Success
     assert not sender.is_alive()
     assert len(rows(gateway.db_url, "SELECT id FROM instances")) == 500
 
     def queue() -> str:
         result = subprocess.run([str(GATEWAY_BIN), "queue", "--config", str(gateway.config_path)],
-                                capture_output=True, text=True, timeout=60)
+                                check=False, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -152,16 +235,28 @@ def test_orthanc_down_for_a_minute_then_everything_arrives_once(
 
     wait_for(lambda: len(jobs(gateway.db_url, "confirmed")) == 500, 180, "all 500 confirmed")
     assert orthanc.instance_count() == 500
-    assert new_instance_events(orthanc) == 500
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    copies = Counter(sop for _, _, sop in recording.copies())
+    assert set(copies) == sent
+    # Twice only what was on its way when Orthanc died (one per sender, 2 by default): it
+    # arrived, and the answer did not.
+    again = {sop: n for sop, n in copies.items() if n > 1}
+    assert len(again) <= 2 and set(again) <= before_kill and max(copies.values()) <= 2, again
+    sent_label = '{destination="orthanc"}'
+    assert metric(gateway.metrics_port, f"gateway_forwarded_total{sent_label}") == 500
+    assert metric(gateway.metrics_port, f"gateway_forward_requeued_missing_total{sent_label}") == 0
     assert jobs(gateway.db_url, "dead") == []
     assert "closed" in queue()
     assert gateway.stop() == 0
 
 
 def test_gateway_killed_mid_forward_each_instance_arrives_exactly_once(
-    served: Callable[..., Served], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+    served: Callable[..., Served], recording_orthanc: Callable[..., Recording], tmp_path: Path,
 ) -> None:
-    orthanc = orthanc_factory()
+    """Every copy Orthanc is given is counted (its own changes log hides a second copy): each
+    instance arrives once, except the one in flight at the kill, which may arrive twice."""
+    recording = recording_orthanc()
+    orthanc = recording.orthanc
     orthanc.stop()  # the queue fills first, so that the kill lands in the middle of draining it
     forward = {**FAST, "destinations": [orthanc_destination(orthanc, tmp_path, concurrency=1,
                                                             batch_size=1)]}
@@ -183,13 +278,20 @@ def test_gateway_killed_mid_forward_each_instance_arrives_exactly_once(
     assert len(workers) >= 2  # the forward process and the rewriting pool
     gateway.stop(signal.SIGKILL)
     assert done() < 150, "the kill came too late to test anything"
+    in_flight = {r.sop_instance_uid for r in rows(
+        gateway.db_url, "SELECT i.sop_instance_uid FROM forward_jobs j JOIN instances i "
+        "ON i.id = j.instance_id WHERE j.state = 'sending'")}
+    assert len(in_flight) <= 1  # one sender, batches of one
     wait_for(lambda: not any(running(p) for p in workers), 10, "no worker outlives the gateway")
 
     again = served(forward=forward, remap=remap)
     wait_for(lambda: len(jobs(again.db_url, "confirmed")) == 150, 120, "all confirmed after restart")
     sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
     assert orthanc.sop_instance_uids() == sent
-    assert new_instance_events(orthanc) == 150
+    copies = Counter(sop for _, _, sop in recording.copies())
+    assert set(copies) == sent
+    twice = {sop for sop, n in copies.items() if n > 1}
+    assert twice <= in_flight and max(copies.values()) <= 2, (twice, in_flight)
     ledger = jobs(again.db_url)
     assert len(ledger) == 150 and all(j.state == "confirmed" for j in ledger)
     assert again.stop() == 0
@@ -244,7 +346,7 @@ def test_refused_sop_class_is_dead_lettered_and_blocks_nothing(
         assert len(list((tmp_path / "pacs").iterdir())) == 4
 
         result = subprocess.run([str(GATEWAY_BIN), "queue", "--config", str(_config_file(app, tmp_path))],
-                                capture_output=True, text=True, timeout=60)
+                                check=False, capture_output=True, text=True, timeout=60)
         row = result.stdout.splitlines()[1].split()
         assert row[0] == "pacs" and row[5] == "4" and row[6] == "3", result.stdout
     finally:
@@ -303,13 +405,18 @@ def test_jpeg_to_a_peer_that_takes_only_uncompressed_is_transcoded(
 
 
 def test_dicomweb_and_dimse_find_destinations_confirm_by_asking(
-    make_gateway: Callable[..., Gateway], orthanc_factory: Callable[..., Orthanc], tmp_path: Path,
+    make_gateway: Callable[..., Gateway], recording_orthanc: Callable[..., Recording],
+    tmp_path: Path,
 ) -> None:
-    web = orthanc_factory(dicomweb=True)
-    dimse = orthanc_factory()
+    """Each destination loses one instance after it answered "stored" and before it is asked:
+    QIDO-RS and C-FIND find it missing and it is sent again. A destination that trusted the
+    STOW-RS answer or the C-STORE status would never hold it."""
+    web_recording = recording_orthanc(dicomweb=True)
+    archive = recording_orthanc()
+    web, dimse = web_recording.orthanc, archive.orthanc
     secret = tmp_path / "web-password"
     secret.write_text(web.password, encoding="utf-8")
-    app = make_gateway(forward={**FAST, "stable_after_s": 2.0, "destinations": [
+    app = make_gateway(forward={**FAST, "stable_after_s": 3.0, "destinations": [
         {"type": "dicomweb", "name": "web", "url": web.url + "/dicom-web", "username": web.username,
          "password_file": str(secret), "instances_per_request": 4},
         {"type": "dimse", "name": "archive", "ae_title": dimse.aet, "host": "127.0.0.1",
@@ -319,18 +426,23 @@ def test_dicomweb_and_dimse_find_destinations_confirm_by_asking(
     send(app.config.dicom.port, files)
     db = app.config.database.url
     sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
-    wait_for(lambda: len([j for j in jobs(db, "forwarded") if j.destination == "web"]) == 9, 10,
-             "STOW-RS done")
-    # Lost at the destination before the study is stable: verification finds it missing.
-    lost = sorted(sent)[0]
-    web.delete(f"/instances/{web.instance_id(lost)}")
+    wait_for(lambda: len(jobs(db, "forwarded")) == 18, 10, "STOW-RS and C-STORE done")
+    # Lost at each destination before the study is stable: verification finds them missing.
+    lost_web, lost_dimse = min(sent), max(sent)
+    web.delete(f"/instances/{web.instance_id(lost_web)}")
+    dimse.delete(f"/instances/{dimse.instance_id(lost_dimse)}")
+    assert len(jobs(db, "confirmed")) == 0, "verified before the loss: nothing tested"
 
     wait_for(lambda: len(jobs(db, "confirmed")) == 18, 30, "9 confirmed at each destination")
     assert web.sop_instance_uids() == sent
     assert dimse.sop_instance_uids() == sent
-    requeued = app.metrics.registry.get_sample_value(
-        "gateway_forward_requeued_missing_total", {"destination": "web"})
-    assert requeued == 1
+    for name, recording, lost in (("web", web_recording, lost_web),
+                                  ("archive", archive, lost_dimse)):
+        requeued = app.metrics.registry.get_sample_value(
+            "gateway_forward_requeued_missing_total", {"destination": name})
+        assert requeued == 1, name
+        copies = Counter(sop for _, _, sop in recording.copies())
+        assert copies == {sop: 2 if sop == lost else 1 for sop in sent}, name
 
 
 def test_routes_send_each_modality_where_it_belongs(
@@ -400,7 +512,7 @@ def test_held_study_leaves_only_when_released_and_arrives_remapped(
     wait_for(lambda: len(rows(gateway.db_url, "SELECT id FROM instances WHERE remap_state = 'held'"))
              == 2, 30, "held")
     queue = subprocess.run([str(GATEWAY_BIN), "queue", "--config", str(gateway.config_path)],
-                           capture_output=True, text=True, timeout=60).stdout
+                           check=False, capture_output=True, text=True, timeout=60).stdout
     assert queue.splitlines()[1].split()[2] == "2", queue  # shown as held, not as sendable
     time.sleep(1.5)  # several sender rounds: nothing may leave meanwhile
     assert orthanc.instance_count() == 0
@@ -421,13 +533,13 @@ def test_bad_destination_config_names_key_and_fix(tmp_path: Path) -> None:
                        "routes": [{"name": "r", "destinations": ["nowhere"]}]}
     path = write_toml(tmp_path / "bad.toml", data)
     result = subprocess.run([str(GATEWAY_BIN), "check-config", "--config", str(path)],
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "forward.destinations.0.orthanc.url = 'ftp://x'" in result.stderr
 
     data["forward"]["destinations"][0]["url"] = "http://127.0.0.1:8042"
     result = subprocess.run([str(GATEWAY_BIN), "check-config", "--config",
-                             str(write_toml(path, data))], capture_output=True, text=True, timeout=60)
+                             str(write_toml(path, data))], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "route r names destination 'nowhere', which is not defined" in result.stderr
 
@@ -481,3 +593,173 @@ def test_forwarding_stands_aside_while_the_receiver_is_saturated_never_longer_th
     later = [waited(j) for j in jobs(db_url)[3:]]
     assert all(s < 1.5 for s in later), later
     assert len(orthanc.sop_instance_uids()) == 5
+
+
+# --- UIDs are identity: what arrives is exactly what was received ----------------------------
+
+NON_ASCII_NAME = "Müller^Zoë"
+# pydicom's bundled images, one per compressed transfer syntax beside the JPEG made here
+BUNDLED = {JPEGLSLossless: "MR_small_jpeg_ls_lossless.dcm",
+           JPEG2000Lossless: "MR_small_jp2klossless.dcm", RLELossless: "MR_small_RLE.dcm"}
+
+
+def relabelled(source: Path, target: Path, study: str) -> Path:
+    """``source`` as a new instance of ``study`` (its own series), pixels untouched, with a
+    non-ASCII patient name in UTF-8."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's notes on its odd test files
+        ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SpecificCharacterSet, ds.PatientName, ds.PatientID = "ISO_IR 192", NON_ASCII_NAME, "TEST-UIDS"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def mixed_study(folder: Path) -> list[Path]:
+    """One study: JPEG baseline, JPEG-LS, JPEG 2000 and RLE images, and two uncompressed ones."""
+    study = generate_uid()
+    sources = [jpeg_file(folder / "source" / "jpeg.dcm")]
+    sources += [Path(DATA_ROOT) / "test_files" / name for name in BUNDLED.values()]
+    files = [relabelled(source, folder / f"encoded{i}.dcm", study) for i, source in enumerate(sources)]
+    for i in range(2):
+        ds = make_dataset(StudyInstanceUID=study, InstanceNumber=i + 1, PatientName=NON_ASCII_NAME,
+                          SpecificCharacterSet="ISO_IR 192")
+        files.append(write_file(ds, folder / f"plain{i}.dcm", ExplicitVRLittleEndian))
+    return files
+
+
+def identity(ds: pydicom.Dataset) -> Uids:
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+@pytest.fixture
+def storescp_factory(tmp_path: Path) -> Iterator[Callable[[], tuple[Path, int]]]:
+    """DCMTK ``storescp`` with its defaults (uncompressed only) and unique file names, so that
+    every copy it is given stays a file of its own: ``(folder, port)``."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[Path, int]:
+        folder = tmp_path / f"storescp-{len(processes)}"
+        process, port = start_storescp(folder, "+uf")
+        processes.append(process)
+        return folder, port
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("kind", ["orthanc", "dicomweb", "dimse-compressed",
+                                  "dimse-uncompressed-find", "dimse-storescp"])
+def test_the_uids_that_arrive_are_exactly_the_uids_received(
+    kind: str, make_gateway: Callable[..., Gateway], recording_orthanc: Callable[..., Recording],
+    storescp_factory: Callable[[], tuple[Path, int]], tmp_path: Path,
+) -> None:
+    """Each destination type, compressed and uncompressed inputs: every copy that arrives carries
+    a (Study, Series, SOP Instance UID) that was received, each arrives once, and once confirmed
+    the destination holds exactly what was sent (no re-send loop after it is confirmed). A peer
+    that takes only uncompressed data gets the pixels decoded, under the same UIDs; before the
+    fix it got a new SOP Instance UID per send, which C-FIND never found: sent again forever."""
+    recording: Recording | None = None
+    if kind == "dimse-storescp":
+        folder, port = storescp_factory()
+        destination = dimse_destination("dest", port)  # storescp answers no C-FIND
+    else:
+        recording = recording_orthanc(dicomweb=kind == "dicomweb",
+                                      uncompressed_only=kind == "dimse-uncompressed-find")
+        orthanc = recording.orthanc
+        if kind == "orthanc":
+            destination = orthanc_destination(orthanc, tmp_path) | {"name": "dest"}
+        elif kind == "dicomweb":
+            secret = tmp_path / "web-password"
+            secret.write_text(orthanc.password, encoding="utf-8")
+            destination = {"type": "dicomweb", "name": "dest", "url": orthanc.url + "/dicom-web",
+                           "username": orthanc.username, "password_file": str(secret)}
+        else:
+            destination = {"type": "dimse", "name": "dest", "ae_title": orthanc.aet,
+                           "host": "127.0.0.1", "port": orthanc.dicom_port, "verify": "find"}
+    app = make_gateway(forward={**FAST, "destinations": [destination]})
+    files = mixed_study(tmp_path / "in")
+    originals = {identity(ds): ds for ds in map(pydicom.dcmread, files)}
+    result = dcmtk("dcmsend", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                   str(app.config.dicom.port), *map(str, files))  # each file's own syntax
+    assert result.returncode == 0, result.stderr
+    db = app.config.database.url
+    kept = {r.transfer_syntax_uid for r in rows(db, "SELECT transfer_syntax_uid FROM instances")}
+    assert {JPEGBaseline8Bit, *BUNDLED} <= kept  # received as compressed as they were sent
+
+    wait_for(lambda: len(jobs(db, "confirmed")) == len(files), 30, "every instance confirmed")
+    time.sleep(1.0)  # five more verification rounds: nothing may be sent after confirmation
+
+    def arrived() -> list[Uids]:
+        if recording is not None:
+            return recording.copies()
+        return [identity(pydicom.dcmread(f)) for f in sorted(folder.iterdir())]
+
+    assert Counter(arrived()) == Counter(originals.keys())  # exactly these, each once
+    assert jobs(db, "dead") == []
+    if recording is not None:
+        assert recording.orthanc.instance_count() == len(files)
+    if kind in ("orthanc", "dicomweb", "dimse-compressed"):  # kept as received, not decoded
+        assert recording is not None
+        for uid, original in originals.items():
+            data = recording.orthanc.instance_file(uid[2])
+            held = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), stop_before_pixels=True)
+            assert held.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID, uid
+    else:  # decoded on the way
+        for uid, original in originals.items():
+            if recording is not None:
+                data = recording.orthanc.instance_file(uid[2])
+                received = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+            else:
+                (path,) = [f for f in folder.iterdir() if identity(pydicom.dcmread(f)) == uid]
+                received = pydicom.dcmread(path)
+            assert not received.file_meta.TransferSyntaxUID.is_compressed
+            assert received.PatientName == NON_ASCII_NAME
+            assert numpy.array_equal(received.pixel_array, original.pixel_array), uid
+
+
+def test_a_destination_that_never_holds_what_it_stores_gets_each_instance_n_times_then_gives_up(
+    served: Callable[..., Served], recording_orthanc: Callable[..., Recording], db_url: str,
+    tmp_path: Path,
+) -> None:
+    """Orthanc deleting each instance once stored stands for any destination that keeps lacking
+    what it said it stored (one that changes UIDs): after ``max_verify_misses`` verifications
+    the instance is a dead letter with the reason, counted and logged by UID, and nothing more
+    is sent; ``queue retry --dead`` starts the count again."""
+    recording = recording_orthanc(drops=True)
+    forward = {**FAST, "max_verify_misses": 3,
+               "destinations": [orthanc_destination(recording.orthanc, tmp_path)]}
+    gateway = served(db=db_url, forward=forward)
+    files = write_study(tmp_path / "study", 2, PatientName=CANARY_NAME, PatientID=CANARY_ID)
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    send(gateway.port, files)
+
+    wait_for(lambda: len(jobs(db_url, "dead")) == 2, 60, "both given up")
+    time.sleep(1.5)  # more verification rounds: the loop has stopped
+    assert Counter(sop for _, _, sop in recording.copies()) == {sop: 3 for sop in sent}
+    for job in jobs(db_url):
+        assert (job.state, job.verify_misses) == ("dead", 3)
+        assert job.last_error == ("not found at orthanc after 3 verifications; check the "
+                                  "destination (it may change UIDs)")
+    label = '{destination="orthanc"}'
+    assert metric(gateway.metrics_port, f"gateway_forward_verify_gave_up_total{label}") == 2
+    assert metric(gateway.metrics_port, f"gateway_forward_dead_total{label}") == 2
+    assert metric(gateway.metrics_port, f"gateway_forward_requeued_missing_total{label}") == 4
+    log = gateway.log()
+    for sop in sent:
+        assert any("WARNING" in line and "orthanc" in line and sop in line
+                   for line in log.splitlines()), sop
+    assert CANARY_NAME.split("^")[0] not in log and CANARY_ID not in log
+
+    result = subprocess.run([str(GATEWAY_BIN), "queue", "retry", "--dead", "--config",
+                             str(gateway.config_path)], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: len(jobs(db_url, "dead")) == 2, 60, "given up again")
+    # three more sends each: the count started from zero (kept, it would stop after one)
+    assert Counter(sop for _, _, sop in recording.copies()) == {sop: 6 for sop in sent}
+    assert all(job.verify_misses == 3 for job in jobs(db_url))
+    assert gateway.stop() == 0

@@ -102,18 +102,33 @@ MAX_REQUESTED = 128  # PS3.8 9.3.2: presentation context IDs are odd numbers 1-2
 def sending_contexts(
     stored: Iterable[tuple[str, str]], reserved: int = 0
 ) -> list[PresentationContext]:
-    """For an association that sends instances: one context per (SOP class, stored syntax),
-    offering the stored syntax first, then explicit and implicit VR little endian, so a peer that
-    takes only uncompressed data can still be sent a decompressed copy. At most 128 contexts, less
+    """For an association that sends instances: per (SOP class, stored syntax) a context offering
+    the stored syntax alone, and per SOP class one offering explicit and implicit VR little endian
+    (the stored one first when it is one of them), so that a peer that takes only uncompressed
+    data can still be sent a decompressed copy.
+
+    Apart, not in one context: an acceptor picks one syntax per context by its own preference
+    (PS3.8 9.3.2.2 allows several contexts for one abstract syntax). Orthanc 1.10, offered JPEG
+    and explicit VR little endian in one context, takes explicit VR, and every compressed image
+    was decompressed on the way to a peer that stores JPEG. At most 128 contexts, less
     ``reserved`` (for Verification, say); instances beyond wait for the next association."""
     contexts: list[PresentationContext] = []
     seen: set[tuple[str, str]] = set()
+    plain_for: set[str] = set()
     for sop_class, syntax in stored:
         if (sop_class, syntax) in seen:
             continue
-        if len(contexts) + reserved >= MAX_REQUESTED:
+        new = []
+        if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            new.append(_context(sop_class, (UID(syntax),)))
+        if sop_class not in plain_for:
+            plain = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+            if syntax != ImplicitVRLittleEndian:
+                plain = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+            new.append(_context(sop_class, plain))
+        if len(contexts) + len(new) + reserved > MAX_REQUESTED:
             break
         seen.add((sop_class, syntax))
-        plain = [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
-        contexts.append(_context(sop_class, (UID(syntax), *plain)))
+        plain_for.add(sop_class)
+        contexts += new
     return contexts

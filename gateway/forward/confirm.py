@@ -3,7 +3,10 @@ holds every instance that was forwarded to it.
 
 A study is checked once it is stable: nothing left to send to that destination and no instance
 received for ``stable_after_s``. What the destination lacks is queued again at once; what it holds
-moves to ``confirmed`` with its time, which is what retention waits for.
+moves to ``confirmed`` with its time, which is what retention waits for. What it still lacks after
+``max_verify_misses`` verifications goes to the dead letters, counted and logged: a destination
+that stores under other UIDs, or drops what it stores, would otherwise get the instance again
+every round, forever.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class Confirmer:
         counters: ForwardCounters,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         unavailable: Callable[[str], bool] = lambda name: False,
+        max_verify_misses: int = 3,
     ) -> None:
+        self._max_misses = max_verify_misses
         self._unavailable = unavailable
         self._destinations = destinations
         self._outbox = outbox
@@ -58,12 +63,19 @@ class Confirmer:
         held = destination.holds(sent[0].study_uid, sent)
         present = [s for s in sent if s.sop_uid in held]
         missing = [s for s in sent if s.sop_uid not in held]
-        self._outbox.confirm(present, missing)
+        gave_up = self._outbox.confirm(present, missing, destination.name, self._max_misses)
         now = self._clock()
         self._counters.confirmed(destination.name,
                                  [(now - s.created_at).total_seconds() for s in present])
-        if missing:
-            self._counters.requeued(destination.name, len(missing))
+        again = len(missing) - len(gave_up)
+        if again:
+            self._counters.requeued(destination.name, again)
             log.warning("verify at %s: study %s lacks %d of %d forwarded instances; sending again",
-                        destination.name, study, len(missing), len(sent))
+                        destination.name, study, again, len(sent))
+        if gave_up:
+            self._counters.verify_gave_up(destination.name, len(gave_up))
+            for s in gave_up:
+                log.warning("verify at %s: instance %s still missing after %d verifications; "
+                            "dead-lettered, not sent again (does the destination change UIDs?)",
+                            destination.name, s.sop_uid, self._max_misses)
         return len(present)

@@ -15,6 +15,7 @@ class ForwardCounters(Protocol):
     def breaker(self, destination: str, is_open: bool) -> None: ...
     def confirmed(self, destination: str, latencies_s: list[float]) -> None: ...
     def requeued(self, destination: str, count: int) -> None: ...
+    def verify_gave_up(self, destination: str, count: int) -> None: ...
 
 
 class PrometheusCounters:
@@ -42,6 +43,10 @@ class PrometheusCounters:
     def requeued(self, destination: str, count: int) -> None:
         self._m.requeued_missing.labels(destination).inc(count)
 
+    def verify_gave_up(self, destination: str, count: int) -> None:
+        self._m.verify_gave_up.labels(destination).inc(count)
+        self._m.dead_letters.labels(destination).inc(count)
+
 
 class QueuedCounters:
     """In the child: each call becomes ``(method, args)`` on a multiprocessing queue."""
@@ -59,5 +64,6 @@ class QueuedCounters:
 def apply(counters: ForwardCounters, message: tuple[str, tuple[Any, ...]]) -> None:
     """In the parent: replay one queued call."""
     method, args = message
-    if method in ("forwarded", "failed", "dead", "breaker", "confirmed", "requeued"):
+    if method in ("forwarded", "failed", "dead", "breaker", "confirmed", "requeued",
+                  "verify_gave_up"):
         getattr(counters, method)(*args)

@@ -1,7 +1,7 @@
 """What an operator does to the outbox: look at it, send again, give up. Each change is audited.
 
 ``retry`` without ``dead``: jobs waiting out a backoff go now. With ``dead``: dead letters go back
-to the queue with their attempts reset. ``purge_dead``: dead letters older than a cutoff become
+to the queue with their attempts and verification misses reset. ``purge_dead``: dead letters older than a cutoff become
 ``purged``; their files stay in the spool (retention never removes an unconfirmed instance).
 """
 
@@ -40,8 +40,9 @@ def retry(
     if study:
         query = query.where(ForwardJob.study_instance_uid == study)
     values: dict[str, object] = {"state": "queued", "next_attempt_at": now}
-    if dead:
+    if dead:  # a fresh start: backoff and the proof-of-delivery guard count from zero again
         values["attempts"] = 0
+        values["verify_misses"] = 0
     with Session(engine) as session, session.begin():
         count = int(session.execute(query.values(**values)).rowcount or 0)  # type: ignore[attr-defined]
         audit.record(session, actor, "queue_retry", study, now, destination=destination,

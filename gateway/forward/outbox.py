@@ -73,6 +73,7 @@ class Sent:
     sop_uid: str
     remote_id: str | None
     created_at: datetime
+    verify_misses: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ def new_jobs(
         connection.execute(
             _INSERT_JOB,
             [
-                dict(instance_id=instance_id, destination=d, study_instance_uid=study_uid,
-                     state="queued", attempts=0, created_at=now, next_attempt_at=now)
+                {"instance_id": instance_id, "destination": d, "study_instance_uid": study_uid,
+                 "state": "queued", "attempts": 0, "created_at": now, "next_attempt_at": now}
                 for d in destinations
             ],
         )
@@ -110,7 +111,7 @@ def requeue_for_new_copy(connection: Connection, instance_id: int, now: datetime
         update(ForwardJob)
         .where(ForwardJob.instance_id == instance_id)
         .values(state="queued", attempts=0, next_attempt_at=now, forwarded_at=None,
-                confirmed_at=None, last_error=None, owner=None, lease_until=None)
+                confirmed_at=None, last_error=None, owner=None, lease_until=None, verify_misses=0)
     )
 
 
@@ -122,6 +123,11 @@ def _sent_uids(plan: str | None, study: str, series: str, sop: str) -> tuple[str
         str(changes.get("SeriesInstanceUID", series)),
         str(changes.get("SOPInstanceUID", sop)),
     )
+
+
+def verify_gave_up_reason(destination: str, misses: int) -> str:
+    return (f"not found at {destination} after {misses} verifications; check the destination "
+            "(it may change UIDs)")
 
 
 class Outbox:
@@ -288,16 +294,27 @@ class Outbox:
         with self._engine.connect() as c:
             rows = c.execute(
                 select(ForwardJob.id, ForwardJob.sent_study_uid, ForwardJob.sent_series_uid,
-                       ForwardJob.sent_sop_uid, ForwardJob.remote_id, ForwardJob.created_at)
+                       ForwardJob.sent_sop_uid, ForwardJob.remote_id, ForwardJob.created_at,
+                       ForwardJob.verify_misses)
                 .where(ForwardJob.destination == destination,
                        ForwardJob.study_instance_uid == study, ForwardJob.state == "forwarded")
                 .order_by(ForwardJob.id)
             ).all()
-        return [Sent(i, st or "", se or "", so or "", r, _aware(at)) for i, st, se, so, r, at in rows]
+        return [Sent(i, st or "", se or "", so or "", r, _aware(at), int(m or 0))
+                for i, st, se, so, r, at, m in rows]
 
-    def confirm(self, confirmed: Sequence[Sent], missing: Sequence[Sent]) -> None:
-        """The destination holds ``confirmed``; ``missing`` is sent again, at once."""
+    def confirm(
+        self, confirmed: Sequence[Sent], missing: Sequence[Sent], destination: str, max_misses: int,
+    ) -> list[Sent]:
+        """The destination holds ``confirmed``; ``missing`` is sent again, at once, unless this
+        is its ``max_misses``-th miss: then it goes to the dead letters, which this returns.
+
+        The count is kept in the row (``verify_misses``), so a destination that never holds
+        what it is sent (one that changes UIDs) costs ``max_misses`` sends per instance, not an
+        endless loop, and a restart does not start the count again."""
         now = self._clock()
+        gave_up = [s for s in missing if s.verify_misses + 1 >= max_misses]
+        again = [s for s in missing if s not in gave_up]
         with self._engine.begin() as c:
             if confirmed:
                 c.execute(
@@ -306,14 +323,24 @@ class Outbox:
                            ForwardJob.state == "forwarded")
                     .values(state="confirmed", confirmed_at=now)
                 )
-            if missing:
+            if again:
                 c.execute(
                     update(ForwardJob)
-                    .where(ForwardJob.id.in_([s.job_id for s in missing]),
+                    .where(ForwardJob.id.in_([s.job_id for s in again]),
                            ForwardJob.state == "forwarded")
                     .values(state="queued", next_attempt_at=now,
+                            verify_misses=ForwardJob.verify_misses + 1,
                             last_error="not found at the destination when verified; sent again")
                 )
+            if gave_up:
+                c.execute(
+                    update(ForwardJob)
+                    .where(ForwardJob.id.in_([s.job_id for s in gave_up]),
+                           ForwardJob.state == "forwarded")
+                    .values(state="dead", verify_misses=ForwardJob.verify_misses + 1,
+                            last_error=verify_gave_up_reason(destination, max_misses))
+                )
+        return gave_up
 
     # -- breaker -----------------------------------------------------------------------------
 

@@ -10,15 +10,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.busy import BurstHold, ReceiverLoad
 from gateway.config import DicomwebDestination, DimseDestination, GatewayConfig, OrthancDestination
-from gateway.forward.confirm import Confirmer
 from gateway.db.engine import make_engine
+from gateway.forward.confirm import Confirmer
 from gateway.forward.counters import ForwardCounters, QueuedCounters
 from gateway.forward.destinations.base import Destination
 from gateway.forward.destinations.dicomweb import Dicomweb
@@ -68,7 +68,8 @@ class Forwarder:
         ]
         open_breakers = {s.destination.name: s.breaker for s in self.senders}
         self.confirmer = Confirmer(destinations, outbox, forward.stable_after_s, counters, clock,
-                                   unavailable=lambda name: open_breakers[name].is_open)
+                                   unavailable=lambda name: open_breakers[name].is_open,
+                                   max_verify_misses=forward.max_verify_misses)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._housekeeping, name="forward-check", daemon=True)
         self._hold = hold

@@ -1,9 +1,9 @@
 """C-STORE SCU to a DICOM peer; proof by C-FIND at IMAGE level (PS3.4 C.6.2), probe by C-ECHO.
 
-The stored transfer syntax is offered first, then explicit and implicit VR little endian. A file
-the peer accepts as stored is streamed from disk without decoding (pynetdicom's
-``STORE_SEND_CHUNKED_DATASET``); one it accepts only uncompressed is decoded and decompressed
-(pydicom with the pylibjpeg / Pillow plugins) first. Statuses (PS3.4 B.2.3): 0x0000 and 0xBxxx
+The stored transfer syntax is offered in a context of its own, and explicit and implicit VR little
+endian in another (``sending_contexts``). A file the peer accepts as stored is streamed from disk
+without decoding (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``); one it accepts only uncompressed is
+decoded and decompressed (pydicom with the pylibjpeg / Pillow plugins) first, keeping its UIDs. Statuses (PS3.4 B.2.3): 0x0000 and 0xBxxx
 warnings are stored; 0xA7xx out of resources is retried; 0xA9xx, 0xCxxx and the rest are refusals
 of the instance, which trying again would not change.
 """
@@ -43,7 +43,7 @@ class Dimse:
 
     def send(self, batch: Sequence[Outgoing]) -> list[Result]:
         contexts = sending_contexts((j.sop_class_uid, j.transfer_syntax_uid) for j in batch)
-        included = {(c.abstract_syntax, c.transfer_syntax[0]) for c in contexts}
+        included = {(c.abstract_syntax, s) for c in contexts for s in c.transfer_syntax}
         batch = [j for j in batch if (j.sop_class_uid, j.transfer_syntax_uid) in included]
         try:
             assoc = self._associate(contexts)
