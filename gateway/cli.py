@@ -488,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "again)", cmd_queue)
     retry.add_argument("--destination", help="only this destination")
     retry.add_argument("--study", help="only this Study Instance UID")
-    retry.add_argument("--dead", action="store_true", help="dead letters, attempts reset")
+    retry.add_argument("--dead", action="store_true",
+                       help="dead letters, attempts and verification misses reset")
     retry.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
     purge = sub(queue_actions, "purge-dead", "give up on dead letters older than a duration",
                 cmd_queue)
