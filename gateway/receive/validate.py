@@ -33,6 +33,7 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -150,18 +151,25 @@ def _element(keyword: str) -> str:
 
 
 def _uid(ds: Dataset, keyword: str) -> UID:
-    """A required UID, or the refusal naming it: missing (absent or empty) or not a UID."""
-    try:
-        value = ds.get(keyword)
-    except Exception as exc:  # pydicom's value conversion, on untrusted bytes
-        log.debug("data set refused: %s converting %s", type(exc).__name__, _element(keyword))
-        reason = f"{_element(keyword)} could not be decoded"
-        raise Refused(Status.CANNOT_UNDERSTAND, reason) from exc
+    """A required UID, or the refusal naming it: missing (absent or empty) or not a UID.
+
+    Checked on the value's bytes less their padding (trailing NULs or spaces, PS3.5 6.2, 9.1):
+    pydicom's ``UID`` strips any whitespace, so a UID ending in a newline would be indexed
+    without it while the kept file holds it.
+    """
+    element = ds.get_item(keyword, keep_deferred=True)
+    value: object = None
+    if isinstance(element, RawDataElement):
+        if element.length > 64 + 2:  # no UID, and a deferred value stays unread
+            raise Refused(Status.INVALID_UID, f"{_element(keyword)} is not a valid UID (PS3.5 9.1)")
+        value = (element.value or b"").rstrip(b"\0 ").decode("latin-1")
+    elif element is not None:  # converted already: pydicom's own reading of it
+        value = element.value
     if value is None or value == "":
         raise Refused(Status.INVALID_UID, f"{_element(keyword)} missing: required to file it")
     if not is_valid_uid(value):
         raise Refused(Status.INVALID_UID, f"{_element(keyword)} is not a valid UID (PS3.5 9.1)")
-    return UID(value)
+    return UID(str(value))
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
