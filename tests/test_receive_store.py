@@ -186,7 +186,7 @@ def test_truncated_or_overlong_data_sets_are_refused_with_c000_and_nothing_kept(
     app = make_gateway(db=db_url)
     port = app.receiver.address[1]
 
-    @settings(max_examples=30, deadline=None, database=None,
+    @settings(max_examples=100, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.data())
     def check(draw: st.DataObject) -> None:

@@ -37,7 +37,7 @@ _LONG_VRS = frozenset(
     for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
 )
 _SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
-_WINDOW = 64 * 1024
+_WINDOW = 8 * 1024  # a CT header in one read; a fragment header costs no more than this
 MAX_DEPTH = 64  # nested sequences; real objects use a handful, and recursion must stay bounded
 
 
