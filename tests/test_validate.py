@@ -150,3 +150,14 @@ def test_uid_bytes_are_checked_less_only_their_padding(keyword: str, value: byte
     else:
         assert refused is not None and refused.status == Status.INVALID_UID
         assert refused.reason.startswith(keyword)
+
+
+def test_a_uid_longer_than_any_uid_is_refused_unread() -> None:
+    """Over the defer size: pydicom leaves the value on disk, and so does the check."""
+    ds = make_dataset(StudyInstanceUID=UID_BYTES)
+    long_uid = b"1." * 40_000
+    data = encode(ds).replace(b"\x0d\x00UI\x0c\x00" + UID_BYTES.encode(), b"\x0d\x00UN\x00\x00"
+                              + struct.pack("<I", len(long_uid)) + long_uid)
+    refused = _refusal(part10(ds, data, "explicit"), ds.SOPClassUID, ds.SOPInstanceUID)
+    assert refused is not None and refused.status == Status.INVALID_UID
+    assert refused.reason == "StudyInstanceUID (0020,000D) is not a valid UID (PS3.5 9.1)"
