@@ -52,13 +52,13 @@ REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIns
 
 
 class Refused(PermanentError):
-    """The dataset cannot be kept; ``status`` is what the sender is told."""
+    """The dataset cannot be kept; ``status`` is what the sender is told, ``reason`` its Error
+    Comment (an LO: cut to 64 characters, though every reason here is written to fit)."""
 
     def __init__(self, status: Status, reason: str) -> None:
-        assert len(reason) <= REASON_LENGTH, f"Error Comment over 64 characters: {reason!r}"
-        super().__init__(reason)
+        super().__init__(reason[:REASON_LENGTH])
         self.status = status
-        self.reason = reason
+        self.reason = reason[:REASON_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def read_header(fp: BinaryIO, affected_sop_class: str, affected_sop_instance: st
         raise
     except Exception as exc:  # untrusted bytes can fail any way; all are refusals
         log.debug("data set refused: %s reading the header (element not known)", type(exc).__name__)
-        reason = f"data set could not be decoded ({type(exc).__name__})"[:REASON_LENGTH]
+        reason = f"data set could not be decoded ({type(exc).__name__})"
         raise Refused(Status.CANNOT_UNDERSTAND, reason) from exc
     uids = {keyword: _uid(ds, keyword) for keyword in REQUIRED_UIDS}
     if uids["SOPClassUID"] != affected_sop_class:
