@@ -26,6 +26,7 @@ ENV_PREFIX = "GATEWAY_"
 Service = Literal["echo", "store", "find", "move", "get"]
 DuplicatePolicy = Literal["keep_first", "replace", "reject"]
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1
 
 
 class _Model(BaseModel):
@@ -53,8 +54,21 @@ class DicomConfig(_Model):
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(120.0, gt=0)
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # Private Storage SOP Classes to accept besides every standard one (retired included).
+    extra_storage_sop_classes: tuple[str, ...] = ()
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("extra_storage_sop_classes")
+    @classmethod
+    def _storage_uids(cls, uids: tuple[str, ...]) -> tuple[str, ...]:
+        for uid in uids:
+            if len(uid) > 64 or not _UID.fullmatch(uid):
+                raise ValueError(
+                    f"{uid!r} is not a UID: digits and dots, at most 64 characters (PS3.5 9.1), "
+                    "e.g. the SOP Class UID in the device's conformance statement"
+                )
+        return uids
 
 
 class Peer(_Model):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import struct
 from pathlib import Path
 
 import pydicom
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from gateway.dicom.status import Status
+from gateway.receive.validate import dataset_offset
 from tests.conftest import rows
 from tests.factory import CT_IMAGE_STORAGE, make_dataset
+from tests.objects import PRIVATE, SYNTAXES, cut_offsets, encoded, layout, private_object
 from tests.peers import encode, raw_c_store, spool_files, store
 
 
@@ -79,6 +85,133 @@ def test_invalid_uid_is_refused_with_c001(make_gateway, db_url: str) -> None:
     status = raw_c_store(app.receiver.address[1], encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID)
     assert status == Status.INVALID_UID
     _assert_nothing_kept(app, db_url)
+
+
+def test_uid_with_a_trailing_newline_is_refused_with_c001(make_gateway, db_url: str) -> None:
+    """PS3.5 9.1: digits and dots only. A newline after them is not padding (pydicom strips
+    only NUL and space), and accepting it put a UID in the ledger that no file holds."""
+    app = make_gateway(db=db_url)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        ds = make_dataset(**{keyword: "1.2.826.0.1.3680043.2.1143.77"})  # odd: NUL-padded
+        payload = encode(ds).replace(b"1.2.826.0.1.3680043.2.1143.77\0",
+                                     b"1.2.826.0.1.3680043.2.1143.77\n")
+        status = raw_c_store(app.receiver.address[1], payload, CT_IMAGE_STORAGE,
+                             ds.SOPInstanceUID)
+        assert status == Status.INVALID_UID, keyword
+    _assert_nothing_kept(app, db_url)
+
+
+@functools.cache
+def _rich(syntax: str, large: bool) -> tuple[pydicom.Dataset, bytes, list[int]]:
+    ds, data = encoded(syntax, large)
+    return ds, data, cut_offsets(data, syntax)
+
+
+def _part10_data_set(path: Path) -> bytes:
+    with open(path, "rb") as fp:
+        offset = dataset_offset(fp)
+        fp.seek(offset)
+        return fp.read()
+
+
+def test_objects_rich_in_structure_are_kept_byte_identical_in_every_syntax(
+    make_gateway, db_url: str
+) -> None:
+    """Nested sequences of both length kinds, private blocks with odd lengths, UN and a private
+    sequence, values over the defer size before and after the pixel data, non-ASCII names."""
+    app = make_gateway(db=db_url)
+    for syntax, transfer_syntax in SYNTAXES.items():
+        ds, data, _ = _rich(syntax, True)
+        status = raw_c_store(app.receiver.address[1], data, ds.SOPClassUID, ds.SOPInstanceUID,
+                             transfer_syntax=transfer_syntax)
+        assert status == Status.SUCCESS, syntax
+        [path] = app.spool.root.rglob(f"{ds.SOPInstanceUID}.dcm")
+        assert _part10_data_set(path) == data, syntax
+    names = rows(db_url, "SELECT patient_name FROM instances")
+    assert [row.patient_name for row in names] == ["MÜLLER^JÖRG"] * len(SYNTAXES)
+
+
+def test_secondary_capture_with_private_elements_of_any_vr_and_length_is_kept(
+    make_gateway, db_url: str
+) -> None:
+    """Unknown VRs in implicit VR, odd lengths of numeric VRs, values over the defer size
+    before and after the pixel data: a header decode that converted them refused these with
+    0xC000 "dataset could not be decoded (AttributeError)" (or BytesLengthException)."""
+    app = make_gateway(db=db_url)
+    for syntax in ("implicit", "explicit"):
+        for private in PRIVATE:
+            ds, data = private_object(*private, syntax=syntax)
+            status = raw_c_store(app.receiver.address[1], data, ds.SOPClassUID,
+                                 ds.SOPInstanceUID, transfer_syntax=SYNTAXES[syntax])
+            assert status == Status.SUCCESS, (syntax, private[1], private[3])
+            [path] = app.spool.root.rglob(f"{ds.SOPInstanceUID}.dcm")
+            assert _part10_data_set(path) == data
+    assert len(rows(db_url, "SELECT id FROM instances")) == 2 * len(PRIVATE)
+
+
+# Where a transfer stops short, named: the issue's cases first (a value over the defer size,
+# which pydicom skips without reading and then reads short), then one at each depth.
+CUT_INSIDE = {
+    "private value before the pixel data": (0x00291001, 0),
+    "pixel data": (0x7FE00010, 0),
+    "private value after the pixel data": (0x7FE11001, 0),
+    "trailing padding": (0xFFFCFFFC, 0),
+    "nested sequence item": (0xFFFEE000, 2),
+    "element in an item": (0x00080104, 1),
+}
+
+
+def test_data_sets_cut_inside_a_value_are_refused_with_c000_and_nothing_kept(
+    make_gateway, db_url: str
+) -> None:
+    app = make_gateway(db=db_url)
+    for syntax in ("explicit", "implicit", "jpeg"):
+        ds, data, _ = _rich(syntax, True)
+        lengths = layout(data, syntax == "implicit", True)
+        for name, (tag, depth) in CUT_INSIDE.items():
+            entry = next(e for e in lengths if (e.tag, e.depth) == (tag, depth))
+            cut = entry.value + min(entry.length, 0xFFFF) // 2 if entry.length > 1 else entry.at
+            status = raw_c_store(app.receiver.address[1], data[:cut], ds.SOPClassUID,
+                                 ds.SOPInstanceUID, transfer_syntax=SYNTAXES[syntax])
+            assert status == Status.CANNOT_UNDERSTAND, (syntax, name)
+    _assert_nothing_kept(app, db_url)
+
+
+def test_truncated_or_overlong_data_sets_are_refused_with_c000_and_nothing_kept(
+    make_gateway, db_url: str
+) -> None:
+    """The class of data sets whose declared lengths run past what arrives: cut inside any
+    element, item or fragment at any depth (or inside the deflate stream), or with any length
+    made to reach past the end, in every syntax, with values over the defer size or not."""
+    app = make_gateway(db=db_url)
+    port = app.receiver.address[1]
+
+    @settings(max_examples=100, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.data())
+    def check(draw: st.DataObject) -> None:
+        syntax = draw.draw(st.sampled_from(list(SYNTAXES)), "syntax")
+        ds, data, cuts = _rich(syntax, draw.draw(st.booleans(), "large"))
+        if syntax == "deflated" or draw.draw(st.booleans(), "cut"):
+            payload = data[:draw.draw(st.sampled_from(cuts), "cut at")]
+        else:
+            little = syntax != "big-endian"
+            reachable = [
+                entry for entry in layout(data, syntax == "implicit", little)
+                if entry.length != 0xFFFFFFFF
+                and len(data) - entry.value < (1 << (8 * entry.size)) - 2
+            ]
+            entry = draw.draw(st.sampled_from(reachable), "inflated")
+            declared = len(data) - entry.value + 1
+            declared += draw.draw(st.integers(0, (1 << (8 * entry.size)) - 3 - declared))
+            field = struct.pack(("<" if little else ">") + "HI"[entry.size == 4], declared)
+            payload = data[:entry.at] + field + data[entry.at + entry.size:]
+        status = raw_c_store(port, payload, ds.SOPClassUID, ds.SOPInstanceUID,
+                             transfer_syntax=SYNTAXES[syntax])
+        assert status == Status.CANNOT_UNDERSTAND
+        _assert_nothing_kept(app, db_url)
+
+    check()
 
 
 def test_low_disk_answers_a700_and_recovers_when_space_returns(make_gateway, db_url: str) -> None:

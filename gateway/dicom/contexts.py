@@ -1,5 +1,10 @@
 """Presentation contexts the gateway accepts, in one place.
 
+Every Storage SOP Class is accepted (PS3.4 Annex B), retired ones included: old ultrasound devices
+still send the retired Ultrasound Image Storage (1.2.840.10008.5.1.4.1.1.6), and DCMTK's storescp
+takes it. The list is what pydicom's UID dictionary names as storage (plus the few pynetdicom knows
+that this pydicom does not), and private classes come from ``dicom.extra_storage_sop_classes``.
+
 Instances are stored as received, so every transfer syntax a modality commonly sends is accepted.
 pynetdicom picks, within one proposed context, the first syntax of *this* list that the requestor
 offers. Encapsulated (compressed) syntaxes come first because a sender only offers one when it holds
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -75,6 +81,21 @@ def _context(abstract_syntax: str, syntaxes: tuple[UID, ...]) -> PresentationCon
     return cx
 
 
+# pydicom names these "... Storage ..." but they store nothing through C-STORE: Storage Commitment
+# Push and Pull (PS3.4 J) and the DICOMDIR's Media Storage Directory Storage (PS3.10 8.6).
+_NOT_STORAGE = frozenset({"1.2.840.10008.1.20.1", "1.2.840.10008.1.20.2", "1.2.840.10008.1.3.10"})
+
+
+def storage_sop_classes() -> tuple[str, ...]:
+    """Every Storage SOP Class UID pydicom or pynetdicom knows, retired ones included."""
+    known = {
+        uid for uid, (name, kind, *_) in UID_dictionary.items()
+        if kind == "SOP Class" and "Storage" in name
+    }
+    known |= {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
+    return tuple(sorted(known - _NOT_STORAGE))
+
+
 # PS3.4 C.6: Patient Root and Study Root, FIND / MOVE / GET
 QUERY_RETRIEVE = (
     "1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3",
@@ -82,15 +103,22 @@ QUERY_RETRIEVE = (
 )
 
 
-def scp_contexts() -> list[PresentationContext]:
-    """Verification, Query/Retrieve, and every Storage SOP class pynetdicom knows, each with all
-    our syntaxes. Storage contexts also accept the SCP/SCU role selection a C-GET SCU proposes
-    (PS3.7 D.3.3.4), so that its sub-operations can come back on the same association."""
+def scp_contexts(extra_storage_sop_classes: Iterable[str] = ()) -> list[PresentationContext]:
+    """Verification, Query/Retrieve, every Storage SOP class (``storage_sop_classes``, then the
+    configured private ones), each with all our syntaxes. Storage contexts also accept the
+    SCP/SCU role selection a C-GET SCU proposes (PS3.7 D.3.3.4), so that its sub-operations can
+    come back on the same association.
+
+    About 220 contexts: pynetdicom looks each proposed one up by abstract syntax, and
+    ``_SharedContext`` spares the per-association copy, so the count costs nothing measurable.
+    """
     plain = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     contexts = [_context(Verification, (ImplicitVRLittleEndian, ExplicitVRLittleEndian))]
     contexts += [_context(model, plain) for model in QUERY_RETRIEVE]
-    for storage in AllStoragePresentationContexts:
-        cx = _context(str(storage.abstract_syntax), STORE_TRANSFER_SYNTAXES)
+    standard = storage_sop_classes()
+    extra = [uid for uid in dict.fromkeys(extra_storage_sop_classes) if uid not in standard]
+    for storage in (*standard, *extra):
+        cx = _context(storage, STORE_TRANSFER_SYNTAXES)
         cx.scu_role, cx.scp_role = True, True
         contexts.append(cx)
     return contexts

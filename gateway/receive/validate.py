@@ -1,46 +1,64 @@
 """Decide whether a received dataset can be kept, and pull out what the ledger indexes.
 
-The whole dataset is decoded once inside one guarded block: every element's header, every
-sequence item at every depth, and the pixel data's fragment structure, so a malformed object is
-refused before anything is kept. Values are not converted: a bad value (a date with letters)
-must not cost a hospital its image, and its encoding is the sender's to answer for. Large values are not read into
-memory (``defer_size``): a 1 GB multi-frame costs its header, not its pixels.
+The whole data set's encoding is checked once, from its bytes (``structure.check_structure``):
+every element's header at every depth, the pixel data's fragments and the elements after them,
+each declared length inside what contains it, so a truncated or malformed object is refused with
+0xC000 before anything is kept. Values are not converted: a bad value (a date with letters, a
+private element of unknown VR, a number of odd length) must not cost a hospital its image, and its
+encoding is the sender's to answer for. Large values are not read into memory (``defer_size``): a
+1 GB multi-frame costs its header, not its pixels.
 
-UIDs must be digits and dots, at most 64 characters (PS3.5 9.1). Components with a leading zero
-are accepted: several devices emit them, and refusing would lose their images for a rule that
-does not matter to storage; anything else (letters, spaces, slashes) is refused, which is also
-what makes UIDs safe to use as path components.
+UIDs must be digits and dots, at most 64 characters (PS3.5 9.1), matched over the whole value
+(a trailing newline is not digits and dots). Components with a leading zero are accepted: several
+devices emit them, and refusing would lose their images for a rule that does not matter to
+storage; anything else (letters, spaces, slashes) is refused, which is also what makes UIDs safe
+to use as path components. Study, Series and SOP Instance UIDs are required (PS3.3 C.7.2.1,
+C.7.3.1, C.12.1): the spool files an instance under them and every query level keys on them, so
+an object without one is refused with 0xC001 (DCMTK's storescp keeps it; we say why instead).
+
+Every refusal's ``reason`` is what the sender reads as Error Comment (0000,0902), an LO of at most
+64 characters (PS3.7 C.4), so each names the attribute or element at fault. The log gets the
+exception and the element's tag and keyword at DEBUG, never a value.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
+import zlib
 from dataclasses import dataclass
+from io import BytesIO
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.encaps import parse_fragments
-from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from gateway.dicom.status import Status
 from gateway.errors import PermanentError
+from gateway.receive.structure import Malformed, check_structure, tag_text
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 DEFER_SIZE = 64 * 1024
 _META_START = 132  # 128-byte preamble + b"DICM"
-UNDEFINED_LENGTH = 0xFFFFFFFF
+REASON_LENGTH = 64  # Error Comment (0000,0902) is LO (PS3.7 C.4, PS3.5 Table 6.2-1)
+# Checked in this order; each is required to file and find the instance.
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 class Refused(PermanentError):
-    """The dataset cannot be kept; ``status`` is what the sender is told."""
+    """The dataset cannot be kept; ``status`` is what the sender is told, ``reason`` its Error
+    Comment (an LO: cut to 64 characters, though every reason here is written to fit)."""
 
     def __init__(self, status: Status, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(reason[:REASON_LENGTH])
         self.status = status
-        self.reason = reason
+        self.reason = reason[:REASON_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -55,7 +73,10 @@ class Header:
     patient_id: str | None
     patient_name: str | None
     accession_number: str | None
-    dataset: Dataset  # decoded, without pixel data: what remap rules match and plan on
+    # The top-level elements before Pixel Data, values converted only when asked for: what remap
+    # rules (top-level keywords) match and plan on. Elements after the pixel data (padding,
+    # signatures, private groups) are checked by the structure walk but not kept here.
+    dataset: Dataset
 
 
 def dataset_offset(fp: BinaryIO) -> int:
@@ -69,7 +90,86 @@ def dataset_offset(fp: BinaryIO) -> int:
 
 
 def is_valid_uid(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+    """PS3.5 9.1: digits and dots, 64 characters at most, over the whole value."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def _transfer_syntax(fp: BinaryIO, offset: int) -> UID:
+    """The file meta's Transfer Syntax UID (0002,0010): the negotiated one, as the gateway wrote
+    the meta (explicit VR little endian, PS3.10 7.1). A few element headers, read directly: pydicom
+    would take a tenth of the C-STORE handler's validation time for this."""
+    fp.seek(_META_START)
+    meta = fp.read(offset - _META_START)
+    position = 0
+    while position + 8 <= len(meta):
+        group, element, vr, length = struct.unpack_from("<HH2sH", meta, position)
+        header = 8
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+            length, header = struct.unpack_from("<I", meta, position + 8)[0], 12
+        if (group, element) == (0x0002, 0x0010):
+            value = meta[position + header:position + header + length]
+            return UID(value.rstrip(b"\0 ").decode("ascii"))
+        position += header + length
+    raise Refused(Status.CANNOT_UNDERSTAND, "file meta has no Transfer Syntax UID")
+
+
+def _check_deflated(fp: BinaryIO, offset: int) -> None:
+    """Deflated data sets (PS3.5 A.5) are walked once inflated: pydicom inflates them into memory
+    to read them anyway. A deflate stream cut short is a truncated data set."""
+    fp.seek(offset)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(fp.read()) + inflater.flush()
+    except zlib.error as exc:
+        raise Malformed(None, "deflated data set does not inflate") from exc
+    if not inflater.eof:
+        raise Malformed(None, "deflated data set ends before its deflate stream")
+    check_structure(BytesIO(inflated), 0, len(inflated), implicit=False, little=True)
+
+
+def decode_dataset(fp: BinaryIO) -> Dataset:
+    """Check the whole data set's structure, then read its header up to the pixel data.
+
+    Raises ``Malformed`` (element, reason) when the structure breaks, ``Refused`` when the file
+    meta is not the gateway's, and whatever pydicom raises on what the walk let through.
+    """
+    fp.seek(0, 2)
+    file_size = fp.tell()
+    offset = dataset_offset(fp)
+    syntax = _transfer_syntax(fp, offset)
+    if syntax.is_deflated:
+        _check_deflated(fp, offset)
+    else:
+        check_structure(fp, offset, file_size, syntax.is_implicit_VR, syntax.is_little_endian)
+    fp.seek(0)
+    return dcmread(fp, defer_size=DEFER_SIZE, stop_before_pixels=True)
+
+
+def _element(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    return f"{keyword} {tag_text(tag)}" if tag is not None else keyword
+
+
+def _uid(ds: Dataset, keyword: str) -> UID:
+    """A required UID, or the refusal naming it: missing (absent or empty) or not a UID.
+
+    Checked on the value's bytes less their padding (trailing NULs or spaces, PS3.5 6.2, 9.1):
+    pydicom's ``UID`` strips any whitespace, so a UID ending in a newline would be indexed
+    without it while the kept file holds it.
+    """
+    element = ds.get_item(keyword, keep_deferred=True)
+    value: object = None
+    if isinstance(element, RawDataElement):
+        if element.length > 64 + 2:  # no UID, and a deferred value stays unread
+            raise Refused(Status.INVALID_UID, f"{_element(keyword)} is not a valid UID (PS3.5 9.1)")
+        value = (element.value or b"").rstrip(b"\0 ").decode("latin-1")
+    elif element is not None:  # converted already: pydicom's own reading of it
+        value = element.value
+    if value is None or value == "":
+        raise Refused(Status.INVALID_UID, f"{_element(keyword)} missing: required to file it")
+    if not is_valid_uid(value):
+        raise Refused(Status.INVALID_UID, f"{_element(keyword)} is not a valid UID (PS3.5 9.1)")
+    return UID(str(value))
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -79,114 +179,33 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value)
 
 
-def _check_not_truncated(ds: Dataset, file_size: int) -> None:
-    """pydicom reads a value that runs past the end of the data as a short value, silently; an
-    element that overruns can only be the last one read, so checking that one is enough."""
-    if not len(ds):
-        return
-    last = ds.get_item(list(ds.keys())[-1])
-    tell, length = getattr(last, "value_tell", None), getattr(last, "length", 0)
-    if tell is not None and length != UNDEFINED_LENGTH and tell + length > file_size:
-        raise ValueError("last element runs past the end of the data set")
-
-
-def _walk(ds: Dataset, file_size: int) -> None:
-    _check_not_truncated(ds, file_size)
-    _decode_sequences(ds)
-
-
-def _decode_sequences(ds: Dataset) -> None:
-    """Decode every sequence, at every depth: that is where structure can still be broken.
-
-    Reading already parsed each top-level element's tag, VR and length; converting values of
-    other elements proves nothing more (value errors are tolerated on purpose, see the module
-    docstring) and cost 2 ms per CT image, a third of the C-STORE handler.
-    """
-    # ``values()`` gives the elements as read, raw or converted, without converting any: a
-    # tenth of the cost of ``elements()`` on a CT header of 256 elements.
-    for raw in ds.values():
-        if raw.VR == "SQ" or (raw.VR == "UN" and getattr(raw, "length", 0) == UNDEFINED_LENGTH):
-            for item in ds[raw.tag].value or ():
-                if isinstance(item, Dataset):
-                    _decode_sequences(item)
-
-
-def _skip_pixel_element(fp: BinaryIO, implicit: bool, little: bool, file_size: int) -> None:
-    """Step over the pixel data element without reading its value into memory.
-
-    pydicom defers large values of defined length, but reads encapsulated (undefined length)
-    pixel data whole; here the fragments' item headers are followed instead (PS3.5 A.4).
-    """
-    endian = "<" if little else ">"
-    start = fp.tell()
-    if implicit:
-        length = struct.unpack(f"{endian}4xI", fp.read(8))[0]
-    else:
-        length = struct.unpack(f"{endian}4x2s2xI", fp.read(12))[1]
-    if length != UNDEFINED_LENGTH:
-        end = fp.tell() + length
-        if end > file_size:
-            raise ValueError("pixel data runs past the end of the data set")
-        fp.seek(end)
-        return
-    count, offsets = parse_fragments(fp, endianness=endian)
-    position = fp.tell()
-    if count:
-        fp.seek(offsets[-1] + 4)
-        position = offsets[-1] + 8 + struct.unpack(f"{endian}I", fp.read(4))[0]
-    fp.seek(position)
-    delimiter = fp.read(8)
-    if len(delimiter) != 8 or struct.unpack(f"{endian}HHI", delimiter)[:2] != (0xFFFE, 0xE0DD):
-        raise ValueError(f"encapsulated pixel data at {start} has no sequence delimiter")
-
-
-def decode_dataset(fp: BinaryIO) -> Dataset:
-    """Decode every element of a Part-10 file except pixel data values, which are only stepped
-    over, so memory follows the header's size and not the image's."""
-    fp.seek(0, 2)
-    file_size = fp.tell()
-    fp.seek(0)
-    ds = dcmread(fp, defer_size=DEFER_SIZE, stop_before_pixels=True)
-    syntax = ds.file_meta.TransferSyntaxUID
-    if syntax.is_deflated:
-        fp.seek(0)  # inflated into memory by pydicom anyway: decode it all in one go
-        ds = dcmread(fp, defer_size=DEFER_SIZE)
-        _walk(ds, file_size=1 << 62)
-        return ds
-    _walk(ds, file_size)
-    if fp.tell() < file_size:
-        _skip_pixel_element(fp, syntax.is_implicit_VR, syntax.is_little_endian, file_size)
-        if fp.tell() < file_size:
-            trailer = read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian,
-                                   defer_size=DEFER_SIZE)
-            _walk(trailer, file_size)
-            ds.update(trailer)
-    return ds
-
-
 def read_header(fp: BinaryIO, affected_sop_class: str, affected_sop_instance: str) -> Header:
-    """Decode the dataset fully and check it against the C-STORE request (PS3.4 B.2.3)."""
+    """Check the data set and read its header against the C-STORE request (PS3.4 B.2.3)."""
     try:
         ds = decode_dataset(fp)
-        uids = {
-            kw: ds.get(kw)
-            for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        }
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes can fail any way; all are refusals
-        raise Refused(Status.CANNOT_UNDERSTAND, f"dataset could not be decoded ({type(exc).__name__})")
-    for keyword, value in uids.items():
-        if not is_valid_uid(value):
-            raise Refused(Status.INVALID_UID, f"{keyword} missing or not a valid UID")
-    if uids["SOPClassUID"] != affected_sop_class or uids["SOPInstanceUID"] != affected_sop_instance:
-        raise Refused(
-            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            "SOP Class/Instance UID in the dataset differ from the request's Affected ones",
-        )
+    except Malformed as exc:
+        where = tag_text(exc.tag) if exc.tag is not None else "-"
+        log.debug("data set refused: %s (%s at %s %s%s)", exc.reason, type(exc).__name__, where,
+                  exc.keyword or "-", f" in {exc.path}" if exc.path else "")
+        raise Refused(Status.CANNOT_UNDERSTAND, exc.reason) from exc
+    except Refused:
+        raise
+    except Exception as exc:  # untrusted bytes can fail any way; all are refusals
+        log.debug("data set refused: %s reading the header (element not known)", type(exc).__name__)
+        reason = f"data set could not be decoded ({type(exc).__name__})"
+        raise Refused(Status.CANNOT_UNDERSTAND, reason) from exc
+    uids = {keyword: _uid(ds, keyword) for keyword in REQUIRED_UIDS}
+    if uids["SOPClassUID"] != affected_sop_class:
+        raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                      "SOPClassUID differs from the Affected SOP Class UID")
+    if uids["SOPInstanceUID"] != affected_sop_instance:
+        raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                      "SOPInstanceUID differs from the Affected SOP Instance UID")
     return Header(
-        sop_class_uid=UID(uids["SOPClassUID"]),
-        sop_instance_uid=UID(uids["SOPInstanceUID"]),
-        study_instance_uid=UID(uids["StudyInstanceUID"]),
-        series_instance_uid=UID(uids["SeriesInstanceUID"]),
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
         patient_id=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"),
         accession_number=_text(ds, "AccessionNumber"),
