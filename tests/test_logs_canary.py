@@ -131,12 +131,13 @@ def test_canary_patient_never_reaches_the_log_on_any_path(
     (tmp_path / "identities.csv").write_text(IDENTITIES, encoding="utf-8")
     imported = subprocess.run(
         [str(GATEWAY_BIN), "identities", "import", str(tmp_path / "identities.csv"),
-         "--config", str(gateway.config_path)], capture_output=True, text=True, timeout=60)
+         "--config", str(gateway.config_path)],
+        capture_output=True, text=True, timeout=60, check=False)
     assert imported.returncode == 0, imported.stderr
     port = str(gateway.port)
 
-    canary = dict(PatientName=NAME, PatientID=PATIENT_ID, PatientBirthDate=BIRTH_DATE,
-                  AccessionNumber=ACCESSION, SpecificCharacterSet="ISO_IR 192")
+    canary = {"PatientName": NAME, "PatientID": PATIENT_ID, "PatientBirthDate": BIRTH_DATE,
+              "AccessionNumber": ACCESSION, "SpecificCharacterSet": "ISO_IR 192"}
     study = generate_uid()
     files = [write_file(make_dataset(StudyInstanceUID=study, InstanceNumber=n, **canary),
                         tmp_path / "study" / f"{n}.dcm") for n in (1, 2)]
