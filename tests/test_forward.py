@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
@@ -464,20 +465,44 @@ def test_forwarding_stands_aside_while_the_receiver_is_saturated_never_longer_th
     """During a burst the modality gets the machine; the archive's copy waits, at most
     ``burst_hold_s`` after arrival. Out of a burst, instances leave at once. The saturation is
     simulated (the C-STORE handlers' busy seconds, 80% of wall time): a real one depends on the
-    machine, and everything else here is real."""
+    machine, and everything else here is real. The times compared are the ledger's (arrival and
+    forwarding), so a slow test process cannot make a hold look longer or shorter; a burst the
+    machine paused (``steady`` false) is tried again. How long ``wait`` holds to the millisecond
+    is tests/test_busy.py's business."""
+    hold_s = 4.0
     orthanc = orthanc_factory()
     app = make_gateway(db=db_url, forward={
-        **FAST, "burst_hold_s": 3.0, "destinations": [orthanc_destination(orthanc, tmp_path)]})
-    with saturated(app.load):
-        send(app.config.dicom.port, write_study(tmp_path / "burst", 3))
-        time.sleep(1.5)
-        assert not orthanc.sop_instance_uids(), "forwarded while the receiver was saturated"
-        wait_for(lambda: len(jobs(db_url, "confirmed")) == 3, 20, "held instances confirmed")
-    held = [waited(j) for j in jobs(db_url)]
-    assert all(2.5 <= s <= 6.0 for s in held), held
+        **FAST, "burst_hold_s": hold_s, "destinations": [orthanc_destination(orthanc, tmp_path)]})
+    port = app.config.dicom.port
+    for attempt in range(3):
+        with saturated(app.load) as burst:
+            files = write_study(tmp_path / f"burst-{attempt}", 3)
+            send(port, files)
+            uids = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+            study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+            wait_for(lambda: any(j.state == "sending" for j in _jobs_of(db_url, study)), 30,
+                     "the sender to take the first instance in hand")
+            assert not uids & orthanc.sop_instance_uids(), "forwarded while saturated"
+            wait_for(lambda: {j.state for j in _jobs_of(db_url, study)} == {"confirmed"},
+                     hold_s + 30, "held instances confirmed, the receiver still saturated")
+        if burst.steady:
+            break
+    else:
+        pytest.fail("the machine paused the simulated burst in each of 3 attempts")
+    held = [waited(j) for j in _jobs_of(db_url, study)]
+    assert all(s >= hold_s for s in held), f"left before the hold ran out: {held}"
+    assert all(s < hold_s + 10 for s in held), held
 
-    send(app.config.dicom.port, write_study(tmp_path / "quiet", 2))
-    wait_for(lambda: len(jobs(db_url, "confirmed")) == 5, 20, "later instances confirmed")
-    later = [waited(j) for j in jobs(db_url)[3:]]
-    assert all(s < 1.5 for s in later), later
-    assert len(orthanc.sop_instance_uids()) == 5
+    quiet = write_study(tmp_path / "quiet", 2)
+    send(port, quiet)
+    uids = {str(pydicom.dcmread(f).SOPInstanceUID) for f in quiet}
+    study = str(pydicom.dcmread(quiet[0]).StudyInstanceUID)
+    wait_for(lambda: {j.state for j in _jobs_of(db_url, study)} == {"confirmed"}, 30,
+             "later instances confirmed")
+    later = [waited(j) for j in _jobs_of(db_url, study)]
+    assert len(later) == 2 and all(s < hold_s for s in later), f"held with no burst: {later}"
+    assert uids <= orthanc.sop_instance_uids()
+
+
+def _jobs_of(db: str, study: str) -> list[Any]:
+    return rows(db, "SELECT * FROM forward_jobs WHERE study_instance_uid = :s ORDER BY id", s=study)
