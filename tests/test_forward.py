@@ -403,12 +403,16 @@ def test_held_study_leaves_only_when_released_and_arrives_remapped(
     queue = subprocess.run([str(GATEWAY_BIN), "queue", "--config", str(gateway.config_path)],
                            capture_output=True, text=True, timeout=60).stdout
     assert queue.splitlines()[1].split()[2] == "2", queue  # shown as held, not as sendable
-    time.sleep(1.5)  # several sender rounds: nothing may leave meanwhile
-    assert orthanc.instance_count() == 0
+    # Sender rounds ran meanwhile: a study that no rule holds, sent after, leaves and is confirmed.
+    send(gateway.port, write_study(tmp_path / "unheld", 1), calling_ae="CT2")
+    wait_for(lambda: len(jobs(gateway.db_url, "confirmed")) == 1, 30, "an unheld study confirmed")
+    held = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert not held & orthanc.sop_instance_uids()
 
     assert cli(gateway.config_path, "reconcile", "assign", study, "ACC-B").returncode == 0
-    wait_for(lambda: len(jobs(gateway.db_url, "confirmed")) == 2, 30, "released and confirmed")
-    for uid in orthanc.sop_instance_uids():
+    wait_for(lambda: len(jobs(gateway.db_url, "confirmed")) == 3, 30, "released and confirmed")
+    assert held <= orthanc.sop_instance_uids()
+    for uid in held:
         arrived = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(uid)))
         assert (arrived.PatientID, arrived.AccessionNumber) == ("MRN0077", "ACC-B")
     assert gateway.stop() == 0
@@ -450,7 +454,11 @@ def test_low_disk_removes_confirmed_files_early_and_never_unconfirmed_ones(
         db = app.config.database.url
         wait_for(lambda: len(rows(db, "SELECT id FROM instances WHERE spool_removed_at IS NOT NULL"))
                  == 3, 30, "confirmed files removed early, though young")
-        time.sleep(0.5)  # more retention rounds under pressure
+        # A later retention round under pressure: one more confirmed file goes, no CT file does.
+        send(app.config.dicom.port, write_study(tmp_path / "mr2", 1, SOPClassUID=MR_IMAGE_STORAGE,
+                                                Modality="MR"))
+        wait_for(lambda: len(rows(db, "SELECT id FROM instances WHERE spool_removed_at IS NOT NULL"))
+                 == 4, 30, "a later round removed the next confirmed file")
         for instance in rows(db, "SELECT spool_path, modality FROM instances"):
             assert (app.spool.root / instance.spool_path).exists() == (instance.modality == "CT")
     finally:
