@@ -44,7 +44,7 @@ sits between the half load's 95th percentile of the two-window minimum (at most 
 saturated median (at least 0.58); ``STAY_SHARE`` between the half load's median window (at most
 0.39) and the saturated 5th percentile (at least 0.44). The previous values (0.4 and 0.3, chosen
 by eye) held forwarding back at half load for up to 57% of a run: once in, a half load's windows
-(median 0.30-0.39) never fell under 0.3. ``tests/data/busy_traces.json`` keeps one trace of each
+(median 0.30-0.39) never fell under 0.3. ``tests/busy_traces.json`` keeps one trace of each
 load, which ``tests/test_busy.py`` replays.
 """
 

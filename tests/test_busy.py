@@ -128,7 +128,7 @@ def test_measured_receivers_are_held_when_saturated_and_not_at_half_load(
     """Traces recorded by scripts/measure_busy.py (see gateway.busy): storescu flat out, and at
     1/2 and 1/3 of its rate. With the previous thresholds (0.4 / 0.3) the half-load trace was
     held 57% of the time."""
-    traces = json.loads((Path(__file__).parent / "data" / "busy_traces.json").read_text())
+    traces = json.loads((Path(__file__).parent / "busy_traces.json").read_text())
     seen = replay(traces[load])
     assert low <= sum(seen) / len(seen) <= high, f"{load}: held in {sum(seen)} of {len(seen)}"
 
