@@ -1,8 +1,13 @@
-"""Logging setup. Invariant: nothing at INFO or above carries patient data.
+"""Logging setup. Invariant: no log line carries patient data (names, patient IDs, birth dates,
+accession numbers), at any level, DEBUG included.
 
-pynetdicom's identifier logging (it prints C-FIND/C-STORE identifiers) and its per-event standard
-handlers are turned off; its own loggers are raised to WARNING. Our modules log AE titles, peer
-addresses, UIDs, statuses and counts only.
+pynetdicom's identifier logging (it prints C-FIND/C-MOVE/C-GET identifiers and C-STORE data sets
+element by element) and its per-event standard handlers (PDU dumps) are turned off, and its own
+loggers are raised to WARNING, so that ``logging.level = "DEBUG"`` shows our debug lines and
+third-party ones (urllib3: method, path and status) but none of its dumps. Our modules log AE
+titles, peer addresses, UIDs, statuses and counts only. ``tests/test_logs_canary.py`` proves it on
+every path (store, refusals, remap, forward, C-FIND, C-MOVE, C-GET) at DEBUG and INFO; with
+``LOG_REQUEST_IDENTIFIERS`` on it fails.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def quiet_pynetdicom() -> None:
+    """Before any association: pynetdicom reads these per event."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"

@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
+from gateway import busy
 from gateway.app import Gateway
 from gateway.busy import ReceiverLoad
 from gateway.config import GatewayConfig
@@ -43,12 +44,19 @@ class PacedReceiver:
     """Stands in for the C-STORE handlers as ``gateway.busy`` reads them: one ends every
     ``every_s``, and together they are busy ``share`` of wall time (set ``share`` to change it as
     it runs). The share of the time elapsed is added, so it is exact however the waits are timed;
-    a real saturation depends on the machine running the tests."""
+    a real saturation depends on the machine running the tests.
+
+    A loaded machine can still starve this thread: once no C-STORE has ended for ``quiet_s`` the
+    stages rightly read the burst as over. ``steady`` says whether that never happened, so that a
+    test can tell a hold that released early from a simulated burst that paused."""
 
     def __init__(self, load: ReceiverLoad, share: float, every_s: float = 0.005) -> None:
         self.share = share
         self._load = load
         self._every_s = every_s
+        self.quiet_s = max(busy.QUIET_S, busy.QUIET_GAPS * every_s)
+        self.longest_gap_s = 0.0
+        self._steady_since = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -58,6 +66,15 @@ class PacedReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def steady(self) -> bool:
+        """No pause long enough for a stage to see the burst end (with a tenth to spare)."""
+        return self.longest_gap_s < 0.9 * self.quiet_s
+
+    def steady_for(self) -> float:
+        """Seconds since the start or the last pause that could have ended the burst."""
+        return time.monotonic() - self._steady_since
 
     def stop(self) -> None:
         """No C-STORE ends after this returns."""
@@ -70,17 +87,22 @@ class PacedReceiver:
         while not self._stop.wait(self._every_s):
             now = time.monotonic()
             self._load.add(self.share * (now - last))
+            if now - last >= 0.9 * self.quiet_s:
+                self._steady_since = now
+            self.longest_gap_s = max(self.longest_gap_s, now - last)
             last = now
 
 
 @contextlib.contextmanager
-def saturated(load: ReceiverLoad | None, share: float = 0.8) -> Iterator[None]:
-    """The receiver's C-STORE handlers busy ``share`` of wall time, ending every 5 ms (often:
-    gateway.busy takes a 50 ms pause for the end of a burst)."""
+def saturated(load: ReceiverLoad | None, share: float = 0.8) -> Iterator[PacedReceiver]:
+    """The receiver's C-STORE handlers busy ``share`` of wall time, ending every 40 ms: a pause
+    of the test process shorter than ``QUIET_GAPS`` times that (160 ms) does not end the burst.
+    Yields once the stages have seen two whole windows of it; check ``steady`` afterwards."""
     assert load is not None, "the gateway has no background stage to read its load"
-    with PacedReceiver(load, share):
-        time.sleep(0.5)  # both windows of it before anyone looks
-        yield
+    with PacedReceiver(load, share, every_s=0.04) as receiver:
+        warm = 2 * busy.WINDOW_S + 2 * busy.POLL_S
+        wait_for(lambda: receiver.steady_for() >= warm, 30, "two steady windows of the burst")
+        yield receiver
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, message: str) -> Any:

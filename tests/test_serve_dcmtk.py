@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -152,21 +154,96 @@ def test_associations_beyond_the_maximum_are_rejected_transiently(served) -> Non
     assert 'gateway_associations_total{reason="local_limit_exceeded",result="rejected"} 1.0' in metrics
 
 
+class PausableRelay:
+    """A loopback TCP relay between one sender and the gateway whose sender-to-gateway direction
+    can be paused: the association stays established, mid-transfer, for as long as a test needs
+    (a network that stalls; the bytes are passed on unchanged)."""
+
+    def __init__(self, port: int) -> None:
+        self._upstream_port = port
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def _run(self) -> None:
+        with self._server:
+            client, _ = self._server.accept()
+        upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
+        with client, upstream:
+
+            def answers() -> None:
+                while data := upstream.recv(65536):
+                    client.sendall(data)
+                client.shutdown(socket.SHUT_WR)
+
+            answering = threading.Thread(target=answers, daemon=True)
+            answering.start()
+            while True:
+                self._flowing.wait()
+                data = client.recv(16384)
+                if not data:
+                    break
+                self._flowing.wait()
+                upstream.sendall(data)
+            upstream.shutdown(socket.SHUT_WR)
+            answering.join(30)
+
+    def close(self) -> None:
+        self.resume()
+        self._thread.join(30)
+
+
+def _when(value: datetime | str) -> datetime:
+    """A timestamp column, aware (SQLite gives naive UTC text back)."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def test_sigterm_lets_the_sending_association_finish_then_exits_0(served, tmp_path: Path) -> None:
-    gateway = served()
-    files = write_study(tmp_path / "study", 40, Rows=128, Columns=128,
+    """The signal lands while storescu's association is established and half sent: the relay
+    holds the rest back until the gateway has logged the signal, then lets it through."""
+    gateway = served(dicom={"shutdown_grace_s": 30.0})
+    total = 40
+    files = write_study(tmp_path / "study", total, Rows=128, Columns=128,
                         PixelData=b"\x01\x02" * 128 * 128)
+    relay = PausableRelay(gateway.port)
     sender = subprocess.Popen(
         [require_tool("storescu"), "-aet", "CT_ROOM1", "-aec", "GATEWAY", "127.0.0.1",
-         str(gateway.port), *map(str, files)],
+         str(relay.port), *map(str, files)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # Nagle on: slow enough that SIGTERM lands mid-association
-    wait_for(lambda: len(spool_files(gateway.spool)) >= 1, 30, "first instance to arrive")
+    )
+    stored = "SELECT id FROM instances"
+    wait_for(lambda: rows(gateway.db_url, stored), 30, "the first instance to be recorded")
+    relay.pause()
+    signalled_at = datetime.now(UTC)
     gateway.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "received SIGTERM" in gateway.log(), 30, "the gateway to take the signal")
+    at_signal = len(rows(gateway.db_url, stored))
+    assert 1 <= at_signal < total, f"{at_signal} of {total} recorded when the signal landed"
+    assert sender.poll() is None and gateway.process.poll() is None
+    relay.resume()
+
     _, err = sender.communicate(timeout=60)
+    relay.close()
     assert sender.returncode == 0, err
-    assert gateway.process.wait(timeout=30) == 0
-    assert len(spool_files(gateway.spool)) == 40
+    assert gateway.process.wait(timeout=60) == 0
+    assert len(spool_files(gateway.spool)) == total
+    assert len(rows(gateway.db_url, stored)) == total
+    [assoc] = rows(gateway.db_url, "SELECT * FROM associations")
+    assert (assoc.instances, assoc.end_state) == (total, "released")
+    assert _when(assoc.ended_at) > signalled_at
+    log = gateway.log()
+    ended = log.index(f"association {assoc.id} from CT_ROOM1 released: {total} stored")
+    assert log.index("received SIGTERM") < ended < log.index("stopped")
     refused = dcmtk("echoscu", "-aet", "LATE", "127.0.0.1", str(gateway.port))
     assert refused.returncode != 0
 
