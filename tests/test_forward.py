@@ -480,8 +480,11 @@ def test_retention_removes_only_files_confirmed_everywhere(
         send(app.config.dicom.port, write_study(tmp_path / "ct", 2)
              + write_study(tmp_path / "mr", 3, SOPClassUID=MR_IMAGE_STORAGE, Modality="MR"))
         db = app.config.database.url
-        wait_for(lambda: len(rows(db, "SELECT id FROM instances WHERE spool_removed_at IS NOT NULL"))
-                 == 3, 30, "the confirmed MR files removed")
+        # the row is marked before the file goes (retention.py): wait for both
+        wait_for(lambda: len(removed := rows(
+            db, "SELECT spool_path FROM instances WHERE spool_removed_at IS NOT NULL")) == 3
+            and not any((app.spool.root / r.spool_path).exists() for r in removed),
+            30, "the confirmed MR files removed")
         kept = rows(db, "SELECT spool_path, modality, spool_removed_at FROM instances")
         for instance in kept:
             present = (app.spool.root / instance.spool_path).exists()
