@@ -78,7 +78,7 @@ class Gateway:
             log.warning("removed %d unacknowledged partial files left by a previous stop", removed)
         fastpath.receive_datasets_into(self.spool.incoming)
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
-        self.metrics.watch_spool(self.spool.free_bytes)
+        self.metrics.watch_spool(self.spool.free_bytes, self.spool.min_free_bytes)
         # How busy the receiver is, read by the background stages' processes (gateway.busy)
         self.load: ReceiverLoad | None = None
         if config.remap.rules_file is not None or config.forward.destinations:

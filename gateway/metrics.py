@@ -68,6 +68,10 @@ class Metrics:
             buckets=STORE_BUCKETS_S,
             registry=registry,
         )
+        self.spool_min_free_bytes = Gauge(
+            "gateway_spool_min_free_bytes",
+            "storage.min_free_mb: below this free space every C-STORE is refused", registry=registry
+        )
         self.spool_free_bytes = Gauge(
             "gateway_spool_free_bytes", "Free space on the spool's filesystem", registry=registry
         )
@@ -129,9 +133,11 @@ class Metrics:
         """Queue depth and age are read from the outbox at scrape time."""
         self.registry.register(_QueueCollector(stats))
 
-    def watch_spool(self, free_bytes: Callable[[], int]) -> None:
-        """Read free space at scrape time, so the gauge is never stale."""
+    def watch_spool(self, free_bytes: Callable[[], int], min_free_bytes: int) -> None:
+        """Read free space at scrape time, so the gauge is never stale; the minimum beside it,
+        so an alert compares the two instead of repeating the configured number."""
         self.spool_free_bytes.set_function(lambda: float(free_bytes()))
+        self.spool_min_free_bytes.set(min_free_bytes)
 
 
 class _QueueCollector(Collector):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,35 @@ def test_metrics_carry_no_created_series(served: Served) -> None:
         text = response.read().decode()
     assert "gateway_associations_total" in text
     assert "_created" not in text
+
+
+def test_metrics_show_the_spool_minimum_and_a_restart_records_its_breakers_closed(
+    make_gateway: Any, tmp_path: Path, sqlite_url: str,
+) -> None:
+    from datetime import UTC, datetime
+
+    import sqlalchemy as sa
+
+    from gateway.db.engine import make_engine
+    from gateway.db.migrate import upgrade
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    with engine.begin() as c:  # the breaker was open when the gateway last stopped
+        c.execute(sa.text("INSERT INTO destination_states (destination, breaker, failures, since) "
+                          "VALUES ('pacs', 'open', 3, :now)"), {"now": datetime.now(UTC)})
+    engine.dispose()
+    destinations = [{"type": "dimse", "name": name, "ae_title": "PACS", "host": "127.0.0.1",
+                     "port": free_port(), "verify": "none"} for name in ("pacs", "vna")]
+    app = make_gateway(storage={"min_free_mb": 3}, forward={"destinations": destinations})
+    sample = app.metrics.registry.get_sample_value
+    assert sample("gateway_spool_min_free_bytes") == 3 * 1024 * 1024
+    # the new forward process starts with closed breakers, and says so everywhere
+    from tests.conftest import rows, wait_for
+
+    wait_for(lambda: [r.breaker for r in rows(
+        sqlite_url, "SELECT breaker FROM destination_states ORDER BY destination")] == [
+        "closed", "closed"], 30, "the breakers recorded closed")
+    wait_for(lambda: sample("gateway_forward_breaker_open", {"destination": "pacs"}) == 0
+             and sample("gateway_forward_breaker_open", {"destination": "vna"}) == 0, 10,
+             "both breaker gauges set")

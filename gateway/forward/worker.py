@@ -55,6 +55,10 @@ class DestinationSenders:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        # A new process starts with its breaker closed: say so where `gateway queue` and the
+        # metrics read it, or a breaker open when the last process stopped would show open
+        # until the next change.
+        self._outbox.save_breaker(self.destination.name, "closed", 0, None)
         self._counters.breaker(self.destination.name, False)
         for n in range(self._concurrency):
             thread = threading.Thread(
