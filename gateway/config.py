@@ -23,7 +23,8 @@ from gateway.errors import ConfigError
 from gateway.remap.rules import Match
 
 ENV_PREFIX = "GATEWAY_"
-Service = Literal["echo", "store", "find", "move", "get"]
+# "worklist": Modality Worklist C-FIND and MPPS N-CREATE/N-SET (a modality's workflow services)
+Service = Literal["echo", "store", "find", "move", "get", "worklist"]
 DuplicatePolicy = Literal["keep_first", "replace", "reject"]
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1

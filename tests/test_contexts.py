@@ -87,8 +87,6 @@ def test_configured_private_storage_classes_are_added_to_the_contexts() -> None:
     assert PRIVATE_STORAGE not in {cx.abstract_syntax for cx in scp_contexts()}
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/receive/scp.py must pass "
-                   "config.extra_storage_sop_classes to scp_contexts() (one line in start())")
 def test_configured_private_storage_class_is_accepted_and_stored(make_gateway) -> None:
     from tests.peers import store
 

@@ -103,8 +103,13 @@ QUERY_RETRIEVE = (
 )
 
 
+# PS3.4 K.6 Modality Worklist Information Model - FIND; PS3.4 F.7 Modality Performed Procedure Step
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+MODALITY_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.3.1.2.3.3"
+
+
 def scp_contexts(extra_storage_sop_classes: Iterable[str] = ()) -> list[PresentationContext]:
-    """Verification, Query/Retrieve, every Storage SOP class (``storage_sop_classes``, then the
+    """Verification, Query/Retrieve, Modality Worklist and MPPS, every Storage SOP class (``storage_sop_classes``, then the
     configured private ones), each with all our syntaxes. Storage contexts also accept the
     SCP/SCU role selection a C-GET SCU proposes (PS3.7 D.3.3.4), so that its sub-operations can
     come back on the same association.
@@ -115,6 +120,8 @@ def scp_contexts(extra_storage_sop_classes: Iterable[str] = ()) -> list[Presenta
     plain = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     contexts = [_context(Verification, (ImplicitVRLittleEndian, ExplicitVRLittleEndian))]
     contexts += [_context(model, plain) for model in QUERY_RETRIEVE]
+    contexts += [_context(MODALITY_WORKLIST_FIND, plain),
+                 _context(MODALITY_PERFORMED_PROCEDURE_STEP, plain)]
     standard = storage_sop_classes()
     extra = [uid for uid in dict.fromkeys(extra_storage_sop_classes) if uid not in standard]
     for storage in (*standard, *extra):

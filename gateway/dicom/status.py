@@ -14,6 +14,7 @@ class Status(IntEnum):
     # PS3.7 C.4: general failures
     DUPLICATE_SOP_INSTANCE = 0x0111
     NOT_AUTHORIZED = 0x0124
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
     # PS3.4 B.2.3: Storage
     OUT_OF_RESOURCES = 0xA700
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900

@@ -26,7 +26,11 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway.busy import ReceiverLoad
 from gateway.config import DicomConfig, Service
-from gateway.dicom.contexts import scp_contexts
+from gateway.dicom.contexts import (
+    MODALITY_PERFORMED_PROCEDURE_STEP,
+    MODALITY_WORKLIST_FIND,
+    scp_contexts,
+)
 from gateway.dicom.peers import PeerPolicy, RejectReason
 from gateway.dicom.status import Status
 from gateway.metrics import Metrics
@@ -36,6 +40,7 @@ from gateway.receive.associations import AssociationLedger, AssociationStats
 from gateway.receive.fastpath import FastSocket, file_meta
 from gateway.receive.ingest import Ingest, StoreRequest
 from gateway.receive.streaming import StreamedStore, StreamingDUL
+from gateway.worklist.services import NReply, PerformedSteps, WorklistFinder
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,11 @@ class Receiver:
         metrics: Metrics,
         query: QueryService | None = None,
         load: ReceiverLoad | None = None,
+        worklist: WorklistFinder | None = None,
+        performed: PerformedSteps | None = None,
     ) -> None:
+        self._worklist = worklist
+        self._performed = performed
         self._query = query
         self._load = load
         self._config = config
@@ -102,13 +111,15 @@ class Receiver:
             (evt.EVT_C_FIND, self._handle_query, ["find"]),
             (evt.EVT_C_MOVE, self._handle_query, ["move"]),
             (evt.EVT_C_GET, self._handle_query, ["get"]),
+            (evt.EVT_N_CREATE, self._handle_performed, ["n_create"]),
+            (evt.EVT_N_SET, self._handle_performed, ["n_set"]),
             (evt.EVT_RELEASED, self._handle_end, ["released"]),
             (evt.EVT_ABORTED, self._handle_end, ["aborted"]),
             (evt.EVT_CONN_CLOSE, self._handle_closed),
         ]
         server = self.ae.make_server(
             (self._config.bind_host, self._config.port),
-            contexts=scp_contexts(),
+            contexts=scp_contexts(self._config.extra_storage_sop_classes),
             evt_handlers=handlers,
             server_class=ThreadedAssociationServer,
             request_handler=_handler_class(self),
@@ -250,6 +261,10 @@ class Receiver:
         A refusal is 0x0124 (PS3.7 C.5.x, not authorized) with an Error Comment saying how to
         allow it; C-MOVE and C-GET refusals are answered by ``gate_retrieve`` before this runs."""
         state = self._state(event.assoc)
+        model = str(cast(Any, event.request).AffectedSOPClassUID)
+        if kind == "find" and model == MODALITY_WORKLIST_FIND:
+            yield from self._handle_worklist(event, state)
+            return
         if self._query is None or state is None or kind not in state.services:
             refusal = self._refusal(event.assoc, kind, cast(Any, event.request))
             if kind == "move":
@@ -259,6 +274,36 @@ class Receiver:
             return
         handler = {"find": self._query.find, "move": self._query.move, "get": self._query.get}[kind]
         yield from handler(event, state.calling_ae)
+
+    def _handle_worklist(self, event: evt.Event, state: _Open | None) -> Iterator[Any]:
+        """Modality Worklist C-FIND (PS3.4 K): callers with the ``worklist`` service only."""
+        if self._worklist is None or state is None or "worklist" not in state.services:
+            yield self._refused_workflow(event, state, "C-FIND worklist"), None
+            return
+        yield from self._worklist.find(event, state.calling_ae)
+
+    def _handle_performed(self, event: evt.Event, operation: str) -> NReply:
+        """MPPS N-CREATE / N-SET (PS3.4 F.7): callers with the ``worklist`` service only; any
+        other SOP class on these messages is not served (0x0122)."""
+        state = self._state(event.assoc)
+        request = cast(Any, event.request)
+        sop_class = str(getattr(request, "AffectedSOPClassUID", None)
+                        or getattr(request, "RequestedSOPClassUID", ""))
+        if sop_class != MODALITY_PERFORMED_PROCEDURE_STEP:
+            return status_dataset(Status.SOP_CLASS_NOT_SUPPORTED,
+                                  f"{operation.upper().replace('_', '-')} of {sop_class} is not "
+                                  "served"), None
+        if self._performed is None or state is None or "worklist" not in state.services:
+            return self._refused_workflow(event, state, "MPPS"), None
+        handler = self._performed.n_create if operation == "n_create" else self._performed.n_set
+        return handler(event, state.calling_ae)
+
+    def _refused_workflow(self, event: evt.Event, state: _Open | None, what: str) -> Dataset:
+        calling = state.calling_ae if state else str(event.assoc.requestor.ae_title).strip()
+        log.warning("%s refused: %s may not use it; add \"worklist\" to its services in "
+                    "[[security.peers]]", what, calling)
+        return status_dataset(Status.NOT_AUTHORIZED,
+                              f'{calling} may not use {what}: add "worklist" to its services')
 
     def gate_retrieve(
         self, assoc: Association, request: Retrieve, context: PresentationContext
