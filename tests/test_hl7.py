@@ -289,9 +289,10 @@ def test_imaging_order_with_two_steps(client: Client, db_url: str) -> None:
     (orm(modality="C-T"), "OBR^1^24", "102"),
     (omi(steps=("SPS1", "")), "IPC^2^4", "101"),
     (omi(steps=("SPS1", "SPS1")), "IPC^2^4", "205"),
+    (orm(name="MÜL\x00LER^JÖRG"), "PID^1^5", "102"),
 ], ids=["no-patient-id", "no-modality", "no-start", "bad-start", "no-accession",
         "long-accession", "unknown-order-control", "bad-modality", "step-without-id",
-        "duplicate-step"])
+        "duplicate-step", "nul-in-name"])
 def test_content_errors_are_AE_naming_the_field_and_store_nothing(
     client: Client, db_url: str, message: str, location: str, code: str
 ) -> None:
@@ -300,7 +301,7 @@ def test_content_errors_are_AE_naming_the_field_and_store_nothing(
     assert ack.control_id in ("C1", "O1")
     assert orders(db_url) == {} and audit_rows(db_url) == []
     kept = messages(db_url)
-    assert [(m.ack_code, m.raw) for m in kept] == [("AE", message)]
+    assert [(m.ack_code, m.raw) for m in kept] == [("AE", message.replace("\x00", "\\X00\\"))]
     assert kept[0].error is not None and kept[0].error.startswith(location)
 
 
@@ -448,8 +449,7 @@ def test_metrics_count_messages_by_type_and_outcome(hl7_gateway: Callable[..., G
 
 # --- classes of input --------------------------------------------------------------------------
 
-FIELD = st.text(st.characters(exclude_characters="\x0b\x1c", exclude_categories=("Cs",)),
-                max_size=24)
+FIELD = st.text(st.characters(codec="utf-8", exclude_characters="\x0b\x1c"), max_size=24)
 
 
 def test_any_field_content_gets_an_ack_and_stores_nothing_unless_accepted(
@@ -484,6 +484,39 @@ def test_any_field_content_gets_an_ack_and_stores_nothing_unless_accepted(
     c.close()
 
 
+def test_any_bytes_get_an_ack_naming_what_is_wrong(hl7_gateway: Callable[..., Gateway],
+                                                   db_url: str) -> None:
+    """Bytes that are not HL7 (or barely: an MSH and noise) are rejected with a reason, never
+    with the internal-error code 207, which would mean the reading itself failed."""
+    app = hl7_gateway()
+    assert app.hl7 is not None
+    c = Client(app.hl7.port)
+    sent = [0]
+    noise = st.binary(max_size=200).map(lambda b: b.replace(b"\x0b", b"").replace(b"\x1c", b""))
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(data=st.one_of(noise, noise.map(lambda b: b"MSH" + b),
+                          noise.map(lambda b: b"MSH|^~\\&|" + b)))
+    def check(data: bytes) -> None:
+        sent[0] += 1
+        ack = c.send(data, "latin-1")
+        assert ack.code in ("AE", "AR")
+        assert ack.error_code != "207"
+
+    check()
+    assert orders(db_url) == {}
+    assert len(messages(db_url)) == sent[0]
+    c.close()
+
+
+def test_control_characters_outside_fields_are_kept_readable(client: Client,
+                                                             db_url: str) -> None:
+    ack = client.send(orm(control_id="C\x00\x07"))
+    assert ack.code == "AA"
+    assert messages(db_url)[0].control_id == "C??"
+
+
 @settings(max_examples=200)
 @given(frames=st.lists(st.binary(max_size=300).map(
            lambda b: b.replace(b"\x0b", b"").replace(b"\x1c", b"")), max_size=5),
@@ -501,3 +534,18 @@ def test_deframing_does_not_depend_on_how_the_bytes_arrive(
     deframer = Deframer(limit)
     got = [frame for piece in pieces for frame in deframer.feed(piece)]
     assert got == [(f[:limit], len(f)) for f in frames]
+
+
+def test_a_bad_hl7_setting_is_named_with_its_fix(tmp_path: Path) -> None:
+    from gateway.config import load
+    from gateway.errors import ConfigError
+
+    path = tmp_path / "g.toml"
+    path.write_text('[hl7]\nenabled = true\ndefault_charset = "EBCDIC"\n'
+                    'accession_field = "OBR-99"\nsending_application = "A|B"\n')
+    with pytest.raises(ConfigError) as error:
+        load(path, environ={})
+    text = "\n".join(error.value.problems)
+    assert "hl7.default_charset = 'EBCDIC'" in text and "UNICODE UTF-8" in text
+    assert "hl7.accession_field = 'OBR-99'" in text
+    assert "hl7.sending_application" in text

@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import hl7
 import hl7.containers
 import hl7.util
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -159,6 +159,7 @@ _CODE_TEXT = {
 }
 _DTM = re.compile(r"\d{8}(\d{2}(\d{2}(\d{2}(\.\d{1,4})?)?)?)?([+-]\d{4})?")
 _MODALITY = re.compile(r"[A-Z0-9_]{1,16}")  # PS3.5 CS
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O"}
 LONG_STRING = 64  # PS3.5 LO
 NULL = '""'  # HL7 v2.5 2.5.3: "delete the value"
@@ -342,6 +343,15 @@ class Hl7OrderRow(OrderRow):
     procedure_steps: str | None = None
     placer_order_number: str | None = Field(None, max_length=64)
     filler_order_number: str | None = Field(None, max_length=64)
+
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        """DICOM's text VRs take no C0 control characters (PS3.5 6.1.3), nor does PostgreSQL
+        take NUL: refused here (AE naming the field) rather than failing the store (AR)."""
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise ValueError("control characters (below 0x20, or 0x7F) are not allowed")
+        return value
 
 
 COLUMNS = tuple(name for name in Hl7OrderRow.model_fields if name != "status")
@@ -629,7 +639,11 @@ def _validated(values: dict[str, Any], request: OrderRequest) -> dict[str, Any]:
 
 
 def _find(session: Session, request: OrderRequest) -> Order | None:
-    for column in ("accession_number", "filler_order_number", "placer_order_number"):
+    """By accession number; a change or cancel may name the order by its numbers instead."""
+    keys = ["accession_number"]
+    if request.control != "NW":
+        keys += ["filler_order_number", "placer_order_number"]
+    for column in keys:
         key = request.sent(column)
         if key is None:
             continue
@@ -875,11 +889,11 @@ class Hl7Intake:
             raw = received.data.decode(codec)
         except UnicodeDecodeError:
             raw = received.data.decode("latin-1")
-        accession = outcome.accession_number
+        accession = _printable(outcome.accession_number or "")
         return Hl7Message(
             received_at=now, peer=received.peer[:80],
-            message_type=(header.message_type[:16] or None) if header else None,
-            control_id=(header.control_id[:64] or None) if header else None,
+            message_type=(_printable(header.message_type)[:16] or None) if header else None,
+            control_id=(_printable(header.control_id)[:64] or None) if header else None,
             accession_number=accession if accession and len(accession) <= 16 else None,
             ack_code=ack,
             error=f"{error.where} {error.code}: {error.text}"[:400] if error else None,
@@ -901,6 +915,11 @@ class Hl7Intake:
         else:
             log.warning("hl7 %s control %r from %s: %s at %s (code %d)", kind, control,
                         received.peer, outcome.ack, outcome.error.where, outcome.error.code)
+
+
+def _printable(value: str) -> str:
+    """For the columns of ``hl7_messages`` other than ``raw``: no control characters."""
+    return _CONTROL.sub("?", value)
 
 
 def _log_failure(what: str, exc: BaseException) -> None:
