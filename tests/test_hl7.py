@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -549,3 +549,52 @@ def test_a_bad_hl7_setting_is_named_with_its_fix(tmp_path: Path) -> None:
     assert "hl7.default_charset = 'EBCDIC'" in text and "UNICODE UTF-8" in text
     assert "hl7.accession_field = 'OBR-99'" in text
     assert "hl7.sending_application" in text
+
+
+@pytest.mark.parametrize("fields,column,expected", [
+    ({"PID": {3: "X1^^^OTHER^PI~PAT-1^^^HOSP^MR"}}, "mrn", "PAT-1"),
+    ({"PID": {3: "X1^^^OTHER^PI~PAT-1^^^HOSP^MR"}}, "issuer_of_patient_id", "HOSP"),
+    ({"PID": {3: "PAT-2^^^HOSP&1.2.3&ISO"}}, "issuer_of_patient_id", "HOSP"),
+    ({"PID": {5: "ALIAS^AL^^^^^A~SMITH^JOHN^Q^JR^DR^^L"}}, "patient_name", "SMITH^JOHN^Q^DR^JR"),
+    ({"PID": {5: "O\\S\\BRIEN^SEÁN"}}, "patient_name", "O BRIEN^SEÁN"),
+    ({"PID": {5: "VAN DER BERG&VAN DER&BERG^ANNA"}}, "patient_name", "VAN DER BERG^ANNA"),
+    ({"PID": {7: "19700101120000"}}, "birth_date", "19700101"),
+    ({"PID": {8: "U"}}, "sex", None),
+    ({"PID": {8: "A"}}, "sex", "O"),
+    ({"OBR": {24: "RAD"}}, "modality", "CR"),
+    ({"OBR": {27: "", 36: "202601021030"}}, "scheduled_at", datetime(2026, 1, 2, 10, 30)),
+    ({"ORC": {7: "^^^202601021030"}, "OBR": {27: ""}}, "scheduled_at", datetime(2026, 1, 2, 10, 30)),
+    ({"OBR": {27: "^^^202601021030+0100"}}, "scheduled_at",
+     datetime(2026, 1, 2, 9, 30, tzinfo=UTC).astimezone().replace(tzinfo=None)),
+    ({"OBR": {4: "CODE^" + "D" * 70}}, "requested_procedure_description", "D" * 64),
+    ({"OBR": {34: "T1&NURSE&NORA&&&SR"}}, "performing_physician", "NURSE^NORA^^SR"),
+], ids=lambda v: str(v)[:40] if not isinstance(v, dict) else None)
+def test_field_mapping(fields: dict[str, dict[int, str]], column: str, expected: Any) -> None:
+    """order_requests on one ORM^O01 whose segments are changed by ``fields``."""
+    from gateway.config import Hl7Config
+    from gateway.worklist.hl7 import order_requests
+
+    base = {
+        "PID": {1: "1", 3: "PAT-4711^^^HOSP^MR", 5: "DOE^JANE", 7: "19700101", 8: "F"},
+        "ORC": {1: "NW", 2: "P1", 3: "F1"},
+        "OBR": {1: "1", 4: "CTHEAD^CT Head", 18: "ACC1", 24: "CT", 27: "^^^202601021030"},
+    }
+    segments = [msh("M1")] + [segment(name, {**values, **fields.get(name, {})})
+                              for name, values in base.items()]
+    [request] = order_requests(hl7.parse("\r".join(segments)), Hl7Config())
+    assert request.sent(column) == expected
+
+
+@pytest.mark.parametrize("pieces,frames,skipped", [
+    ([b"\x0bAB\x1c\r"], [(b"AB", 2)], 0),
+    ([b"\r\n\x0bAB\x1c", b"\r"], [(b"AB", 2)], 2),  # bytes between frames, <EB> then <CR> later
+    ([b"\x0bA\x1cB\x1c\r"], [(b"A\x1cB", 3)], 0),  # a lone <EB> is data
+    ([b"\x0bA\x1c", b"B\x1c\r"], [(b"A\x1cB", 3)], 0),
+    ([b"\x0bHALF", b"\x0bAB\x1c\r"], [(b"AB", 2)], 4),  # a new start drops the partial message
+    ([b"\x0b" + b"x" * 10 + b"\x1c\r"], [(b"x" * 4, 10)], 0),  # over the limit: head and size
+], ids=["one", "stray-bytes-and-split-end", "lone-eb", "lone-eb-split", "restart", "too-long"])
+def test_deframer_cases(pieces: list[bytes], frames: list[tuple[bytes, int]],
+                        skipped: int) -> None:
+    deframer = Deframer(4 if frames and frames[0][1] == 10 else 100)
+    assert [f for piece in pieces for f in deframer.feed(piece)] == frames
+    assert deframer.skipped == skipped

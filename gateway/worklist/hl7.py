@@ -67,8 +67,8 @@ procedure_steps         one per IPC segment, JSON {step_id: IPC-4.1, description
 ======================= ============================================================
 
 Order control: NW creates the order (NW again with the same values: unchanged; with other values:
-``AE`` 205, send XO). XO changes an order found by accession, else filler, else placer number: an
-empty field keeps the stored value, ``""`` (HL7 null) clears it. CA marks it ``cancelled``, DC
+``AE`` 205, send XO). XO changes a scheduled or in-progress order found by accession, else filler,
+else placer number: an empty field keeps the stored value, ``""`` (HL7 null) clears it. CA marks it ``cancelled``, DC
 ``discontinued`` (again: unchanged); neither can end a completed order (``AE``). XO, CA and DC for
 an unknown order are ``AE`` 204. A message may carry several ORC groups: all or nothing.
 """
