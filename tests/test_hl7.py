@@ -598,3 +598,60 @@ def test_deframer_cases(pieces: list[bytes], frames: list[tuple[bytes, int]],
     deframer = Deframer(4 if frames and frames[0][1] == 10 else 100)
     assert [f for piece in pieces for f in deframer.feed(piece)] == frames
     assert deframer.skipped == skipped
+
+
+def test_stop_lets_a_message_being_handled_finish_and_answer() -> None:
+    """The listener alone, with a handler that takes its time: stop() waits for the answer."""
+    import threading
+
+    from gateway.worklist.hl7 import Received
+    from gateway.worklist.mllp import MllpListener
+
+    handling = threading.Event()
+
+    def slow(received: Received) -> bytes:
+        handling.set()
+        time.sleep(0.5)
+        return b"ACK " + received.data
+
+    listener = MllpListener("127.0.0.1", 0, 1024, 2, slow, grace_s=5)
+    listener.start()
+    c = Client(listener.port)
+    c.send_raw(START + b"one" + END)
+    assert handling.wait(5)
+    stopper = threading.Thread(target=listener.stop)
+    stopper.start()
+    reply = b""
+    while not reply.endswith(END):
+        chunk = c.sock.recv(100)
+        assert chunk, "closed before the answer"
+        reply += chunk
+    assert reply == START + b"ACK one" + END
+    assert c.sock.recv(10) == b""
+    stopper.join(10)
+    assert not stopper.is_alive() and not port_open(listener.port)
+    c.close()
+
+
+def test_connections_over_the_limit_are_closed() -> None:
+    from gateway.worklist.hl7 import Received
+    from gateway.worklist.mllp import MllpListener
+
+    def echo(received: Received) -> bytes:
+        return received.data
+
+    listener = MllpListener("127.0.0.1", 0, 1024, 2, echo, grace_s=1)
+    listener.start()
+    try:
+        first, second = Client(listener.port), Client(listener.port)
+        for c in (first, second):
+            c.send_raw(START + b"hi" + END)
+            c.sock.recv(10)  # served: both are open now
+        third = Client(listener.port)
+        assert third.sock.recv(10) == b""  # closed at once
+        second.send_raw(START + b"again" + END)
+        assert second.sock.recv(20) == START + b"again" + END
+        for c in (first, second, third):
+            c.close()
+    finally:
+        listener.stop()
