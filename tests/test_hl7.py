@@ -303,6 +303,8 @@ def test_content_errors_are_AE_naming_the_field_and_store_nothing(
     kept = messages(db_url)
     assert [(m.ack_code, m.raw) for m in kept] == [("AE", message.replace("\x00", "\\X00\\"))]
     assert kept[0].error is not None and kept[0].error.startswith(location)
+    if "ACC1" in message:  # the refused message can be found by its order's accession
+        assert kept[0].accession_number == "ACC1"
 
 
 def test_a_bad_second_order_leaves_the_first_unstored(client: Client, db_url: str) -> None:

@@ -190,6 +190,7 @@ class Hl7Error(Exception):
         self.code = code
         self.where = where
         self.text = text
+        self.accession_number: str | None = None  # of the order it is about, when known
 
 
 def _content(code: int, where: Location, text: str) -> Hl7Error:
@@ -485,11 +486,10 @@ def _modality(value: str, where: Location, config: Hl7Config) -> str | None:
     return modality
 
 
-def _order(request: OrderRequest, orc: _Segment, group: list[_Segment],
-           config: Hl7Config) -> None:
+def _keys(request: OrderRequest, orc: _Segment, group: list[_Segment],
+          config: Hl7Config) -> None:
+    """The numbers that identify the order: placer, filler, accession (never raises)."""
     obr = next((s for s in group if s.name == "OBR"), None)
-    tq1 = next((s for s in group if s.name == "TQ1"), None)
-    zds = next((s for s in group if s.name == "ZDS"), None)
     ipcs = [s for s in group if s.name == "IPC"]
     by_name = {"ORC": orc, "OBR": obr}
 
@@ -504,6 +504,15 @@ def _order(request: OrderRequest, orc: _Segment, group: list[_Segment],
         source = by_name[name]
         where = source.at(int(number)) if source else Location(name, 1, int(number))
         request.put("accession_number", source.get(int(number)) if source else None, where)
+
+
+def _order(request: OrderRequest, orc: _Segment, group: list[_Segment],
+           config: Hl7Config) -> None:
+    """Everything else the order says, after ``_keys``."""
+    obr = next((s for s in group if s.name == "OBR"), None)
+    tq1 = next((s for s in group if s.name == "TQ1"), None)
+    zds = next((s for s in group if s.name == "ZDS"), None)
+    ipcs = [s for s in group if s.name == "IPC"]
 
     # The start: TQ1-7 (v2.5), else the deprecated TQ in ORC-7.4 / OBR-27.4, else OBR-36
     starts = [(tq1.get(7), tq1.at(7))] if tq1 is not None else []
@@ -589,17 +598,21 @@ def order_requests(message: hl7.Message, config: Hl7Config) -> list[OrderRequest
         raise _content(REQUIRED_FIELD_MISSING, Location("ORC"), "the message has no ORC segment")
     requests = []
     for orc, group in groups:
-        control = orc.get(1).upper()
-        if not control:
-            raise _content(REQUIRED_FIELD_MISSING, orc.at(1), "ORC-1 order control is missing")
-        if control not in ORDER_CONTROLS:
-            raise _content(TABLE_VALUE_NOT_FOUND, orc.at(1),
-                           "ORC-1 order control must be NW, XO, CA or DC")
-        request = OrderRequest(control, Location("ORC", orc.sequence, 1))
-        _patient(request, pid, pv1)
-        _order(request, orc, group, config)
-        if control == "NW":
-            _require_new(request)
+        request = OrderRequest(orc.get(1).upper(), Location("ORC", orc.sequence, 1))
+        _keys(request, orc, group, config)
+        try:
+            if not request.control:
+                raise _content(REQUIRED_FIELD_MISSING, orc.at(1), "ORC-1 order control is missing")
+            if request.control not in ORDER_CONTROLS:
+                raise _content(TABLE_VALUE_NOT_FOUND, orc.at(1),
+                               "ORC-1 order control must be NW, XO, CA or DC")
+            _patient(request, pid, pv1)
+            _order(request, orc, group, config)
+            if request.control == "NW":
+                _require_new(request)
+        except Hl7Error as exc:  # kept with the refused message, so that it can be found
+            exc.accession_number = request.sent("accession_number")
+            raise
         requests.append(request)
     return requests
 
@@ -811,6 +824,7 @@ class Hl7Intake:
             self._read_and_store(received, outcome, now)
         except Hl7Error as exc:
             outcome.ack, outcome.error = exc.ack, exc
+            outcome.accession_number = outcome.accession_number or exc.accession_number
             self._store_refusal(received, outcome, now)
         except Exception as exc:  # noqa: BLE001 - the boundary: every message gets its answer
             _log_failure("read the message", exc)
