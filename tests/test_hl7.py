@@ -197,7 +197,8 @@ def test_new_order_twice_is_one_order_with_every_field_mapped(client: Client, db
     detail = json.loads(rows[0].detail)
     assert detail["accession_number"] == "ACC1" and detail["control_id"] == "C1"
     kept = messages(db_url)
-    assert [(m.message_type, m.control_id, m.ack_code) for m in kept] == [("ORM^O01", "C1", "AA")] * 2
+    assert [(m.message_type, m.control_id, m.ack_code) for m in kept] == [
+        ("ORM^O01", "C1", "AA")] * 2
     assert kept[0].raw == orm() and kept[0].accession_number == "ACC1" and kept[0].peer
 
 
@@ -565,7 +566,8 @@ def test_a_bad_hl7_setting_is_named_with_its_fix(tmp_path: Path) -> None:
     ({"PID": {8: "A"}}, "sex", "O"),
     ({"OBR": {24: "RAD"}}, "modality", "CR"),
     ({"OBR": {27: "", 36: "202601021030"}}, "scheduled_at", datetime(2026, 1, 2, 10, 30)),
-    ({"ORC": {7: "^^^202601021030"}, "OBR": {27: ""}}, "scheduled_at", datetime(2026, 1, 2, 10, 30)),
+    ({"ORC": {7: "^^^202601021030"}, "OBR": {27: ""}}, "scheduled_at",
+     datetime(2026, 1, 2, 10, 30)),
     ({"OBR": {27: "^^^202601021030+0100"}}, "scheduled_at",
      datetime(2026, 1, 2, 9, 30, tzinfo=UTC).astimezone().replace(tzinfo=None)),
     ({"OBR": {4: "CODE^" + "D" * 70}}, "requested_procedure_description", "D" * 64),

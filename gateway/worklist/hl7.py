@@ -25,10 +25,10 @@ values; it has no dependencies and is maintained (commits in 2025). hl7apy, the 
 messages from version-specific structure tables: a v2.3 ORM with a Z segment or an OMI declared
 as 2.3 fits them badly, and it hands values back still escaped. Its MLLP support (``hl7.mllp``) is
 not used: it decodes every message of a connection with one fixed encoding, before MSH-18 can be
-read, and hands over no raw bytes to keep; the framing lives in ``gateway.worklist.mllp``. Two
-python-hl7 0.4.5 habits are contained here: on an escape sequence it cannot read it logs the field
+read, and hands over no raw bytes to keep; the framing lives in ``gateway.worklist.mllp``. One
+python-hl7 0.4.5 habit is contained here: on an escape sequence it cannot read it logs the field
 (patient data) through the deprecated ``Logger.warn``, so its module loggers are replaced with one
-that discards (``_Discard``); values it leaves untouched are dropped, as it would.
+that discards (``_Discard``); the sequence is dropped from the value, as python-hl7 drops it.
 
 Character sets (HL7 table 0211, MSH-18 first repetition; ``hl7.default_charset`` when absent, the
 standard's ASCII being a subset of the default UTF-8): the header is read as Latin-1 (every byte
@@ -68,9 +68,10 @@ procedure_steps         one per IPC segment, JSON {step_id: IPC-4.1, description
 
 Order control: NW creates the order (NW again with the same values: unchanged; with other values:
 ``AE`` 205, send XO). XO changes a scheduled or in-progress order found by accession, else filler,
-else placer number: an empty field keeps the stored value, ``""`` (HL7 null) clears it. CA marks it ``cancelled``, DC
-``discontinued`` (again: unchanged); neither can end a completed order (``AE``). XO, CA and DC for
-an unknown order are ``AE`` 204. A message may carry several ORC groups: all or nothing.
+else placer number: an empty field keeps the stored value, ``""`` (HL7 null) clears it. CA marks
+it ``cancelled``, DC ``discontinued`` (again: unchanged); neither can end a completed order
+(``AE``). XO, CA and DC for an unknown order are ``AE`` 204. A message may carry several ORC
+groups: all or nothing.
 """
 
 from __future__ import annotations
@@ -302,7 +303,8 @@ def check_header(header: Header) -> None:
                       f"MSH-18 names a character set this gateway does not read; use one of: "
                       f"{', '.join(CHARSETS)}")
     if not header.message_code:
-        raise _reject(REQUIRED_FIELD_MISSING, Location("MSH", 1, 9), "MSH-9 message type is missing")
+        raise _reject(REQUIRED_FIELD_MISSING, Location("MSH", 1, 9),
+                      "MSH-9 message type is missing")
     if not header.control_id:
         raise _reject(REQUIRED_FIELD_MISSING, Location("MSH", 1, 10),
                       "MSH-10 message control ID is missing")
@@ -481,8 +483,8 @@ def _modality(value: str, where: Location, config: Hl7Config) -> str | None:
     modality = config.modalities.get(value.upper(), value.upper())
     if not _MODALITY.fullmatch(modality):
         raise _content(DATA_TYPE_ERROR, where,
-                       f"{where.segment}-{where.field} must be a modality code (CT, MR, ...) or one "
-                       "that hl7.modalities maps to one")
+                       f"{where.segment}-{where.field} must be a modality code (CT, MR, ...) or "
+                       "one that hl7.modalities maps to one")
     return modality
 
 

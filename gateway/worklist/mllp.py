@@ -2,7 +2,8 @@
 
 MLLP, the Minimal Lower Layer Protocol (HL7 v2.5 Appendix C, C.4), frames each message as
 ``<SB> message <EB><CR>`` (0x0B ... 0x1C 0x0D) and the answer alike. This module owns the framing
-and the sockets; what a message means and what to answer is the handler's (``gateway.worklist.hl7``).
+and the sockets; what a message means and what to answer is the handler's
+(``gateway.worklist.hl7``).
 python-hl7's own MLLP streams are not used: they decode with one encoding per connection before
 MSH-18 can be read, and keep no raw bytes.
 
