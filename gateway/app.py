@@ -43,6 +43,8 @@ from gateway.receive.associations import AssociationLedger
 from gateway.receive.ingest import Ingest
 from gateway.receive.scp import Receiver
 from gateway.receive.spool import Spool
+from gateway.worklist.hl7 import Hl7Intake
+from gateway.worklist.mllp import MllpListener
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -135,6 +137,12 @@ class Gateway:
             JobRunner(runs, JobContext(config, self.sessions, node, _now, _debug), self.metrics),
             runs,
         )
+        self.hl7: MllpListener | None = None
+        if config.hl7.enabled:
+            h = config.hl7
+            self.hl7 = MllpListener(h.bind_host, h.port, h.max_message_bytes, h.max_connections,
+                                    Hl7Intake(h, self.sessions, self.metrics, _now),
+                                    config.dicom.shutdown_grace_s)
         self.http: HttpEndpoint | None = None
         if config.metrics.enabled:
             self.http = HttpEndpoint(
@@ -164,10 +172,14 @@ class Gateway:
         if self.http is not None:
             self.http.start()
         self.receiver.start()
+        if self.hl7 is not None:
+            self.hl7.start()
         self.jobs.start()
 
     def stop(self) -> None:
         self.jobs.stop()
+        if self.hl7 is not None:
+            self.hl7.stop()
         self.receiver.stop(self.config.dicom.shutdown_grace_s)
         self.query.close()
         if self.remap_worker is not None:

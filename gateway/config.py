@@ -356,6 +356,51 @@ class OrderFolderJob(_Job):
 Job = Annotated[OrderFolderJob, Field(discriminator="kind")]
 
 
+_HD = r"^[^|~\\&\r\n]*$"  # no HL7 separator but the component one
+Hl7Field = Literal["OBR-18", "OBR-19", "OBR-20", "ORC-2", "ORC-3"]
+
+
+class Hl7Config(_Model):
+    """HL7 v2 order intake over MLLP (gateway.worklist.hl7, gateway.worklist.mllp): ORM^O01 and
+    OMI^O23 into the orders table, each answered with an ACK. Off unless enabled."""
+
+    enabled: bool = False
+    bind_host: str = "0.0.0.0"
+    port: int = Field(2575, ge=0, le=65535, description="2575: IANA's port for HL7 over MLLP")
+    max_message_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    max_connections: int = Field(32, ge=1, le=1000)
+    # MSH-3 and MSH-4 of every ACK the gateway sends (HD: components joined with ^)
+    sending_application: str = Field("GATEWAY", min_length=1, max_length=180, pattern=_HD)
+    sending_facility: str = Field("", max_length=180, pattern=_HD)
+    default_charset: str = Field(
+        "UNICODE UTF-8", description="HL7 table 0211 name, for messages without MSH-18")
+    # Where a RIS writes the accession number in ORM^O01 (OMI^O23 carries it in IPC-1): IHE
+    # Scheduled Workflow uses OBR-18 (placer field 1).
+    accession_field: Hl7Field = "OBR-18"
+    # OBR-24 / IPC-5 values (HL7 table 0074 codes) that are not DICOM modalities, and what to write
+    modalities: dict[str, str] = Field(default_factory=lambda: {
+        "RAD": "CR", "RX": "CR", "NMR": "MR", "NMS": "NM", "RUS": "US", "OUS": "US",
+        "CUS": "US", "VUS": "US", "XRC": "RF", "CTH": "XA",
+    })
+    # Scheduled Station AE Title for an order whose message names none (no IPC-9), by modality
+    station_ae_by_modality: dict[str, AETitle] = {}
+
+    @field_validator("default_charset")
+    @classmethod
+    def _known_charset(cls, name: str) -> str:
+        from gateway.worklist.hl7 import CHARSETS
+
+        if name not in CHARSETS:
+            raise ValueError(f"not an HL7 table 0211 character set this gateway reads; use one "
+                             f"of: {', '.join(CHARSETS)}")
+        return name
+
+    @field_validator("station_ae_by_modality")
+    @classmethod
+    def _station_aes(cls, aes: dict[str, str]) -> dict[str, str]:
+        return {modality: _check_ae_title(ae) for modality, ae in aes.items()}
+
+
 class MetricsConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -377,6 +422,7 @@ class GatewayConfig(_Model):
     query: QueryConfig = QueryConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    hl7: Hl7Config = Hl7Config()
     jobs: tuple[Job, ...] = ()
 
     @model_validator(mode="after")

@@ -123,6 +123,11 @@ class Metrics:
                                       "When each job last ended in success (Unix time)",
                                       ["job"], registry=registry)
 
+        # HL7 order intake (gateway.worklist.hl7): message_type is ORM^O01, OMI^O23, "other"
+        # (answered AR) or "unknown" (no readable MSH); ack_code AA, AE or AR
+        self.hl7_messages = Counter("gateway_hl7_messages", "HL7 messages by type and ACK code",
+                                    ["message_type", "ack_code"], registry=registry)
+
     def job_finished(self, job: str, outcome: str, seconds: float, at: float) -> None:
         self.job_runs.labels(job, outcome).inc()
         self.job_seconds.labels(job).observe(seconds)

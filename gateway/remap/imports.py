@@ -24,6 +24,9 @@ from gateway import audit
 from gateway.db.models import Order, PatientIdentity
 
 Sex = Literal["M", "F", "O"]
+# An order's life: scheduled, then in progress and completed (MPPS); cancelled before it started
+# or discontinued once started (HL7 ORC-1 CA, DC). The worklist lists scheduled and in_progress.
+OrderStatus = Literal["scheduled", "in_progress", "completed", "cancelled", "discontinued"]
 
 
 class _Row(BaseModel):
@@ -66,7 +69,7 @@ class OrderRow(_Row):
     patient_name: str | None = Field(None, max_length=324)
     birth_date: str | None = None
     sex: Sex | None = None
-    status: Literal["scheduled", "in_progress", "completed", "cancelled"] = "scheduled"
+    status: OrderStatus = "scheduled"
 
     @field_validator("scheduled_at", mode="before")
     @classmethod
