@@ -89,6 +89,8 @@ def _ports(config: GatewayConfig) -> list[str]:
     if config.metrics.enabled and config.metrics.port:
         wanted.append(("metrics.port", "GATEWAY_METRICS__PORT", config.metrics.host,
                        config.metrics.port))
+    if config.hl7.enabled and config.hl7.port:
+        wanted.append(("hl7.port", "GATEWAY_HL7__PORT", config.hl7.bind_host, config.hl7.port))
     found = []
     for key, variable, host, port in wanted:
         problem = bind_problem(host, port)

@@ -63,9 +63,9 @@ def test_check_config_reports_what_serve_would_refuse_with_the_same_words(tmp_pa
     assert not (path.parent / "data").exists()  # checking creates nothing
 
 
-@pytest.mark.parametrize("which", ["dicom", "metrics"])
+@pytest.mark.parametrize("which", ["dicom", "metrics", "hl7"])
 def test_a_port_in_use_names_the_port_and_the_key_and_exits_2(tmp_path: Path, which: str) -> None:
-    path = site(tmp_path)
+    path = site(tmp_path, f'[hl7]\nenabled = true\nbind_host = "127.0.0.1"\nport = {free_port()}\n')
     config = path.read_text()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
