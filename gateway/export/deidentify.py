@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pydicom.datadict import get_entry
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -156,6 +156,7 @@ _FILE_META_SITE = (
     "PrivateInformation",
 )
 _WORD = re.compile(r"\w+")
+_TOKEN = re.compile(r"\S+")
 _DIGITS = re.compile(r"\d{4}")
 
 
@@ -310,7 +311,8 @@ class Deidentifier:
             elif action == "Z" and tag in _Z_AS_DUMMY and not _is_empty(elem):
                 self._dummy(ds, elem, words)
             elif action == "Z":
-                ds[tag] = DataElement(tag, elem.VR, Sequence() if elem.VR == "SQ" else None)
+                empty = Sequence() if elem.VR == "SQ" else empty_value_for_VR(elem.VR)
+                ds[tag] = DataElement(tag, elem.VR, empty)
             elif action == "K":
                 if elem.VR == "SQ":
                     self._items(elem, mode, words)
@@ -319,7 +321,7 @@ class Deidentifier:
             elif action == "U" and elem.VR == "UI":
                 self._replace_uids(ds, elem)
             elif action == "C":
-                self._clean(ds, elem, words)
+                self._clean(ds, elem, words, needs_value="D" in row.basic_profile.split("/"))
             else:  # D, and U on a VR other than UI
                 self._dummy(ds, elem, words)
 
@@ -360,7 +362,11 @@ class Deidentifier:
             value = b"\0" * 8
         ds[tag] = DataElement(tag, vr, value)
 
-    def _clean(self, ds: Dataset, elem: DataElement, words: set[str]) -> None:
+    def _clean(
+        self, ds: Dataset, elem: DataElement, words: set[str], needs_value: bool = False
+    ) -> None:
+        """``needs_value``: the Basic Profile would put a dummy here (D: Type 1 somewhere), so
+        a text cleaned down to nothing gets the dummy rather than staying empty."""
         if elem.VR == "SQ":
             self._items(elem, _Mode.CLEAN, words)
             return
@@ -368,16 +374,24 @@ class Deidentifier:
             self._dummy(ds, elem, words)
             return
         cleaned = [self._scrub(str(v), words) for v in _values(elem)]
+        if needs_value and not any(cleaned) and not _is_empty(elem):
+            self._dummy(ds, elem, words)
+            return
         value = cleaned if len(cleaned) > 1 else (cleaned[0] if cleaned else "")
         ds[elem.tag] = DataElement(elem.tag, elem.VR, value)
 
     @staticmethod
     def _scrub(text: str, words: set[str]) -> str:
-        def keep(match: re.Match[str]) -> str:
-            word = match.group()
-            return "" if _fold(word) in words or _DIGITS.search(word) else word
+        def word(match: re.Match[str]) -> str:
+            found = match.group()
+            return "" if _fold(found) in words or _DIGITS.search(found) else found
 
-        return re.sub(r"  +", " ", _WORD.sub(keep, text)).strip()
+        def token(match: re.Match[str]) -> str:
+            # "Müller^Hans," -> "" rather than "^,": punctuation left alone by the words goes too
+            cleaned = _WORD.sub(word, match.group())
+            return cleaned if cleaned == match.group() or _WORD.search(cleaned) else ""
+
+        return re.sub(r"  +", " ", _TOKEN.sub(token, text)).strip()
 
     @staticmethod
     def _dictionary_vr(tag: BaseTag, vr: str) -> str:
