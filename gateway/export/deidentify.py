@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from pydicom.datadict import get_entry
-from pydicom.dataelem import DataElement, empty_value_for_VR
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -193,6 +193,37 @@ def _row(tag: int) -> Row | None:
     return None
 
 
+def _clone(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` that shares its raw (undecoded, immutable) elements and deep-copies the
+    decoded ones, so that changing the copy never changes ``ds``. Cheaper than ``deepcopy``,
+    which rebuilds every raw element. Private elements are left out (the profile removes them).
+    The preamble is not copied (it may hold application
+    data); the writer puts 128 zero bytes there."""
+    out = Dataset()
+    implicit, little = ds.original_encoding
+    if implicit is not None and little is not None:
+        out.set_original_encoding(implicit, little, ds.original_character_set)
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset itself decodes every element
+        if tag.is_private:  # removed anyway; adding them to a Dataset decodes them
+            continue
+        elem = ds.get_item(tag)  # reads a deferred value
+        out[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        out.file_meta = copy.deepcopy(meta)
+    return out
+
+
+def _vr(elem: DataElement | RawDataElement) -> str:
+    """The element's VR; a raw element read as implicit VR has none, so the dictionary's."""
+    if elem.VR is not None and elem.VR != "UN":
+        return str(elem.VR)
+    try:
+        return str(get_entry(elem.tag)[0])
+    except KeyError:
+        return "UN"
+
+
 def _known(tag: BaseTag) -> bool:
     try:
         get_entry(tag)
@@ -248,7 +279,7 @@ class Deidentifier:
         annotation not allowed). ``ds`` is not modified."""
         if not self._options.allow_burned_in and self._burned_in(ds):
             return None
-        out = copy.deepcopy(ds)
+        out = _clone(ds)
         words = self._identifying_words(out) if self._options.clean_descriptors else set()
         self._walk(out, _Mode.NORMAL, words)
         self._mark(out)
@@ -274,13 +305,17 @@ class Deidentifier:
             return False
         return str(ds.get("SOPClassUID", "")) in LIKELY_BURNED_IN
 
+    def _code(self, row: Row) -> str:
+        """The Table E.1-1 code for this row under the options (compound codes unresolved)."""
+        if self._options.retain_longitudinal_temporal and row.retain_longitudinal_full_dates:
+            return row.retain_longitudinal_full_dates
+        if self._options.clean_descriptors and row.clean_descriptors:
+            return row.clean_descriptors
+        return row.basic_profile
+
     def _action(self, elem: DataElement, row: Row) -> str:
         """One of X Z D K C U for this element, after the options and the compound codes."""
-        code = row.basic_profile
-        if self._options.retain_longitudinal_temporal and row.retain_longitudinal_full_dates:
-            code = row.retain_longitudinal_full_dates
-        elif self._options.clean_descriptors and row.clean_descriptors:
-            code = row.clean_descriptors
+        code = self._code(row)
         if "/" not in code:
             return code
         choices = code.split("/")
@@ -292,9 +327,10 @@ class Deidentifier:
     # -- the walk --------------------------------------------------------------------------
 
     def _walk(self, ds: Dataset, mode: _Mode, words: set[str]) -> None:
+        """De-identify ``ds`` in place (it is the copy). Elements kept as they are stay raw
+        (never decoded): decoding every value cost more than the rest of the work."""
         for tag in list(ds.keys()):
             tag = Tag(tag)
-            elem = ds[tag]
             if tag.element == 0 or tag.group in _OVERLAY_GROUPS:
                 del ds[tag]
                 continue
@@ -302,9 +338,15 @@ class Deidentifier:
             if row is None:
                 if not _known(tag):
                     del ds[tag]
-                else:
-                    self._unlisted(ds, elem, mode, words)
+                    continue
+                vr = _vr(ds.get_item(tag))
+                if vr == "SQ" or (mode is not _Mode.NORMAL and vr in _TEXT_VRS | _TEMPORAL_VRS):
+                    self._unlisted(ds, ds[tag], mode, words)
                 continue
+            if self._code(row) == "X":
+                del ds[tag]
+                continue
+            elem = ds[tag]
             action = self._action(elem, row)
             if action == "X":
                 del ds[tag]
