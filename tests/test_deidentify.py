@@ -429,6 +429,24 @@ def test_uids_are_the_same_with_the_same_secret_and_differ_with_another() -> Non
     assert first.PatientID == again.PatientID != other.PatientID
 
 
+def test_a_deidentified_study_can_go_into_a_dicomdir(tmp_path: Path) -> None:
+    """The STUDY record needs Study Date, Study Time and Study ID (PS3.3 F.5, Type 1); Z on
+    them gives dummies, so pydicom's FileSet (what the export's DICOMDIR uses) takes them."""
+    from pydicom.fileset import FileSet
+
+    ds = _with_meta(canary_dataset())
+    out = Deidentifier(DeidOptions(), SECRET).apply(ds)
+    assert out is not None
+    assert out.StudyDate and out.StudyDate != ds.StudyDate
+    assert out.StudyTime and out.StudyID and out.StudyID != ds.StudyID
+    fileset = FileSet()
+    fileset.add(out)
+    fileset.write(tmp_path)
+    fileset._stage["t"].cleanup()  # pydicom keeps a staging folder it only cleans at exit
+    [record] = pydicom.dcmread(tmp_path / "DICOMDIR").DirectoryRecordSequence[1:2]
+    assert record.DirectoryRecordType == "STUDY" and record.StudyDate == out.StudyDate
+
+
 @pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
 def test_kept_non_ascii_values_survive_unchanged(charset: str) -> None:
     """Kept attributes are copied undecoded; they must still read back as they were, at the
