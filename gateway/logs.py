@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from pynetdicom import _config
 
@@ -31,6 +32,9 @@ def quiet_pynetdicom() -> None:
 
 def setup(level: str) -> None:
     quiet_pynetdicom()
+    # pydicom reports a bad value with ``warnings.warn``, value included ("Invalid value for VR
+    # PN: '...'"), and Python prints warnings to stderr, which is this log: not in the service.
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     root = logging.getLogger()
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
