@@ -43,6 +43,7 @@ from gateway.receive.associations import AssociationLedger
 from gateway.receive.ingest import Ingest
 from gateway.receive.scp import Receiver
 from gateway.receive.spool import Spool
+from gateway.worklist.mpps import PerformedStepService
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -127,6 +128,7 @@ class Gateway:
             self.metrics,
             query,
             self.load,
+            performed=PerformedStepService(self.engine, self.metrics),
         )
         node = config.forward.node_name
         runs = RunLedger(self.engine, node)

@@ -123,6 +123,12 @@ class Metrics:
                                       "When each job last ended in success (Unix time)",
                                       ["job"], registry=registry)
 
+        # Modality Performed Procedure Steps (gateway.worklist.mpps)
+        self.mpps_transitions = Counter(
+            "gateway_mpps_transitions",
+            "MPPS transitions accepted, by the status reached (in_progress, completed, "
+            "discontinued)", ["status"], registry=registry)
+
     def job_finished(self, job: str, outcome: str, seconds: float, at: float) -> None:
         self.job_runs.labels(job, outcome).inc()
         self.job_seconds.labels(job).observe(seconds)
