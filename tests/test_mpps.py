@@ -233,6 +233,7 @@ def test_create_set_complete_moves_item_and_order_and_keeps_the_step(
         assert step_row(db_url, uid).status == "IN PROGRESS"
 
         done = completion(series=[series_item(series, images)])
+        done.SpecificCharacterSet = "ISO_IR 100"  # Latin-1 on the wire this time
         assert scu.set(done, uid).Status == Status.SUCCESS
 
     step = step_row(db_url, uid)
@@ -308,6 +309,17 @@ def test_order_with_two_steps_is_in_progress_until_both_end(app: Gateway, db_url
 ])
 def test_order_status_adds_up_its_items(statuses: list[str], expected: str) -> None:
     assert order_status(statuses) == expected
+
+
+def test_item_found_by_accession_when_the_modality_made_its_own_study_uid(
+    app: Gateway, db_url: str
+) -> None:
+    order_id, _ = schedule(app.engine, steps=("SPS1", "SPS2"))
+    uid = generate_uid()
+    with modality(app) as scu:
+        ds = n_create_dataset(generate_uid(), sps="SPS2")
+        assert scu.create(ds, uid).Status == Status.SUCCESS
+    assert item_and_order(db_url, order_id) == (["SCHEDULED", "STARTED"], "in_progress")
 
 
 def test_unscheduled_step_is_stored_and_named_by_what_it_says(app: Gateway, db_url: str) -> None:
