@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,7 +119,7 @@ def n_create_dataset(study: str, accession: str = ACCESSION, sps: str = "SPS1",
     return ds
 
 
-def series_item(series: str, instances: list[str], **overrides: Any) -> Dataset:
+def series_item(series: str, instances: Sequence[str], **overrides: Any) -> Dataset:
     item = Dataset()
     item.PerformingPhysicianName = PHYSICIAN
     item.ProtocolName = "HEAD"
@@ -361,6 +362,41 @@ def test_n_set_after_completed_is_refused_and_changes_nothing(app: Gateway, db_u
     assert tuple(step_row(db_url, uid)) == before
     assert item_and_order(db_url, order_id) == (["COMPLETED"], "completed")
     assert metric(app, "completed") == 1.0
+
+
+def _end_at_once(app: Gateway, uid: str) -> dict[str, Dataset]:
+    """COMPLETED and DISCONTINUED for ``uid`` from two associations, released together."""
+    answers: dict[str, Dataset] = {}
+    start = threading.Barrier(2)
+
+    def end(final: str) -> None:
+        with modality(app) as scu:
+            start.wait()
+            answers[final] = scu.set(completion(final), uid)
+
+    threads = [threading.Thread(target=end, args=(f,)) for f in ("COMPLETED", "DISCONTINUED")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return answers
+
+
+def test_two_n_sets_ending_a_step_at_once_leave_one_final_state(app: Gateway, db_url: str) -> None:
+    """Two associations end the same step at the same moment: one wins, the other is told the
+    step may no longer be updated, and the stored status is the winner's."""
+    _, study = schedule(app.engine)
+    for _round in range(5):
+        uid = generate_uid()
+        with modality(app) as scu:
+            assert scu.create(n_create_dataset(study), uid).Status == Status.SUCCESS
+        answers = _end_at_once(app, uid)
+        winners = [f for f, a in answers.items() if a.Status == Status.SUCCESS]
+        assert len(winners) == 1, {f: hex(a.Status) for f, a in answers.items()}
+        [loser] = [a for a in answers.values() if a.Status != Status.SUCCESS]
+        refused(loser, Status.PROCESSING_FAILURE)
+        assert loser.ErrorID == 0xA710
+        assert step_row(db_url, uid).status == winners[0]
 
 
 def test_duplicate_n_create_is_refused(app: Gateway, db_url: str) -> None:
