@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from gateway.app import Gateway
 from gateway.db.models import Order, WorklistItem
 from gateway.dicom.status import Status
-from gateway.worklist.mpps import order_status
+from gateway.worklist.mpps import PerformedStepService, order_status
 from tests.conftest import GATEWAY_BIN, rows, wait_for
 from tests.factory import CT_IMAGE_STORAGE, make_dataset, write_file, write_study
 from tests.peers import dcmtk
@@ -409,6 +409,31 @@ def test_duplicate_n_create_is_refused(app: Gateway, db_url: str) -> None:
                 Status.DUPLICATE_SOP_INSTANCE)
     assert tuple(step_row(db_url, uid)) == before
     assert len(rows(db_url, "SELECT id FROM performed_steps")) == 1
+
+
+def test_n_create_with_an_invalid_instance_uid_is_refused(app: Gateway, db_url: str) -> None:
+    _, study = schedule(app.engine)
+    with modality(app) as scu:
+        refused(scu.create(n_create_dataset(study), "1.2.03.x"), Status.INVALID_OBJECT_INSTANCE)
+    assert rows(db_url, "SELECT id FROM performed_steps") == []
+
+
+def test_database_away_is_answered_0x0213_so_the_modality_sends_again(
+    app: Gateway, tmp_path: Path
+) -> None:
+    """Not 0x0110 "may no longer be updated" (the modality would give up) nor an exception."""
+    _, study = schedule(app.engine)
+    broken = create_engine(f"sqlite:///{tmp_path / 'missing' / 'folder' / 'gateway.db'}")
+    service = app.receiver._performed
+    assert isinstance(service, PerformedStepService)
+    service._engine = broken
+    try:
+        with modality(app) as scu:
+            refused(scu.create(n_create_dataset(study), generate_uid()),
+                    Status.RESOURCE_LIMITATION)
+            refused(scu.set(completion(), generate_uid()), Status.RESOURCE_LIMITATION)
+    finally:
+        broken.dispose()
 
 
 def test_n_set_of_an_unknown_instance_is_refused(app: Gateway, db_url: str) -> None:

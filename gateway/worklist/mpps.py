@@ -130,7 +130,7 @@ class PerformedStepService:
         generated = not uid
         if generated:
             uid = str(generate_uid())
-        elif len(uid) > mpps_iod.UID_MAX or not mpps_iod._UID.match(uid):
+        elif not mpps_iod.valid_uid(uid):
             return self._refuse("N-CREATE", uid, calling_ae, Refusal(
                 Status.INVALID_OBJECT_INSTANCE, "Affected SOP Instance UID is not a valid UID"))
         try:

@@ -171,9 +171,14 @@ def _invalid(tag: BaseTag, path: str, what: str) -> Refusal:
     return Refusal(Status.INVALID_ATTRIBUTE_VALUE, f"{tag}{_where(path)} {what}", (tag,))
 
 
+def valid_uid(value: str) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters."""
+    return len(value) <= UID_MAX and _UID.match(value) is not None
+
+
 def _uid(ds: Dataset, keyword: str, path: str) -> Refusal | None:
     value = _text(ds, keyword)
-    if value and (len(value) > UID_MAX or not _UID.match(value)):
+    if value and not valid_uid(value):
         return _invalid(Tag(keyword), path, "is not a valid UID")
     return None
 
