@@ -15,17 +15,13 @@ from pydicom import config as pydicom_config
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.busy import ReceiverLoad
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine, make_sessions
-from gateway.remap.rules import load_rules
-from gateway.remap.stage import Remapper
-from gateway.remap.worker import remap_stage
-from gateway.busy import ReceiverLoad
-from gateway.stage_process import StageProcess
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
-from gateway.forward.destinations.orthanc import Orthanc
 from gateway.forward.counters import PrometheusCounters, apply
+from gateway.forward.destinations.orthanc import Orthanc
 from gateway.forward.outbox import queue_stats
 from gateway.forward.routes import Router
 from gateway.forward.service import build_destination, forward_stage
@@ -43,8 +39,13 @@ from gateway.receive.associations import AssociationLedger
 from gateway.receive.ingest import Ingest
 from gateway.receive.scp import Receiver
 from gateway.receive.spool import Spool
+from gateway.remap.rules import load_rules
+from gateway.remap.stage import Remapper
+from gateway.remap.worker import remap_stage
+from gateway.stage_process import StageProcess
 from gateway.worklist.hl7 import Hl7Intake
 from gateway.worklist.mllp import MllpListener
+from gateway.worklist.mpps import PerformedStepService
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -129,6 +130,7 @@ class Gateway:
             self.metrics,
             query,
             self.load,
+            performed=PerformedStepService(self.engine, self.metrics),
         )
         node = config.forward.node_name
         runs = RunLedger(self.engine, node)

@@ -127,6 +127,11 @@ class Metrics:
         # (answered AR) or "unknown" (no readable MSH); ack_code AA, AE or AR
         self.hl7_messages = Counter("gateway_hl7_messages", "HL7 messages by type and ACK code",
                                     ["message_type", "ack_code"], registry=registry)
+        # Modality Performed Procedure Steps (gateway.worklist.mpps)
+        self.mpps_transitions = Counter(
+            "gateway_mpps_transitions",
+            "MPPS transitions accepted, by the status reached (in_progress, completed, "
+            "discontinued)", ["status"], registry=registry)
 
     def job_finished(self, job: str, outcome: str, seconds: float, at: float) -> None:
         self.job_runs.labels(job, outcome).inc()

@@ -8,11 +8,22 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, union
 from sqlalchemy.orm import Session
 
-from gateway.db.models import AssociationRecord, Instance, InstanceVersion
+from gateway.db.models import (
+    AssociationRecord,
+    Instance,
+    InstanceVersion,
+    PerformedSeries,
+    PerformedStep,
+    WorklistItem,
+)
 from gateway.receive.spool import filesystem_free_bytes
+
+WORKLIST_STATUSES = (("SCHEDULED", "scheduled"), ("STARTED", "in progress"),
+                     ("COMPLETED", "completed"), ("DISCONTINUED", "discontinued"))
+WORKLIST_LISTED = 50
 
 
 def _size(n: int | None) -> str:
@@ -51,6 +62,8 @@ def status_report(session: Session, spool_root: Path, min_free_bytes: int,
                  f"(other versions {_size(versions)}); free "
                  f"{_size(filesystem_free_bytes(measured))}, minimum {_size(min_free_bytes)}")
     lines.append("")
+    lines.extend(worklist_today(session, now))
+    lines.append("")
     lines.append("Last associations:")
     recent = session.scalars(
         select(AssociationRecord).order_by(AssociationRecord.id.desc()).limit(10)
@@ -65,3 +78,50 @@ def status_report(session: Session, spool_root: Path, min_free_bytes: int,
         lines.append(f"  #{a.id} {a.started_at:%Y-%m-%d %H:%M:%S} {a.calling_ae:<16} "
                      f"{a.peer_host}:{a.peer_port} {a.result}/{state} {detail}")
     return "\n".join(lines)
+
+
+def worklist_today(session: Session, now: datetime) -> list[str]:
+    """Today's worklist items (Scheduled Procedure Step Start Date is local, as DICOM dates are)
+    by status, and each with the images received for it: those of its Study Instance UID and of
+    the series its performed procedure steps listed. No patient values: time, modality, station,
+    step ID, status, count."""
+    today = now.astimezone().strftime("%Y%m%d")
+    items = session.scalars(
+        select(WorklistItem).where(WorklistItem.start_date == today)
+        .order_by(WorklistItem.start_time, WorklistItem.id)
+    ).all()
+    by_status = {status: sum(1 for i in items if i.status == status)
+                 for status, _ in WORKLIST_STATUSES}
+    lines = [f"Worklist today ({today[:4]}-{today[4:6]}-{today[6:]}): " + ", ".join(
+        f"{by_status[status]} {label}" for status, label in WORKLIST_STATUSES)]
+    if not items:
+        lines.append("  (no items scheduled today)")
+        return lines
+    images = _images_per_item(session, [i.id for i in items[:WORKLIST_LISTED]])
+    for item in items[:WORKLIST_LISTED]:
+        time_of_day = f"{item.start_time[:2]}:{item.start_time[2:4]}" if item.start_time else ""
+        lines.append(f"  #{item.id:<6} {time_of_day:<5} {item.modality:<4} "
+                     f"{item.station_ae or '-':<16} step {item.step_id:<16} {item.status:<12} "
+                     f"{images.get(item.id, 0):>6} images")
+    if len(items) > WORKLIST_LISTED:
+        lines.append(f"  ... and {len(items) - WORKLIST_LISTED} more")
+    return lines
+
+
+def _images_per_item(session: Session, item_ids: list[int]) -> dict[int, int]:
+    by_study = (
+        select(WorklistItem.id.label("item"), Instance.id.label("instance"))
+        .join(Instance, Instance.study_instance_uid == WorklistItem.study_instance_uid)
+        .where(WorklistItem.id.in_(item_ids))
+    )
+    by_series = (
+        select(PerformedStep.worklist_item_id.label("item"), Instance.id.label("instance"))
+        .join(PerformedSeries, PerformedSeries.performed_step_id == PerformedStep.id)
+        .join(Instance, Instance.series_instance_uid == PerformedSeries.series_instance_uid)
+        .where(PerformedStep.worklist_item_id.in_(item_ids))
+    )
+    linked = union(by_study, by_series).subquery()  # UNION: an image counted once per item
+    rows = session.execute(
+        select(linked.c.item, func.count()).group_by(linked.c.item)
+    ).all()
+    return {int(item): int(count) for item, count in rows}

@@ -233,6 +233,21 @@ class PerformedStep(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class PerformedSeries(Base):
+    """One series a performed step lists (Performed Series Sequence, PS3.3 C.4.15): the link
+    from the images in the ledger (``instances.series_instance_uid``) to the step, and through
+    it to the worklist item and the order, which remap follows before any date-window match.
+    A table rather than a search in ``performed_steps.performed_series``: the lookup runs in the
+    C-STORE handler, for a study's first instance, and must be an index probe."""
+
+    __tablename__ = "performed_series"
+    __table_args__ = (UniqueConstraint("performed_step_id", "series_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    performed_step_id: Mapped[int] = mapped_column(ForeignKey("performed_steps.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), index=True)
+
+
 class Hl7Message(Base):
     """Every HL7 v2 message received over MLLP, in full (it holds patient data: it lives here,
     never in the service log), with the acknowledgement it got (AA, AE or AR) and why."""

@@ -15,8 +15,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.db.models import Order, PatientIdentity, StudyDecision
+from gateway.db.models import (
+    Order,
+    PatientIdentity,
+    PerformedSeries,
+    PerformedStep,
+    StudyDecision,
+    WorklistItem,
+)
 from gateway.remap.plan import Identity, OrderAnswer, OrderMatch, OrderQuery
+from gateway.worklist.mpps_iod import links
 
 OPEN_ORDER_STATES = ("scheduled", "in_progress")
 
@@ -49,8 +57,9 @@ class DbResolver:
         return Identity(row.mrn, row.patient_name, row.birth_date, row.sex)
 
     def order(self, query: OrderQuery) -> OrderAnswer:
-        """Accession known -> that order; a pre-assigned Study Instance UID -> that order;
-        otherwise MRN + modality + study time within the window, which must leave exactly one."""
+        """Accession known -> that order; a pre-assigned Study Instance UID -> that order; the
+        order a performed procedure step names for the series or study (MPPS); otherwise MRN +
+        modality + study time within the window, which must leave exactly one."""
         if query.accession_number:
             known = self._session.scalar(
                 select(Order).where(Order.accession_number == query.accession_number)
@@ -63,6 +72,9 @@ class DbResolver:
             ).all()
             if len(assigned) == 1:
                 return OrderAnswer(order_match(assigned[0]))
+        performed = self._performed(query)
+        if performed is not None:
+            return performed
         if not (query.mrn and query.modality and query.study_at):
             return OrderAnswer(None, (), "no known accession, and no MRN, modality or study date to match orders by")
         candidates = self._session.scalars(
@@ -81,6 +93,47 @@ class DbResolver:
         accessions = tuple(c.accession_number for c in candidates)
         why = "no order matches" if not candidates else f"{len(candidates)} orders match"
         return OrderAnswer(None, accessions, f"{why} by MRN, modality and study date")
+
+
+    def _performed(self, query: OrderQuery) -> OrderAnswer | None:
+        """The orders the modality said it performed (PS3.4 F.7, ``gateway.worklist.mpps``): the
+        steps listing the image's series, else the steps of its study. A step discontinued as
+        the wrong worklist entry names none. None when no step names an order."""
+        steps: list[PerformedStep] = []
+        if query.series_instance_uid:
+            steps = list(self._session.scalars(
+                select(PerformedStep)
+                .join(PerformedSeries, PerformedSeries.performed_step_id == PerformedStep.id)
+                .where(PerformedSeries.series_instance_uid == query.series_instance_uid)
+            ))
+        if not steps and query.study_instance_uid:
+            steps = list(self._session.scalars(
+                select(PerformedStep)
+                .where(PerformedStep.study_instance_uid == query.study_instance_uid)
+            ))
+        accessions: set[str] = set()
+        items: set[int] = set()
+        for step in steps:
+            named = links(step.attributes)
+            if named.wrong_entry:
+                continue
+            accessions.update(named.accessions)
+            if step.worklist_item_id is not None:
+                items.add(step.worklist_item_id)
+        if not (accessions or items):
+            return None
+        orders = list(self._session.scalars(
+            select(Order).where(
+                Order.accession_number.in_(accessions)
+                | Order.id.in_(select(WorklistItem.order_id).where(WorklistItem.id.in_(items)))
+            ).order_by(Order.accession_number)
+        ))
+        if len(orders) == 1:
+            return OrderAnswer(order_match(orders[0]))
+        if not orders:
+            return None
+        return OrderAnswer(None, tuple(o.accession_number for o in orders),
+                           f"{len(orders)} orders named by performed procedure steps")
 
 
 class StoredResolver:

@@ -72,6 +72,7 @@ class OrderQuery:
     mrn: str | None
     modality: str | None
     study_at: datetime | None
+    series_instance_uid: str | None = None  # the performed series an MPPS may have listed
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,7 @@ def _reconcile_order(
             mrn=work.text("PatientID"),
             modality=work.text("Modality"),
             study_at=study_datetime(work.text("StudyDate"), work.text("StudyTime")),
+            series_instance_uid=work.text("SeriesInstanceUID"),
         )
     )
     plan.order = answer
