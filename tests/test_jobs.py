@@ -163,7 +163,7 @@ def _site(tmp_path: Path, db: str, **job: Any) -> tuple[Path, Path]:
     data = config_dict(tmp_path, db, free_port())
     path = write_toml(tmp_path / "gateway.toml", data)
     job = {"name": "ris-drop", "kind": "order_folder", "folder": "drop", "every_s": 3600,
-           "settle_s": 2, **job}
+           "settle_s": 30, **job}  # a file written by the test stays "still changing"
     with open(path, "a", encoding="utf-8") as fp:
         fp.write("[[jobs]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in job.items()))
     return path, drop
