@@ -6,13 +6,17 @@ bare numbers, so a grep for a name finds every place that can answer it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
+
+ERROR_COMMENT_MAX = 64  # (0000,0902) Error Comment is LO: 64 characters (PS3.7 E.1, PS3.5 6.2)
 
 
 class Status(IntEnum):
     SUCCESS = 0x0000
     # PS3.7 C.4: general failures
     DUPLICATE_SOP_INSTANCE = 0x0111
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
     NOT_AUTHORIZED = 0x0124
     # PS3.4 B.2.3: Storage
     OUT_OF_RESOURCES = 0xA700
@@ -34,3 +38,33 @@ class Status(IntEnum):
     def label(self) -> str:
         """Hex form used in logs, metrics labels and the association ledger."""
         return f"0x{int(self):04X}"
+
+
+def error_comment(reason: str) -> str:
+    """The Error Comment (0000,0902) sent with a non-success status (PS3.7 C.4, Annex E): why,
+    in at most 64 characters of the default repertoire, without the backslash LO forbids. DCMTK
+    tools print it with ``-v``; it is the only "why" a sender sees."""
+    text = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in reason).strip()
+    if len(text) > ERROR_COMMENT_MAX:
+        text = text[: ERROR_COMMENT_MAX - 3].rstrip() + "..."
+    return text
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a handler answers: a status and, for any status but Success, why. The reason goes on
+    the wire as Error Comment (0000,0902) and into the WARNING that logs the refusal."""
+
+    status: Status
+    reason: str | None = None
+
+    @property
+    def kept(self) -> bool:
+        """Success or a warning (0xB000-0xBFFF): the instance was stored (PS3.4 B.2.3)."""
+        return self.status == Status.SUCCESS or 0xB000 <= self.status <= 0xBFFF
+
+    @property
+    def error_comment(self) -> str | None:
+        if self.status == Status.SUCCESS or not self.reason:
+            return None
+        return error_comment(self.reason)
