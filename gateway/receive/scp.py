@@ -312,7 +312,7 @@ def _status(answer: Answer) -> Dataset:
 
 def _not_allowed(calling_ae: str, service: Service) -> str:
     """The Error Comment of a 0x0124 refusal: who, and what the operator can change."""
-    return f'{calling_ae} may not {service}; add "{service}" in [[security.peers]]'
+    return f'{calling_ae} may not {service}; add "{service}" in security.peers'
 
 
 class GatewayACSE(ACSE):
