@@ -183,11 +183,10 @@ def test_every_refusal_says_why_in_its_error_comment(make_gateway, db_url: str) 
         "duplicate": (Status.DUPLICATE_SOP_INSTANCE, said["duplicate"][1]),
         "no room": (Status.OUT_OF_RESOURCES, "spool below minimum free"),
     }
-    assert "differ" in said["UIDs differ"][1]
-    assert "could not be decoded" in said["undecodable"][1]
-    assert "not a valid UID" in said["invalid UID"][1]
+    # The validation reasons are validate.py's words, whatever they are: carried, not judged here
     assert "already stored" in said["duplicate"][1]
     assert all(0 < len(comment) <= 64 and comment.isascii() for _, comment in said.values())
+    assert len({comment for _, comment in said.values()}) == len(said)
 
     echo = AE(ae_title="STORE_ONLY")
     echo.add_requested_context("1.2.840.10008.1.1")

@@ -33,6 +33,7 @@ from gateway.receive.associations import AssociationLedger, AssociationStats
 from gateway.receive.fastpath import FastAssociation, FastSocket, file_meta
 from gateway.receive.ingest import Ingest, StoreRequest
 from gateway.receive.streaming import StreamedStore, StreamingDUL
+from gateway.receive.upper_layer import REJECT_INVALID_REQUEST
 from gateway.receive.validate import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -189,8 +190,8 @@ class Receiver:
         return _status(Answer(Status.SUCCESS))
 
     def _handle_store(self, event: evt.Event) -> Dataset:
-        """C-STORE through pynetdicom: what ``StoreStream`` leaves to it (a request that came
-        while a release was under way, which pynetdicom ignores)."""
+        """C-STORE through pynetdicom: what ``StoreStream`` leaves to it, a request read before
+        this thread has marked the association established (or during a release)."""
         request = cast(Any, event.request)
         return _status(self._store(event.assoc, StreamedStore(
             event.dataset_path, str(request.AffectedSOPClassUID),
@@ -340,7 +341,7 @@ class GatewayACSE(ACSE):
                 log.warning("rejecting association from %s at %s:%s: negotiation failed (%s)",
                             calling_ae, self.requestor.address, self.requestor.port,
                             type(exc).__name__)
-                self.send_reject(0x01, 0x02, 0x01)  # permanent, ACSE provider, no reason given
+                self.send_reject(*REJECT_INVALID_REQUEST)
                 evt.trigger(self.assoc, evt.EVT_REJECTED, {})
                 self.assoc.kill()
             return
