@@ -10,6 +10,7 @@ The PDUs are built here by hand (PS3.8 9.3), independently of pynetdicom and of
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -24,9 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom import AE
 from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as encode_command
+from sqlalchemy.exc import OperationalError
 
 from gateway.dicom.status import Status
 from tests.conftest import rows, wait_for
@@ -520,3 +523,38 @@ def test_a_peer_that_sends_nothing_after_the_abort_is_closed_and_its_thread_ends
     wait_for(lambda: active(app) == 0, 10, "the association was never counted out")
     wait_for(lambda: threading.active_count() <= before, 10, "a thread outlived the association")
     peer.close()
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ValueError("a value ingest did not expect"), Status.CANNOT_UNDERSTAND),
+    (KeyError("SOPInstanceUID"), Status.CANNOT_UNDERSTAND),
+    (AttributeError("'NoneType' object has no attribute 'value'"), Status.CANNOT_UNDERSTAND),
+    (OSError(errno.EIO, "Input/output error"), Status.OUT_OF_RESOURCES),
+    (OperationalError("INSERT", {}, Exception("server closed the connection")),
+     Status.OUT_OF_RESOURCES),
+], ids=["ValueError", "KeyError", "AttributeError", "OSError", "OperationalError"])
+def test_a_fault_of_ours_is_answered_retry_later_only_when_retrying_can_help(
+    make_gateway, monkeypatch: pytest.MonkeyPatch, error: Exception, expected: Status
+) -> None:
+    """An exception ingest did not classify: 0xA700 ("retry later") for a disk, memory or
+    database failure; anything else would meet every retry again, so 0xC000. Both say why, and
+    the association goes on."""
+    app = make_gateway()
+    ingest = app.receiver._ingest
+    real = ingest.store
+    monkeypatch.setattr(ingest, "store", lambda request: (_ for _ in ()).throw(error))
+    ds = make_dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", app.receiver.address[1], ae_title="GATEWAY")
+    assert assoc.is_established
+    try:
+        answer = assoc.send_c_store(ds)
+        assert int(answer.Status) == expected
+        assert type(error).__name__ in answer.ErrorComment and len(answer.ErrorComment) <= 64
+        monkeypatch.setattr(ingest, "store", real)
+        assert int(assoc.send_c_store(ds).Status) == Status.SUCCESS
+    finally:
+        assoc.release()

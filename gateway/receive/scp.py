@@ -21,6 +21,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.busy import ReceiverLoad
 from gateway.config import DicomConfig, Service
@@ -240,11 +241,11 @@ class Receiver:
                 log.warning("C-STORE %s from %s answered %s: %s",
                             sop_instance, state.calling_ae, status.label, outcome.reason)
         except Exception as exc:
-            log.error("C-STORE %s from %s failed (%s); answering 0xA700 so the sender retries",
-                      sop_instance, state.calling_ae, type(exc).__name__)
+            status, reason = _unexpected(exc)
+            log.error("C-STORE %s from %s failed (%s); answering %s", sop_instance,
+                      state.calling_ae, type(exc).__name__, status.label)
             log.debug("C-STORE failure detail", exc_info=True)
-            status, kept, duplicate = Status.OUT_OF_RESOURCES, 0, None
-            reason = f"internal error ({type(exc).__name__})"
+            kept, duplicate = 0, None
         self._metrics.instances.labels(state.calling_ae, status.label).inc()
         if kept:
             self._metrics.bytes.labels(state.calling_ae).inc(kept)
@@ -299,6 +300,15 @@ class Receiver:
         log.info("association %s from %s %s: %d stored, %d duplicate, %d bytes",
                  state.stats.record_id, state.calling_ae, state.end_state,
                  state.stats.instances, state.stats.duplicates, state.stats.bytes)
+
+
+def _unexpected(exc: Exception) -> tuple[Status, str]:
+    """A failure ``Ingest`` did not classify. 0xA700 tells the sender to try again later
+    (PS3.4 B.2.3): right for a disk, memory or database failure, which passes. Anything else is
+    this data set meeting a fault of ours, which every retry would meet again: 0xC000."""
+    if isinstance(exc, (OSError, MemoryError, SQLAlchemyError)):
+        return Status.OUT_OF_RESOURCES, f"{type(exc).__name__} while storing; retry later"
+    return Status.CANNOT_UNDERSTAND, f"data set could not be processed ({type(exc).__name__})"
 
 
 def _status(answer: Answer) -> Dataset:
