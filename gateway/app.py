@@ -36,7 +36,7 @@ from gateway.query.retrieve import Loader
 from gateway.query.service import QueryService
 from gateway.receive import fastpath
 from gateway.receive.associations import AssociationLedger
-from gateway.receive.ingest import Ingest
+from gateway.receive.ingest import Ingest, is_recorded
 from gateway.receive.scp import Receiver
 from gateway.receive.spool import Spool
 from gateway.remap.rules import load_rules
@@ -76,7 +76,7 @@ class Gateway:
         self.ledger_engine = make_engine(config.database.url, config.database.busy_timeout_s,
                                          durable=False)
         self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * MIB, free_bytes)
-        removed = self.spool.recover()
+        removed = self.spool.recover(lambda name: is_recorded(self.engine, name))
         if removed:
             log.warning("removed %d unacknowledged partial files left by a previous stop", removed)
         fastpath.receive_datasets_into(self.spool.incoming)

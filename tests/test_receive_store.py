@@ -245,3 +245,89 @@ def test_restart_removes_unacknowledged_leftovers(make_gateway, tmp_path: Path) 
     app = make_gateway()
     assert not list(app.spool.root.rglob("*.tmp"))
     assert not list(app.spool.incoming.iterdir())
+
+
+def test_every_refusal_says_why_in_its_error_comment(make_gateway, db_url: str) -> None:
+    """Each non-success C-STORE-RSP (and C-ECHO-RSP) carries Error Comment (0000,0902): the only
+    "why" a sender sees (``storescu`` shows it with -v). At most 64 characters (LO), and 0xA700
+    only where retrying later can help."""
+    from io import BytesIO
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+
+    free = {"bytes": 10 * 1024**3}
+    app = make_gateway(
+        db=db_url, free_bytes=lambda _p: free["bytes"],
+        storage={"min_free_mb": 64, "duplicate_policy": "reject"},
+        security={"unknown_callers": ["echo", "store"],
+                  "peers": [{"ae_title": "ECHO_ONLY_MODAL1", "services": ["echo"]},
+                            {"ae_title": "STORE_ONLY", "services": ["store"]}]},
+    )
+    port = app.receiver.address[1]
+
+    def answer(payload: bytes, sop_instance: str, calling_ae: str = "RAWSCU") -> tuple[int, str]:
+        ae = AE(ae_title=calling_ae)
+        ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="GATEWAY")
+        assert assoc.is_established
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            pass
+        try:
+            request = C_STORE()
+            request.MessageID, request.Priority = 1, 2
+            request.AffectedSOPClassUID = CT_IMAGE_STORAGE
+            request.AffectedSOPInstanceUID = sop_instance
+            request.DataSet = BytesIO(payload)
+            assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
+            _, response = assoc.dimse.get_msg(block=True)
+            assert response is not None
+            return int(response.Status), str(response.ErrorComment or "")
+        finally:
+            assoc._reactor_checkpoint.set()
+            assoc.release()
+
+    kept = make_dataset(PatientName="MÜLLER^JÖRG")
+    assert answer(encode(kept), kept.SOPInstanceUID) == (Status.SUCCESS, "")
+    changed = make_dataset(SOPInstanceUID=kept.SOPInstanceUID, StudyInstanceUID=kept.StudyInstanceUID,
+                           SeriesInstanceUID=kept.SeriesInstanceUID, PatientName="MÜLLER^JÖRG",
+                           InstanceNumber=2)
+    ds = make_dataset()
+    cases = {
+        "not authorised": (encode(ds), ds.SOPInstanceUID, "ECHO_ONLY_MODAL1"),
+        "UIDs differ": (encode(ds), generate_uid(), "RAWSCU"),
+        "undecodable": (encode(ds)[:40] + b"\x10\x00\x10\x00PN\xf0\xff" + b"\x01" * 7,
+                        ds.SOPInstanceUID, "RAWSCU"),
+        "invalid UID": (encode(make_dataset(SOPInstanceUID="1.2.x")), "1.2.x", "RAWSCU"),
+        "duplicate": (encode(changed), kept.SOPInstanceUID, "RAWSCU"),
+    }
+    said = {name: answer(*args[:2], calling_ae=args[2]) for name, args in cases.items()}
+    free["bytes"] = 1024
+    said["no room"] = answer(encode(ds), ds.SOPInstanceUID)
+
+    assert said == {
+        "not authorised": (Status.NOT_AUTHORIZED,
+                           'ECHO_ONLY_MODAL1 may not store; add "store" in security.peers'),
+        "UIDs differ": (Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, said["UIDs differ"][1]),
+        "undecodable": (Status.CANNOT_UNDERSTAND, said["undecodable"][1]),
+        "invalid UID": (Status.INVALID_UID, said["invalid UID"][1]),
+        "duplicate": (Status.DUPLICATE_SOP_INSTANCE, said["duplicate"][1]),
+        "no room": (Status.OUT_OF_RESOURCES, "spool below minimum free"),
+    }
+    # The validation reasons are validate.py's words, whatever they are: carried, not judged here
+    assert "already stored" in said["duplicate"][1]
+    assert all(0 < len(comment) <= 64 and comment.isascii() for _, comment in said.values())
+    assert len({comment for _, comment in said.values()}) == len(said)
+
+    echo = AE(ae_title="STORE_ONLY")
+    echo.add_requested_context("1.2.840.10008.1.1")
+    assoc = echo.associate("127.0.0.1", port, ae_title="GATEWAY")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    assert int(status.Status) == Status.NOT_AUTHORIZED
+    assert status.ErrorComment == 'STORE_ONLY may not echo; add "echo" in security.peers'

@@ -27,22 +27,15 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.presentation import PresentationContext
 
-from gateway.dicom.status import Status
+from gateway.dicom.status import status_dataset
 from gateway.receive.fastpath import FastAssociation
+
+__all__ = ["Gate", "GatedAssociation", "Retrieve", "status_dataset"]
 
 log = logging.getLogger(__name__)
 
-ERROR_COMMENT_MAX = 64  # (0000,0902) is LO: at most 64 characters (PS3.5 6.2)
 Retrieve = C_MOVE | C_GET
 Gate = Callable[[Association, Retrieve, PresentationContext], Dataset | None]
-
-
-def status_dataset(status: Status, comment: str) -> Dataset:
-    """A status as pynetdicom's handlers may return it: Status plus Error Comment (PS3.7 C.4)."""
-    ds = Dataset()
-    ds.Status = int(status)
-    ds.ErrorComment = comment[:ERROR_COMMENT_MAX]
-    return ds
 
 
 class GatedAssociation(FastAssociation):
@@ -51,8 +44,9 @@ class GatedAssociation(FastAssociation):
     _retrieve_gate: Gate
 
     @classmethod
-    def adopt_with_gate(cls, assoc: Association, gate: Gate) -> None:
-        cls.adopt(assoc)
+    def adopt_with_gate(cls, assoc: Association, gate: Gate,
+                        on_end: Callable[[], None] = lambda: None) -> None:
+        cls.adopt(assoc, on_end=on_end)
         cast(GatedAssociation, assoc)._retrieve_gate = gate
 
     def _serve_request(self, msg: Any, context_id: int) -> None:

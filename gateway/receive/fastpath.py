@@ -117,10 +117,13 @@ class FastSocket(AssociationSocket):
             time.sleep(0.001)  # what pynetdicom's loop did; the DUL is about to stop
             return False
         dul = self.assoc.dul
+        # Sta13 is busy (pynetdicom closes the socket there once nothing is waiting), unless an
+        # abort of ours is draining what the peer still sends (``upper_layer``): then a pause
+        # of up to IDLE_WAIT_S is allowed before the close, so the peer can read the A-ABORT.
         busy = (
             dul.to_provider_queue.qsize()
             or dul.event_queue.qsize()
-            or dul.state_machine.current_state == "Sta13"
+            or (dul.state_machine.current_state == "Sta13" and not getattr(dul, "draining", False))
         )
         watched: list[Any] = [self.socket, self._wake_r]
         try:
@@ -171,20 +174,30 @@ class FastSocket(AssociationSocket):
 
 
 class FastAssociation(Association):
-    """pynetdicom's acceptor ``Association`` whose reactor blocks instead of polling."""
+    """pynetdicom's acceptor ``Association`` whose reactor blocks instead of polling, and whose
+    end is reported whatever the path to it (``on_end``)."""
+
+    _on_end: Callable[[], None]
 
     @classmethod
-    def adopt(cls, assoc: Association) -> None:
+    def adopt(cls, assoc: Association, on_end: Callable[[], None] = lambda: None) -> None:
         assoc.__class__ = cls
         assoc.dul.to_user_queue = _WakingQueue(lambda: assoc.dimse.msg_queue.put((None, None)))
+        cast(FastAssociation, assoc)._on_end = on_end
 
     def run(self) -> None:
         try:
             super().run()
         finally:
+            if self.dul.is_alive():
+                # Only a failure returns here without ``kill()``: pynetdicom has shut the socket
+                # down, and the DUL thread would otherwise poll in Sta1 for good.
+                self.dul.kill_dul()
+                self.dul.join(timeout=1.0)  # before its wake-up pipe is closed below
             wrapped = self.dul.socket
             if isinstance(wrapped, FastSocket):
                 wrapped.release_wakeup()
+            self._on_end()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's ``Association._run_reactor``, with ``time.sleep(0.001)`` and a

@@ -199,6 +199,8 @@ class Ingest:
             except BaseException:
                 self._spool.discard(final)
                 raise
+            finally:
+                self._spool.settle(final)  # committed, or removed: out of the crash window
         return self._record_again(header, sealed, prepared)
 
     def _insert_new(self, header: Header, published: SpooledFile, prepared: _Prepared) -> int:
@@ -266,6 +268,9 @@ class Ingest:
             if published is not None:
                 self._spool.discard(published.path)
             raise
+        finally:
+            if published is not None:
+                self._spool.settle(published.path)  # committed, or removed
 
     def _second_copy(
         self,
@@ -358,3 +363,21 @@ class Ingest:
             received_at=self._clock(),
             association_id=request.association_id,
         )
+
+
+def is_recorded(engine: Engine, spool_path: str) -> bool:
+    """Whether a ledger row (the current copy or another version) names this spool file: what
+    ``Spool.recover`` asks of each name left in its claim log. By SOP Instance UID, which is
+    indexed; the file's name is ``<uid>.dcm`` or ``<uid>.<sha256[:16]>.dcm``."""
+    stem = spool_path.rsplit("/", 1)[-1].removesuffix(".dcm")
+    uids = {stem, stem.rsplit(".", 1)[0]}
+    with engine.connect() as connection:
+        for table in (Instance, InstanceVersion):
+            found = connection.execute(
+                select(table.id)
+                .where(table.sop_instance_uid.in_(uids), table.spool_path == spool_path)
+                .limit(1)
+            ).first()
+            if found is not None:
+                return True
+    return False

@@ -21,8 +21,10 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dsutils import decode
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.busy import ReceiverLoad
 from gateway.config import DicomConfig, Service
@@ -32,7 +34,7 @@ from gateway.dicom.contexts import (
     scp_contexts,
 )
 from gateway.dicom.peers import PeerPolicy, RejectReason
-from gateway.dicom.status import Status
+from gateway.dicom.status import Answer, Status
 from gateway.metrics import Metrics
 from gateway.query.gate import GatedAssociation, Retrieve, status_dataset
 from gateway.query.service import QueryService
@@ -40,6 +42,8 @@ from gateway.receive.associations import AssociationLedger, AssociationStats
 from gateway.receive.fastpath import FastSocket, file_meta
 from gateway.receive.ingest import Ingest, StoreRequest
 from gateway.receive.streaming import StreamedStore, StreamingDUL
+from gateway.receive.upper_layer import REJECT_INVALID_REQUEST
+from gateway.receive.validate import is_valid_uid
 from gateway.worklist.services import NReply, PerformedSteps, WorklistFinder
 
 log = logging.getLogger(__name__)
@@ -194,34 +198,45 @@ class Receiver:
         with self._lock:
             return self._open.get(id(assoc))
 
-    def _handle_echo(self, event: evt.Event) -> int:
+    def _handle_echo(self, event: evt.Event) -> Dataset:
         state = self._state(event.assoc)
         if state is None or "echo" not in state.services:
-            return int(Status.NOT_AUTHORIZED)
-        return int(Status.SUCCESS)
+            calling = state.calling_ae if state else str(event.assoc.requestor.ae_title).strip()
+            return Answer(Status.NOT_AUTHORIZED, _not_allowed(calling, "echo")).dataset()
+        return Answer(Status.SUCCESS).dataset()
 
-    def _handle_store(self, event: evt.Event) -> int:
-        """C-STORE through pynetdicom: what ``StoreStream`` leaves to it (an odd context)."""
+    def _handle_store(self, event: evt.Event) -> Dataset:
+        """C-STORE through pynetdicom: what ``StoreStream`` leaves to it, a request read before
+        this thread has marked the association established (or during a release)."""
         request = cast(Any, event.request)
         return self._store(event.assoc, StreamedStore(
             event.dataset_path, str(request.AffectedSOPClassUID),
             str(request.AffectedSOPInstanceUID), str(event.context.transfer_syntax),
-        ))
+        )).dataset()
 
-    def store_streamed(self, assoc: Association, streamed: StreamedStore) -> int:
+    def store_streamed(self, assoc: Association, streamed: StreamedStore) -> Answer:
         """C-STORE read by the gateway's own reader (``receive.streaming``), in the DUL thread."""
         return self._store(assoc, streamed)
 
-    def _store(self, assoc: Association, received: StreamedStore) -> int:
-        """C-STORE (PS3.4 B.2.3). Never raises: pynetdicom would answer 0xC211 and lose the why."""
+    def _store(self, assoc: Association, received: StreamedStore) -> Answer:
+        """C-STORE (PS3.4 B.2.3). Never raises: pynetdicom would answer 0xC211 and lose the why.
+        Every answer but Success says why, sent as its Error Comment."""
         started = time.perf_counter()
         sop_instance = received.sop_instance_uid
         state = self._state(assoc)
         if state is None or "store" not in state.services:
-            calling = state.calling_ae if state else assoc.requestor.ae_title
+            calling = state.calling_ae if state else str(assoc.requestor.ae_title).strip()
             self._metrics.instances.labels(calling, Status.NOT_AUTHORIZED.label).inc()
             log.warning("C-STORE refused: %s may not store", calling)
-            return int(Status.NOT_AUTHORIZED)
+            return Answer(Status.NOT_AUTHORIZED, _not_allowed(calling, "store"))
+        if received.refusal is not None or received.path is None:
+            refusal = received.refusal or Answer(Status.CANNOT_UNDERSTAND, "no data set")
+            log.warning("C-STORE %s from %s answered %s: %s", sop_instance if is_valid_uid(
+                sop_instance) else "(invalid UID)", state.calling_ae, refusal.status.label,
+                refusal.reason)
+            self._metrics.instances.labels(state.calling_ae, refusal.status.label).inc()
+            state.stats.count(refusal.status.label, 0, False)
+            return refusal
         try:
             outcome = self._ingest.store(
                 StoreRequest(
@@ -236,14 +251,16 @@ class Receiver:
                 )
             )
             status, kept, duplicate = outcome.status, outcome.kept_bytes, outcome.duplicate
+            reason = outcome.reason
             if status != Status.SUCCESS:
                 log.warning("C-STORE %s from %s answered %s: %s",
                             sop_instance, state.calling_ae, status.label, outcome.reason)
         except Exception as exc:
-            log.error("C-STORE %s from %s failed (%s); answering 0xA700 so the sender retries",
-                      sop_instance, state.calling_ae, type(exc).__name__)
+            status, reason = _unexpected(exc)
+            log.error("C-STORE %s from %s failed (%s); answering %s", sop_instance,
+                      state.calling_ae, type(exc).__name__, status.label)
             log.debug("C-STORE failure detail", exc_info=True)
-            status, kept, duplicate = Status.OUT_OF_RESOURCES, 0, None
+            kept, duplicate = 0, None
         self._metrics.instances.labels(state.calling_ae, status.label).inc()
         if kept:
             self._metrics.bytes.labels(state.calling_ae).inc(kept)
@@ -254,7 +271,7 @@ class Receiver:
         self._metrics.store_seconds.observe(elapsed)
         if self._load is not None:
             self._load.add(elapsed)
-        return int(status)
+        return Answer(status, reason)
 
     def _handle_query(self, event: evt.Event, kind: Service) -> Iterator[Any]:
         """C-FIND / C-MOVE / C-GET: the caller's services decide, then ``QueryService``.
@@ -339,6 +356,11 @@ class Receiver:
     def _handle_closed(self, event: evt.Event) -> None:
         self._finish(event.assoc)
 
+    def ended(self, assoc: Association) -> None:
+        """The association's thread has ended: if no end event came (pynetdicom fired none on
+        some failure paths), it is counted out now, so ``associations_active`` cannot leak."""
+        self._finish(assoc)
+
     def _finish(self, assoc: Association) -> None:
         with self._lock:
             state = self._open.pop(id(assoc), None)
@@ -351,6 +373,20 @@ class Receiver:
                  state.stats.instances, state.stats.duplicates, state.stats.bytes)
 
 
+def _unexpected(exc: Exception) -> tuple[Status, str]:
+    """A failure ``Ingest`` did not classify. 0xA700 tells the sender to try again later
+    (PS3.4 B.2.3): right for a disk, memory or database failure, which passes. Anything else is
+    this data set meeting a fault of ours, which every retry would meet again: 0xC000."""
+    if isinstance(exc, (OSError, MemoryError, SQLAlchemyError)):
+        return Status.OUT_OF_RESOURCES, f"{type(exc).__name__} while storing; retry later"
+    return Status.CANNOT_UNDERSTAND, f"data set could not be processed ({type(exc).__name__})"
+
+
+def _not_allowed(calling_ae: str, service: Service) -> str:
+    """The Error Comment of a 0x0124 refusal: who, and what the operator can change."""
+    return f'{calling_ae} may not {service}; add "{service}" in security.peers'
+
+
 class GatewayACSE(ACSE):
     """pynetdicom's ACSE, with the gateway's admission decided before negotiation (PS3.8 7.1)."""
 
@@ -359,12 +395,26 @@ class GatewayACSE(ACSE):
         self._receiver = receiver
 
     def _negotiate_as_acceptor(self) -> None:
-        request = cast(Any, self.requestor.primitive)
+        request = self.requestor.primitive
+        if not isinstance(request, A_ASSOCIATE):
+            # The DUL answered the request itself (A-ASSOCIATE-RJ or A-ABORT, see
+            # ``upper_layer``) and sent this A-P-ABORT instead of the request: nothing to negotiate.
+            self.assoc.is_aborted = True
+            self.assoc.kill()
+            return
         calling_ae = str(request.calling_ae_title).strip()
         called_ae = str(request.called_ae_title).strip()
         reject = self._receiver.admit(self.assoc, calling_ae, called_ae)
         if reject is None:
-            super()._negotiate_as_acceptor()
+            try:
+                super()._negotiate_as_acceptor()
+            except Exception as exc:  # noqa: BLE001 - the requestor is told, not left waiting
+                log.warning("rejecting association from %s at %s:%s: negotiation failed (%s)",
+                            calling_ae, self.requestor.address, self.requestor.port,
+                            type(exc).__name__)
+                self.send_reject(*REJECT_INVALID_REQUEST)
+                evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+                self.assoc.kill()
             return
         self.requestor.ae_title = request.calling_ae_title
         self.send_reject(*reject.value)
@@ -378,8 +428,11 @@ def _handler_class(receiver: Receiver) -> type[RequestHandler]:
             assoc = super()._create_association()
             FastSocket.adopt(cast(Any, assoc.dul.socket))
             StreamingDUL.adopt(assoc.dul, receiver.store_streamed, receiver.incoming, file_meta)
-            GatedAssociation.adopt_with_gate(assoc, receiver.gate_retrieve)
+            # Whatever ends the association's thread, it is counted out (``_finish`` once)
+            GatedAssociation.adopt_with_gate(assoc, receiver.gate_retrieve,
+                                             on_end=lambda: receiver.ended(assoc))
             assoc.acse = GatewayACSE(assoc, receiver)
             return assoc
 
     return GatewayRequestHandler
+

@@ -8,18 +8,31 @@ finished message passed to the association's thread and its answer back to the n
 
 How: the network (DUL) thread's ``_read_pdu_data`` is replaced. A P-DATA-TF PDU is read whole into
 one reusable buffer and its PDVs are walked in place (PS3.8 9.3.5). A complete command set that is
-a C-STORE-RQ on an accepted presentation context of its own SOP class starts a *streamed* message:
-a Part-10 file is opened in the spool's ``incoming/`` folder with the gateway's File Meta
-Information, each data set fragment is one ``write`` from the buffer, and when the last fragment is
-in, the store handler runs in this thread and the C-STORE-RSP is written to the socket from this
-thread, as pynetdicom writes every PDU. The peer waits for that answer anyway: no asynchronous
-operations window is negotiated, so one request at a time is all a peer may send.
+a C-STORE-RQ starts a *streamed* message: a Part-10 file is opened in the spool's ``incoming/``
+folder with the gateway's File Meta Information, each data set fragment is one ``write`` from the
+buffer, and when the last fragment is in, the store handler runs in this thread and the
+C-STORE-RSP is written to the socket from this thread, as pynetdicom writes every PDU. The peer
+waits for that answer anyway: no asynchronous operations window is negotiated, so one request at
+a time is all a peer may send.
 
 Everything else (C-ECHO, C-FIND, C-MOVE, C-GET, the C-STORE-RSPs a C-GET caller sends back,
-C-CANCEL, a C-STORE on an odd context) goes to pynetdicom unchanged, re-framed as the P-DATA-TF PDU
-it arrived in, and so do all PDUs that are not P-DATA. A streamed message that does not finish (an
-abort, a closed connection, a protocol error) leaves no file: it is removed here, and
-``Spool.recover`` removes what a crash left.
+C-CANCEL) goes to pynetdicom unchanged, re-framed as the P-DATA-TF PDU it arrived in, and so do
+all PDUs that are not P-DATA.
+
+What a peer gets wrong is answered here, where it is seen (``upper_layer`` has the abort):
+
+- A C-STORE-RQ that can be answered is answered, never aborted, and never with 0xA700 (which
+  tells a sender to try again later): an Affected SOP Class UID that is not a storage SOP Class
+  (DCMTK's ``dcmsend`` sends "31" for a data set whose UIDs are encoded as UN) gets 0x0122, an
+  invalid Affected SOP Instance UID 0xC001, each after its data set has been read and dropped; a
+  C-STORE-RQ without a data set gets 0xC000 at once, and data set fragments that follow it anyway
+  are dropped. Every non-success answer carries an Error Comment saying why (PS3.7 C.4).
+- What cannot be answered is aborted (A-ABORT, PS3.8 9.3.8): a PDU longer than the maximum we
+  negotiated (read no further than its header), a PDU type unknown or unexpected in Sta6, a PDV
+  on a presentation context that was not accepted or that overruns its PDU, a command set that
+  does not decode or names no known command, data without a command, a new message inside a data
+  set. A streamed message that does not finish leaves no file: it is removed here, and
+  ``Spool.recover`` removes what a crash left.
 """
 
 from __future__ import annotations
@@ -38,18 +51,35 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.uid import UID
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.dimse_messages import _MESSAGE_TYPES
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 
-from gateway.dicom.pdu import COMMAND, LAST, P_DATA_TF, PDU_HEADER, PDV_HEADER, p_data_tf, pdv_item
-from gateway.dicom.status import Status
+from gateway.dicom.pdu import (
+    A_ABORT,
+    A_RELEASE_RQ,
+    COMMAND,
+    LAST,
+    P_DATA_TF,
+    PDU_HEADER,
+    PDU_NAMES,
+    PDV_HEADER,
+    AbortReason,
+    p_data_tf,
+    pdv_item,
+)
+from gateway.dicom.status import Answer, Status
+from gateway.receive.upper_layer import GuardedDUL, Problem, ProtocolError, framing, message
+from gateway.receive.validate import is_valid_uid
 
 log = logging.getLogger(__name__)
 
 C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
-MAX_PDU_READ = 64 << 20  # a PDU claiming more is refused, not allocated
+MAX_PDU_READ = 64 << 20  # with no maximum negotiated (0), a PDU claiming more is refused
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _MEDIA_INSTANCE = 0x00020003
 _NAMES = itertools.count()
@@ -57,20 +87,18 @@ _NAMES = itertools.count()
 
 @dataclass(frozen=True)
 class StreamedStore:
-    """A C-STORE-RQ whose data set is complete in ``path`` (Part-10, in ``incoming/``)."""
+    """A C-STORE-RQ whose data set is complete in ``path`` (Part-10, in ``incoming/``), or one
+    already refused here (``refusal``; nothing was kept, ``path`` is None)."""
 
-    path: Path
+    path: Path | None
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    refusal: Answer | None = None
 
 
-StoreHandler = Callable[[Any, StreamedStore], int]
+StoreHandler = Callable[[Any, StreamedStore], Answer]
 FileMeta = Callable[..., FileMetaDataset]
-
-
-class ProtocolError(Exception):
-    """The peer broke PS3.8 framing; the association is aborted (Evt19, as pynetdicom does)."""
 
 
 def _element(tag: int, vr: str, value: object, implicit: bool) -> bytes:
@@ -101,21 +129,32 @@ class MetaTemplate:
         return _PREAMBLE + _element(0x00020000, "UL", len(body), False) + body
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What the C-STORE-RSP echoes of its request (PS3.7 9.3.1.2)."""
+
+    message_id: int
+    context_id: int
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+    def received(self, path: Path | None, refusal: Answer | None = None) -> StreamedStore:
+        return StreamedStore(path, self.sop_class, self.sop_instance, self.transfer_syntax,
+                             refusal)
+
+
 class _Streaming:
-    """One C-STORE data set being written to its file."""
+    """One C-STORE data set being written to its file, or read and dropped (``refusal``)."""
 
     def __init__(
-        self, request: Any, context: Any, created: tuple[Path, int], meta: MetaTemplate
+        self, request: _Request, file: tuple[Path, int] | None, refusal: Answer | None = None
     ) -> None:
-        self.message_id = int(request.MessageID)
-        self.context_id = int(context.context_id)
-        self.sop_class = str(request.AffectedSOPClassUID)
-        self.sop_instance = str(request.AffectedSOPInstanceUID)
-        self.transfer_syntax = str(context.transfer_syntax[0])  # the accepted one
+        self.request = request
+        self.refusal = refusal
         self.error: OSError | None = None
-        self.path, fd = created
-        self.fd: int | None = fd
-        self.write(meta.render(self.sop_instance))
+        self.path: Path | None = file[0] if file else None
+        self.fd: int | None = file[1] if file else None
 
     def write(self, data: memoryview | bytes) -> None:
         """Write a fragment; after a failure (disk full) the rest is read and dropped, so the
@@ -137,10 +176,18 @@ class _Streaming:
 
     def discard(self) -> None:
         self.close()
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     def complete(self) -> StreamedStore:
-        return StreamedStore(self.path, self.sop_class, self.sop_instance, self.transfer_syntax)
+        """What the handler is given: the file, or why nothing was kept."""
+        if self.refusal is None and self.error is not None:
+            log.error("C-STORE %s: writing to incoming failed (%s); answering 0xA700",
+                      self.request.sop_instance, self.error.strerror)
+            return self.request.received(None, Answer(
+                Status.OUT_OF_RESOURCES, f"spool write failed ({self.error.strerror})"))
+        return self.request.received(self.path if self.refusal is None else None, self.refusal)
+
 
 class StoreStream:
     """The P-DATA reader of one association; used only from its DUL thread."""
@@ -155,75 +202,109 @@ class StoreStream:
         self._file_meta = file_meta
         self._buffer = bytearray(1 << 16)
         self._command: list[bytes] = []  # PDV items of a command set not complete yet
-        self._passing = False  # pynetdicom owns the message in progress
+        self._passing: int | None = None  # pynetdicom owns the data set in progress (context)
+        self._dropping: int | None = None  # data set fragments a refusal has answered (context)
         self._streaming: _Streaming | None = None
         self._templates: dict[tuple[str, str], MetaTemplate] = {}
         self._created: tuple[Path, int] | None = None  # the next image's file, made in advance
 
     def read_pdata(self, length: int) -> None:
         """Read one P-DATA-TF PDU's body and act on each PDV, in order."""
-        if length > MAX_PDU_READ:
-            raise ProtocolError(f"P-DATA-TF of {length} bytes")
         if len(self._buffer) < length:
             self._buffer = bytearray(length)
         view = memoryview(self._buffer)[:length]
         if self._dul.socket.recv_into_exactly(view) != length:  # type: ignore[union-attr]
             raise ConnectionError("connection closed inside a PDU")
+        accepted = self._assoc._accepted_cx
         forward: list[bytes] = []
         position = 0
         while position < length:
             if length - position < PDV_HEADER.size:
-                raise ProtocolError("truncated PDV item")
+                raise framing("truncated PDV item", AbortReason.INVALID_PDU_PARAMETER_VALUE)
             item_length, context_id, control = PDV_HEADER.unpack_from(view, position)
             end = position + 4 + item_length
             if item_length < 2 or end > length:
-                raise ProtocolError(f"PDV item length {item_length}")
+                raise framing(f"PDV item length {item_length} in a P-DATA-TF of {length} bytes",
+                              AbortReason.INVALID_PDU_PARAMETER_VALUE)
+            if context_id not in accepted:
+                raise framing(f"PDV on presentation context {context_id}, which was not accepted",
+                              AbortReason.INVALID_PDU_PARAMETER_VALUE)
             value = view[position + 6:end]
             if self._streaming is not None:
                 self._data(context_id, control, value)
-            elif self._passing:
+            elif self._passing is not None:
+                if control & COMMAND or context_id != self._passing:
+                    raise message("a new message began inside a data set")
                 forward.append(bytes(view[position:end]))
-                if control & LAST and not control & COMMAND:
-                    self._passing = False
+                if control & LAST:
+                    self._passing = None
             elif control & COMMAND:
+                self._dropping = None
                 self._command.append(bytes(view[position:end]))
                 if control & LAST:
                     forward.extend(self._command_complete())
+            elif context_id == self._dropping:
+                if control & LAST:  # the data set a C-STORE-RQ said it would not send
+                    self._dropping = None
             else:
-                forward.append(bytes(view[position:end]))  # data without a command: pynetdicom's
+                raise message("a data set fragment with no command before it")
             position = end
         if forward:
             self._deliver(forward)
 
     def abandon(self) -> None:
-        """A streamed message that will never complete: remove its file."""
+        """A message that will never complete: remove its file."""
         streaming, self._streaming = self._streaming, None
         if streaming is not None:
             streaming.discard()
         self._command.clear()
-        self._passing = False
+        self._passing = self._dropping = None
         created, self._created = self._created, None
         if created is not None:
             os.close(created[1])
             created[0].unlink(missing_ok=True)
 
     def _command_complete(self) -> list[bytes]:
-        """Stream the message, or return its command PDVs for pynetdicom."""
+        """Stream a C-STORE-RQ, or return another message's command PDVs for pynetdicom."""
         items, self._command = self._command, []
-        encoded = b"".join(item[6:] for item in items)
+        context_id = items[-1][4]  # the PDV header's presentation context ID
+        if any(item[4] != context_id for item in items):
+            raise message("command fragments on different presentation contexts")
         try:
-            command = decode(BytesIO(encoded), True, True)
+            command = decode(BytesIO(b"".join(item[6:] for item in items)), True, True)
             field, data_set_type = int(command.CommandField), int(command.CommandDataSetType)
-        except Exception:  # noqa: BLE001 - pynetdicom decodes it again and answers as it does
+            message_id = command.get("MessageID")
+            message_id = None if message_id is None else int(message_id)
+            sop_class = command.get("AffectedSOPClassUID")
+            sop_instance = command.get("AffectedSOPInstanceUID")
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes can fail any way
+            raise message(f"command set could not be decoded ({type(exc).__name__})") from None
+        if field not in _MESSAGE_TYPES:
+            raise message(f"unknown Command Field 0x{field:04X}")
+        assoc = self._assoc
+        if field != C_STORE_RQ or not assoc.is_established or assoc._sent_release:
+            self._passing = context_id if data_set_type != NO_DATA_SET else None
             return items
-        context = self._context_for(command, items[-1][4])
-        if field == C_STORE_RQ and data_set_type != NO_DATA_SET and context is not None:
-            meta = self._template(str(command.AffectedSOPClassUID), str(context.transfer_syntax[0]))
-            created, self._created = self._created or self._create(), None
-            self._streaming = _Streaming(command, context, created, meta)
+        if message_id is None:
+            raise message("C-STORE-RQ without a Message ID")  # no answer can name it
+        context = assoc._accepted_cx[context_id]
+        request = _Request(message_id, context_id, str(sop_class or ""), str(sop_instance or ""),
+                           str(context.transfer_syntax[0]))  # the accepted one
+        if data_set_type == NO_DATA_SET:
+            self._dropping = context_id
+            self._answer(request, None, request.received(None, Answer(
+                Status.CANNOT_UNDERSTAND, "C-STORE-RQ says no data set (Command Data Set Type 0101H)")))
             return []
-        self._passing = data_set_type != NO_DATA_SET
-        return items
+        refusal = _refusal(request, str(context.abstract_syntax))
+        if refusal is not None:
+            self._streaming = _Streaming(request, None, refusal)
+            return []
+        created, self._created = self._created or self._create(), None
+        self._streaming = _Streaming(request, created)
+        self._streaming.write(
+            self._template(request.sop_class, request.transfer_syntax).render(request.sop_instance)
+        )
+        return []
 
     def _create(self) -> tuple[Path, int]:
         """A new file in ``incoming/`` under a fresh name (process, thread and counter make it
@@ -255,53 +336,39 @@ class StoreStream:
             ))
         return template
 
-    def _context_for(self, command: Any, context_id: int) -> Any:
-        """The accepted context a C-STORE-RQ may be streamed on, else None (pynetdicom decides)."""
-        assoc = self._assoc
-        context = assoc._accepted_cx.get(context_id)
-        if context is None or not assoc.is_established or assoc._sent_release:
-            return None
-        if str(context.abstract_syntax) != str(command.get("AffectedSOPClassUID", "")):
-            return None
-        if not command.get("AffectedSOPInstanceUID") or command.get("MessageID") is None:
-            return None
-        return context
-
     def _data(self, context_id: int, control: int, value: memoryview) -> None:
         streaming = self._streaming
         assert streaming is not None
-        if control & COMMAND or context_id != streaming.context_id:
-            raise ProtocolError("a new message began inside a C-STORE data set")
+        if control & COMMAND or context_id != streaming.request.context_id:
+            raise message("a new message began inside a C-STORE data set")
         streaming.write(value)
         if control & LAST:
             self._streaming = None
-            self._complete(streaming)
+            streaming.close()
+            self._answer(streaming.request, streaming.path, streaming.complete())
 
-    def _complete(self, streaming: _Streaming) -> None:
-        streaming.close()
-        status = int(Status.OUT_OF_RESOURCES)
-        if streaming.error is not None:
-            log.error("C-STORE %s: writing to incoming failed (%s); answering 0xA700",
-                      streaming.sop_instance, streaming.error.strerror)
-        else:
-            try:
-                status = self._handler(self._assoc, streaming.complete())
-            except Exception:
-                log.exception("C-STORE %s: handler failed; answering 0xA700",
-                              streaming.sop_instance)
-        if status == Status.SUCCESS or 0xB000 <= status <= 0xBFFF:  # PS3.7 C.1: kept
+    def _answer(self, request: _Request, path: Path | None, received: StreamedStore) -> None:
+        """Run the handler and send its answer; ``path`` (the incoming file) never outlives it."""
+        answer = Answer(Status.OUT_OF_RESOURCES, "internal error")
+        try:
+            answer = self._handler(self._assoc, received)
+        except Exception:
+            log.exception("C-STORE %s: handler failed; answering 0xA700", request.sop_instance)
+        if answer.kept and received.path is not None:
             # Kept copies were linked or renamed: this name is only litter now, removed after
             # the answer is on its way (``Spool.recover`` removes it after a crash).
-            self._respond(streaming, status)
-            streaming.path.unlink(missing_ok=True)
+            self._respond(request, answer)
+            received.path.unlink(missing_ok=True)
             self._create_next()
         else:
-            streaming.path.unlink(missing_ok=True)  # nothing half-written before the answer
-            self._respond(streaming, status)
+            if path is not None:
+                path.unlink(missing_ok=True)  # nothing half-written before the answer
+            self._respond(request, answer)
 
-    def _respond(self, streaming: _Streaming, status: int) -> None:
-        """Send the C-STORE-RSP (PS3.7 9.3.1.2); the command set is assembled from elements
-        pydicom encodes, in tag order.
+    def _respond(self, request: _Request, answer: Answer) -> None:
+        """Send the C-STORE-RSP (PS3.7 9.3.1.2), with an Error Comment (0000,0902) unless it is
+        a success; the command set is assembled from elements pydicom encodes, in tag order. The
+        Affected SOP Class and Instance UIDs (optional in a response) are echoed when valid.
 
         Written to the socket here, the DUL thread, which is where pynetdicom sends every PDU of
         the association from: going through its provider queue and state machine (P-DATA in
@@ -311,16 +378,20 @@ class StoreStream:
         """
         if not self._assoc.is_established:
             return
+        comment = answer.error_comment
         body = b"".join((
-            _element(0x00000002, "UI", streaming.sop_class, True),
+            _element(0x00000002, "UI", request.sop_class, True)
+            if is_valid_uid(request.sop_class) else b"",
             _RSP_FIELD,
-            _element(0x00000120, "US", streaming.message_id, True),
+            _element(0x00000120, "US", request.message_id, True),
             _NO_DATA_SET,
-            _element(0x00000900, "US", status, True),
-            _element(0x00001000, "UI", streaming.sop_instance, True),
+            _element(0x00000900, "US", int(answer.status), True),
+            _element(0x00000902, "LO", comment, True) if comment else b"",
+            _element(0x00001000, "UI", request.sop_instance, True)
+            if is_valid_uid(request.sop_instance) else b"",
         ))
         command = _element(0x00000000, "UL", len(body), True) + body
-        pdu = p_data_tf(pdv_item(streaming.context_id, COMMAND | LAST, command))
+        pdu = p_data_tf(pdv_item(request.context_id, COMMAND | LAST, command))
         peer_max = int(self._assoc.requestor.maximum_length or 0)
         socket = self._dul.socket
         if socket is not None and not self._dul.to_provider_queue.qsize() and (
@@ -331,16 +402,34 @@ class StoreStream:
         primitive = P_DATA()
         # pynetdicom's setter wants [ID, PDV] lists, though its annotation says tuples
         primitive.presentation_data_value_list = cast(Any, [
-            [streaming.context_id, bytes((COMMAND | LAST,)) + command],
+            [request.context_id, bytes((COMMAND | LAST,)) + command],
         ])
         self._dul.send_pdu(primitive)
 
     def _deliver(self, items: list[bytes]) -> None:
         """Hand PDVs to pynetdicom as the P-DATA-TF PDU it would have read."""
-        cast(Any, self._dul).deliver(p_data_tf(*items))
+        cast(StreamingDUL, self._dul).deliver(p_data_tf(*items))
 
 
-class StreamingDUL(DULServiceProvider):
+def _refusal(request: _Request, abstract_syntax: str) -> Answer | None:
+    """Why a C-STORE-RQ's data set will not be kept, judged on its command alone (PS3.7 9.1.1).
+
+    An Affected SOP Class UID other than its context's abstract syntax is taken as pynetdicom
+    takes it (the data set must then match it, which ingest checks), if it is a storage SOP
+    Class; anything else would have made pynetdicom abort the association.
+    """
+    sop_class = request.sop_class
+    if not is_valid_uid(sop_class):
+        return Answer(Status.SOP_CLASS_NOT_SUPPORTED, "Affected SOP Class UID is not a valid UID")
+    if sop_class != abstract_syntax and uid_to_service_class(sop_class) is not StorageServiceClass:
+        return Answer(Status.SOP_CLASS_NOT_SUPPORTED,
+                      f"SOP Class not supported: Affected SOP Class UID {sop_class}")
+    if not is_valid_uid(request.sop_instance):
+        return Answer(Status.INVALID_UID, "Affected SOP Instance UID missing or not a valid UID")
+    return None
+
+
+class StreamingDUL(GuardedDUL):
     """pynetdicom's DUL whose P-DATA-TF PDUs go through ``StoreStream`` once established."""
 
     _stream: StoreStream
@@ -350,6 +439,7 @@ class StreamingDUL(DULServiceProvider):
         cls, dul: DULServiceProvider, handler: StoreHandler, folder: Path, file_meta: FileMeta
     ) -> None:
         """In place, before the thread starts: the association already holds this object."""
+        GuardedDUL.guard(dul)
         dul.__class__ = cls
         cast(StreamingDUL, dul)._stream = StoreStream(dul, handler, folder, file_meta)
 
@@ -359,9 +449,17 @@ class StreamingDUL(DULServiceProvider):
         finally:
             self._stream.abandon()
 
+    def abandon_messages(self) -> None:
+        self._stream.abandon()
+        super().abandon_messages()
+
+    def _pdu_limit(self) -> int:
+        """The longest PDU the peer may send: the Maximum Length we sent it (PS3.8 D.1)."""
+        return int(self.assoc.acceptor.maximum_length or 0) or MAX_PDU_READ
+
     def _read_pdu_data(self) -> None:
-        if self.state_machine.current_state != "Sta6":  # not established: pynetdicom's way
-            self._stream.abandon()
+        if self.draining or self._problem is not None or self.state_machine.current_state != "Sta6":
+            self._stream.abandon()  # not established: pynetdicom's way
             super()._read_pdu_data()
             return
         socket = cast(Any, self.socket)
@@ -370,33 +468,40 @@ class StreamingDUL(DULServiceProvider):
             if len(header) < PDU_HEADER.size:
                 raise ConnectionError("connection closed")
             pdu_type, length = PDU_HEADER.unpack(header)
+            name = PDU_NAMES.get(pdu_type)
+            if name is None:
+                raise framing(f"unknown PDU type 0x{pdu_type:02X}", AbortReason.UNRECOGNIZED_PDU)
+            limit = self._pdu_limit()
+            if length > limit:  # PS3.8 D.1: the receiver may abort; the body is never read
+                raise framing(f"{name} of {length} bytes, more than the {limit} negotiated",
+                              AbortReason.INVALID_PDU_PARAMETER_VALUE)
             if pdu_type == P_DATA_TF:
                 self._stream.read_pdata(length)
                 return
+            if pdu_type not in (A_RELEASE_RQ, A_ABORT):
+                raise framing(f"unexpected {name} on an established association",
+                              AbortReason.UNEXPECTED_PDU)
             self._stream.abandon()  # a release or abort ends any message in progress
-            if not 0x01 <= pdu_type <= 0x07:
-                raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X}")
             body = socket.recv(length)
             if len(body) != length:
                 raise ConnectionError("connection closed inside a PDU")
         except ProtocolError as exc:
-            log.error("aborting association: %s", exc)
             self._stream.abandon()
-            self.event_queue.put("Evt19")  # invalid PDU: A-ABORT (AA-8)
+            self.fail(exc.problem)
             return
         except (OSError, ConnectionError):
             self._stream.abandon()
             self.event_queue.put("Evt17")  # transport closed
             return
+        except Exception as exc:  # a fault of ours: the association still ends in order
+            log.exception("P-DATA reader failed")
+            self._stream.abandon()
+            self.fail(Problem(f"internal error ({type(exc).__name__})"))
+            return
         self.deliver(bytes(header) + bytes(body))
 
     def deliver(self, pdu: bytes) -> None:
         """The tail of pynetdicom's ``_read_pdu_data``: decode, queue the event and the PDU."""
-        try:
-            decoded, event = self._decode_pdu(bytearray(pdu))
-        except Exception:
-            log.exception("unable to decode a received PDU")
-            self.event_queue.put("Evt19")
-            return
+        decoded, event = self._decode_pdu(bytearray(pdu))
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
