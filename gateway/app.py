@@ -43,6 +43,7 @@ from gateway.receive.associations import AssociationLedger
 from gateway.receive.ingest import Ingest
 from gateway.receive.scp import Receiver
 from gateway.receive.spool import Spool
+from gateway.worklist.find import WorklistService
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -111,6 +112,8 @@ class Gateway:
             self.engine, config.query, config.dicom.ae_title, config.security.peers,
             Loader(self.spool.root, orthancs), self.metrics,
         )
+        self.worklist = WorklistService(self.engine, config.worklist,
+                                        config.query.case_insensitive_names, self.metrics)
         self.receiver = Receiver(
             config.dicom,
             PeerPolicy(config.security, config.dicom.ae_title),
@@ -127,6 +130,7 @@ class Gateway:
             self.metrics,
             query,
             self.load,
+            worklist=self.worklist,
         )
         node = config.forward.node_name
         runs = RunLedger(self.engine, node)
@@ -170,6 +174,7 @@ class Gateway:
         self.jobs.stop()
         self.receiver.stop(self.config.dicom.shutdown_grace_s)
         self.query.close()
+        self.worklist.close()
         if self.remap_worker is not None:
             self.remap_worker.stop()
         if self.forwarder is not None:
