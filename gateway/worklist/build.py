@@ -87,10 +87,11 @@ class OrderPlan:
 
 
 def plan_order(order: Mapping[str, Any], identity: Demographics | None,
-               config: WorklistConfig) -> OrderPlan:
+               config: WorklistConfig, coded: bool = False) -> OrderPlan:
     """The steps an order puts on the worklist. ``order`` holds the ``orders`` columns (its
     Study Instance UID already set); ``identity`` fills the patient's name, birth date and sex
-    where the order has none."""
+    where the order has none. ``coded``: the item carries code sequences for the procedure and
+    the protocol (an imported file), which stand in for the descriptions (Table K.6-1, 1C)."""
     status = {"cancelled": "DISCONTINUED", "discontinued": "DISCONTINUED",
               "completed": "COMPLETED"}.get(str(order.get("status") or "").lower())
     accession = _text(order.get("accession_number"))
@@ -110,6 +111,10 @@ def plan_order(order: Mapping[str, Any], identity: Demographics | None,
         "referring_physician": _text(order.get("referring_physician")),
     }
     listed = _steps(order)
+    # Requested Procedure Description and SPS Description are 1C return keys: one of each pair
+    # (description, code sequence) must be there, so each description stands in for the other.
+    common["requested_procedure_description"] = (common["requested_procedure_description"]
+                                                 or _text(listed[0].get("description")))
     steps = []
     for number, step in enumerate(listed, start=1):
         modality = _text(step.get("modality")) or _text(order.get("modality"))
@@ -120,7 +125,10 @@ def plan_order(order: Mapping[str, Any], identity: Demographics | None,
                      or _text(order.get("performing_physician")))
         step_id = (_text(step.get("step_id"))
                    or (accession if len(listed) == 1 else f"{accession}.{number}") or "")[:SH]
-        missing = _missing(common, modality, station, start, step_id)
+        description = (_text(step.get("description"))
+                       or _text(order.get("requested_procedure_description")))
+        missing = _missing(common, modality, station, start, step_id,
+                           coded or bool(description))
         if missing:
             what = f"step {step_id}: " if len(listed) > 1 else ""
             return OrderPlan(missing=what + missing, status=status)
@@ -136,8 +144,7 @@ def plan_order(order: Mapping[str, Any], identity: Demographics | None,
             "start_time": start.strftime("%H%M%S"),
             "performing_physician": performer,
             "performing_physician_folded": fold_name(performer),
-            "step_description": (_text(step.get("description"))
-                                 or _text(order.get("requested_procedure_description"))),
+            "step_description": description,
             "expires_at": expiry(start, config.expire_after_h),
         }
         steps.append(PlannedStep(step_id, values, titles))
@@ -158,7 +165,7 @@ def _steps(order: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _missing(common: Mapping[str, Any], modality: str | None, station: str | None,
-             start: datetime | None, step_id: str) -> str | None:
+             start: datetime | None, step_id: str, described: bool) -> str | None:
     """The first type 1 return key of Table K.6-1 the step would lack, in words."""
     checks = (
         (common["patient_name"], ("no patient name (neither the order nor the identities table "
@@ -171,6 +178,7 @@ def _missing(common: Mapping[str, Any], modality: str | None, station: str | Non
                   f"worklist.station_ae_by_modality.{modality or 'XX'}")),
         (start, "no scheduled start"),
         (step_id, "no Scheduled Procedure Step ID"),
+        (described, "no procedure description (Requested Procedure or step)"),
     )
     return next((why for value, why in checks if not value), None)
 
@@ -354,7 +362,7 @@ def apply_plans(connection: Connection, plans: Mapping[int, OrderPlan], now: dat
                 changed["expires_at"] = step.values["expires_at"]
             if extra is not None and extra != row["attributes"]:
                 changed["attributes"] = extra
-            if stations.get(row["id"], ()) != step.stations:
+            if sorted(stations.get(row["id"], ())) != sorted(step.stations):
                 connection.execute(delete(STATIONS).where(
                     STATIONS.c.item_id == row["id"]))
                 connection.execute(insert(STATIONS), [

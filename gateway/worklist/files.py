@@ -38,6 +38,7 @@ from gateway.worklist.items import (
     dump_attributes,
     load_attributes,
     split_dataset,
+    station_titles,
     text_of,
     to_json,
 )
@@ -80,7 +81,8 @@ def import_worklist_file(session: Session, path: Path, config: WorklistConfig, a
         "sex": text_of(ds.get("PatientSex")),
         "issuer_of_patient_id": text_of(ds.get("IssuerOfPatientID")),
         "referring_physician": text_of(ds.get("ReferringPhysicianName")),
-        "scheduled_station_ae": first["station_ae"],
+        # the first title (the column is one AE title); procedure_steps keeps them all
+        "scheduled_station_ae": next(iter(station_titles(first["station_ae"])), None),
         "scheduled_station_name": first["station_name"],
         "performing_physician": first["performing_physician"],
         "procedure_steps": json.dumps(listed, ensure_ascii=False),
@@ -95,8 +97,10 @@ def import_worklist_file(session: Session, path: Path, config: WorklistConfig, a
             setattr(order, key, value)
         order.updated_at = now
     session.flush()
+    coded = bool(ds.get("RequestedProcedureCodeSequence")) and all(
+        step.get("ScheduledProtocolCodeSequence") for step in steps)
     plan = plan_order({c.key: getattr(order, c.key) for c in Order.__table__.columns}, None,
-                      config)
+                      config, coded)
     if plan.missing:
         raise ValueError(plan.missing)
     extras = {}
