@@ -379,6 +379,28 @@ def test_type_1_and_2_keys_come_back_and_a_study_uid_once_per_order(
     assert "SpecificCharacterSet" not in answer  # all ASCII: nothing declared
 
 
+def test_answers_are_the_same_in_implicit_vr(
+    worklist_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    """The SPS Sequence is framed by the gateway itself (``WorklistSender``): answers in
+    Implicit VR Little Endian carry the same items as in Explicit VR Little Endian (the two
+    syntaxes the gateway accepts for MWL)."""
+    app = worklist_gateway()
+    with_orders(app.config.database.url,
+                {"accession": "S1", "scheduled_station_ae": "CT_ROOM1",
+                 "patient_name": "Müller^Jürgen", "performing_physician": "House^Greg"},
+                {"accession": "S2", "scheduled_station_ae": "CT_ROOM1",
+                 "procedure_steps": json.dumps([{"step_id": "S2-1"}, {"step_id": "S2-2"}])})
+    build(app)
+    query = query_file(tmp_path / "q", sps={}, PatientName="", AccessionNumber="",
+                       RequestedProcedureCodeSequence=[Dataset()])
+    _, plain = findscu(app.config.dicom.port, query, tmp_path / "plain")
+    _, other = findscu(app.config.dicom.port, query, tmp_path / "other", extra=("-xi",))
+    assert len(plain) == 3 and answer_set(other) == answer_set(plain)
+    assert {str(a.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID) for a in other} \
+        == {"S1", "S2-1", "S2-2"}
+
+
 def test_non_ascii_names_in_utf8_and_for_a_latin1_peer(
     worklist_gateway: Callable[..., Gateway], tmp_path: Path, db_url: str,
 ) -> None:

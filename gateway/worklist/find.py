@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -35,6 +36,7 @@ from typing import Any, cast
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
@@ -195,35 +197,56 @@ _EXPANDED: tuple[_Key, ...] = tuple(sorted(
     key=lambda k: k.tag))
 
 
+Element = tuple[BaseTag, str, Any]
+Items = tuple[tuple[Element, ...], ...]  # a sequence's items, each its (tag, VR, value) elements
+
+
+@dataclass(frozen=True)
+class WorklistAnswer(Answer):
+    """``gateway.query.find.Answer`` whose Scheduled Procedure Step Sequence value is ``Items``
+    (hashable, encoded element by element by ``WorklistSender``) rather than Datasets."""
+
+    def dataset(self) -> Dataset:
+        return _dataset(self.elements)
+
+
+def _dataset(elements: Iterable[Element]) -> Dataset:
+    ds = Dataset()
+    for tag, vr, value in elements:
+        if vr == "SQ" and isinstance(value, tuple):
+            value = [_dataset(item) for item in value]
+        ds.add(DataElement(tag, vr, value))
+    return ds
+
+
 class Answers:
-    """Builds each match's identifier (``gateway.query.find.Answer``) from its row; the keys'
-    layout is worked out once per query."""
+    """Builds each match's identifier from its row; the keys' layout is worked out once per
+    query."""
 
     def __init__(self, query: WorklistQuery, codec: str | None, declared: str | None) -> None:
         self._keys = _layout(query.identifier, TOP_COLUMNS)
         self._codec = codec  # transcode to this (a peer limited to one character set)
         self._declared = declared  # what (0008,0005) says when a value is not ASCII
 
-    def answer(self, row: dict[str, Any]) -> Answer:
+    def answer(self, row: dict[str, Any]) -> WorklistAnswer:
         extras = load_attributes(row.get("attributes"))
         state = _State(self._codec)
         elements = [(key.tag, key.vr, self._value(key, row, extras, state)) for key in self._keys]
         if state.non_ascii and self._declared:
-            return Answer(((SPECIFIC_CHARACTER_SET, "CS", self._declared), *elements),
-                          self._declared)
-        return Answer(tuple(elements), None)
+            return WorklistAnswer(((SPECIFIC_CHARACTER_SET, "CS", self._declared), *elements),
+                                  self._declared)
+        return WorklistAnswer(tuple(elements), None)
 
     def _value(self, key: _Key, row: dict[str, Any], extras: dict[str, Any],
                state: _State) -> Any:
         if key.tag == SPS_SEQUENCE:
-            return [self._step(key.sub, row, sps_attributes(extras), state)]
+            return (self._step(key.sub, row, sps_attributes(extras) if extras else {}, state),)
         if key.column is not None:
             return state.fit(row.get(key.column))
         return self._extra(key, extras, state)
 
     def _step(self, sub: tuple[_Key, ...] | None, row: dict[str, Any], extras: dict[str, Any],
-              state: _State) -> Dataset:
-        step = Dataset()
+              state: _State) -> tuple[Element, ...]:
         keys = sub
         if keys is None:  # an empty item: every SPS attribute, and the extras the step holds
             known = {k.tag for k in _EXPANDED}
@@ -231,6 +254,7 @@ class Answers:
                          DataElement(BaseTag(int(t, 16)), str(e.get("vr", "UN")), None))
                     for t, e in extras.items() if BaseTag(int(t, 16)) not in known]
             keys = tuple(sorted((*_EXPANDED, *more), key=lambda k: k.tag))
+        step = []
         for key in keys:
             if key.tag == _STATION.tag and STATION_KEY in extras:  # several titles: all of them
                 value = self._extra(key, extras, state)
@@ -238,16 +262,71 @@ class Answers:
                 value = state.fit(row.get(key.column))
             else:
                 value = self._extra(key, extras, state)
-            step.add(DataElement(key.tag, key.vr, value))
-        return step
+            step.append((key.tag, key.vr, value))
+        return tuple(step)
 
     def _extra(self, key: _Key, extras: dict[str, Any], state: _State) -> Any:
-        stored = extras.get(json_key(key.tag))
+        stored = extras.get(json_key(key.tag)) if extras else None
         vr, value = json_value(stored) if isinstance(stored, dict) else (key.vr, None)
         if key.vr == "SQ":
             items = value if vr == "SQ" and value else []
             return [state.fit_dataset(i) for i in project(items, key.request.value)]
+        if isinstance(value, list):
+            value = tuple(value)  # hashable, for the encoder's cache
         return state.fit(value)
+
+
+class WorklistSender(PendingSender):
+    """``PendingSender`` (pinned to pynetdicom 3.0 like it) that also frames the Scheduled
+    Procedure Step Sequence itself: each element of the item goes through the per-query cache
+    of encoded elements, which a Dataset value never could (its answers differ in start time and
+    step ID only, so most of an item is encoded once per query). Sequences and items are written
+    with undefined length and their delimiters (PS3.5 7.5.2), in either little-endian syntax;
+    big endian goes pydicom's way."""
+
+    def _encode(self, answer: Answer) -> bytes:
+        if not self._little:
+            return b"".join(self._plain(tag, vr, _as_datasets(vr, value), answer.charset)
+                            for tag, vr, value in answer.elements)
+        return b"".join(self._element(tag, vr, value, answer.charset)
+                        for tag, vr, value in answer.elements)
+
+    def _element(self, tag: BaseTag, vr: str, value: Any, charset: str | None) -> bytes:
+        if vr != "SQ" or not isinstance(value, tuple):
+            return self._plain(tag, vr, value, charset)
+        header = struct.pack("<HH", tag.group, tag.element)
+        header += struct.pack("<L", _UNDEFINED) if self._implicit else \
+            b"SQ\0\0" + struct.pack("<L", _UNDEFINED)
+        body = b"".join(_ITEM + b"".join(self._element(t, v, x, charset) for t, v, x in item)
+                        + _ITEM_END
+                        for item in value)
+        return header + body + _SEQUENCE_END
+
+    def _plain(self, tag: BaseTag, vr: str, value: Any, charset: str | None) -> bytes:
+        key: Any = (tag, vr, value, charset)
+        try:
+            encoded = self._encoded.get(key)
+        except TypeError:  # a value that cannot be a key (a list of Datasets)
+            key, encoded = None, None
+        if encoded is None:
+            self._raw.seek(0)
+            self._raw.truncate()
+            write_data_element(self._buffer, DataElement(tag, vr, value), charset)
+            encoded = self._raw.getvalue()
+            if key is not None and len(self._encoded) < _ENCODED_CACHE:
+                self._encoded[key] = encoded
+        return encoded
+
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, _UNDEFINED)
+_ITEM_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+_SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+_ENCODED_CACHE = 4096
+
+
+def _as_datasets(vr: str, value: Any) -> Any:
+    return [_dataset(item) for item in value] if vr == "SQ" and isinstance(value, tuple) else value
 
 
 def project(stored: list[Dataset], request: Sequence | list[Dataset] | None) -> list[Dataset]:
@@ -350,7 +429,7 @@ class WorklistService:
             query = parse(cast(Dataset, event.identifier), self._dialect, self._names_any_case)
             rows = run(self._engine, query, self._clock(), limit)
             build = Answers(query, *character_set(self._config, calling_ae))
-            pending = PendingSender(event)
+            pending = WorklistSender(event)
             for row in rows[:limit]:
                 _let_the_network_catch_up(event.assoc)
                 if event.is_cancelled:
