@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -19,7 +20,10 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy.orm import Session
 
@@ -30,7 +34,7 @@ from gateway.db.migrate import upgrade
 from gateway.db.models import Order, PatientIdentity, PerformedStep, WorklistItem
 from gateway.worklist.build import build_worklist, plan_order
 from gateway.worklist.files import import_worklist_file
-from gateway.worklist.find import parse, run
+from gateway.worklist.find import _TEXT_ELEMENT_VRS, _text_element, parse, run
 from tests.conftest import GATEWAY_BIN, config_dict, free_port, rows, wait_for, write_toml
 from tests.peers import require_tool
 
@@ -720,3 +724,29 @@ def test_an_item_is_found_by_its_own_values_and_not_by_ranges_that_exclude_it(
                           f"{start + timedelta(minutes=1):%H%M}-"})
     assert found({"ScheduledProcedureStepStartTime": f"-{start:%H%M}"})
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(vr=st.sampled_from(sorted(_TEXT_ELEMENT_VRS)), implicit=st.booleans(),
+       charset=st.sampled_from([None, "ISO_IR 100", "ISO_IR 192"]),
+       values=st.lists(st.text(st.characters(codec="latin-1", exclude_characters="\\\x00"),
+                               max_size=12), min_size=0, max_size=3))
+def test_text_elements_encode_as_pydicom_encodes_them(
+    vr: str, implicit: bool, charset: str | None, values: list[str],
+) -> None:
+    """``WorklistSender`` writes text elements itself: byte for byte what pydicom writes."""
+    tag = pydicom.tag.Tag(0x00100010)
+    value: Any = None if not values else values[0] if len(values) == 1 else tuple(values)
+    if charset is None and any(not v.isascii() for v in values):
+        charset = "ISO_IR 100"
+    ours = _text_element(tag, vr, value, charset, implicit)
+    if ours is None:  # pydicom's way: only for values outside the VR's repertoire
+        assert vr not in ("LO", "LT", "PN", "SH", "ST") and any(not v.isascii() for v in values)
+        return
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, implicit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about values invalid for the VR
+        write_data_element(buffer, DataElement(tag, vr, list(value) if isinstance(value, tuple)
+                                               else value), charset)
+    assert ours == buffer.getvalue()

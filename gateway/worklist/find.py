@@ -308,6 +308,10 @@ class WorklistSender(PendingSender):
             encoded = self._encoded.get(key)
         except TypeError:  # a value that cannot be a key (a list of Datasets)
             key, encoded = None, None
+        if encoded is None and self._little:
+            encoded = _text_element(tag, vr, value, charset, self._implicit)
+            if encoded is not None and len(self._encoded) < _ENCODED_CACHE:
+                self._encoded[key] = encoded
         if encoded is None:
             self._raw.seek(0)
             self._raw.truncate()
@@ -323,6 +327,51 @@ _ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, _UNDEFINED)
 _ITEM_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
 _SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
 _ENCODED_CACHE = 4096
+
+
+# Text VRs whose encoding is the value's bytes padded to even length (PS3.5 6.2), with a 16-bit
+# length in Explicit VR (PS3.5 7.1.2); most of an answer. UI pads with NUL, the others with space.
+_TEXT_ELEMENT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UI"}
+_CHARSET_VRS = {"LO", "LT", "PN", "SH", "ST"}  # those Specific Character Set applies to
+_CODECS = {None: "ascii", **{name: codec for name, codec in WORKLIST_CHARSETS.items()}}
+
+
+def _text_element(tag: BaseTag, vr: str, value: Any, charset: str | None,
+                  implicit: bool) -> bytes | None:
+    """A text element encoded directly, about twenty times faster than pydicom's
+    ``write_data_element`` (whose per-element cost was most of a 40-item answer's time);
+    None when the value is not plain text, or needs pydicom (a code extension, a long value)."""
+    if vr not in _TEXT_ELEMENT_VRS:
+        return None
+    if vr not in _CHARSET_VRS:
+        charset = None  # the default repertoire only (PS3.5 6.1.2.3): ASCII, else pydicom's way
+    if value is None:
+        data: bytes | None = b""
+    elif isinstance(value, str):
+        data = _encoded_text(value, charset)
+    elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        data = _encoded_text("\\".join(value), charset)
+    else:
+        return None
+    if data is None:
+        return None
+    if len(data) % 2:
+        data += b"\0" if vr == "UI" else b" "
+    if implicit:
+        return struct.pack("<HHL", tag.group, tag.element, len(data)) + data
+    if len(data) > 0xFFFE:
+        return None
+    return struct.pack("<HH2sH", tag.group, tag.element, vr.encode("ascii"), len(data)) + data
+
+
+def _encoded_text(text: str, charset: str | None) -> bytes | None:
+    codec = _CODECS.get(charset)
+    if codec is None:
+        return None
+    try:
+        return text.encode(codec)
+    except UnicodeEncodeError:
+        return None
 
 
 def _as_datasets(vr: str, value: Any) -> Any:
