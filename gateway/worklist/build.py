@@ -23,13 +23,13 @@ Invariants:
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom.uid import generate_uid
 from sqlalchemy import Connection, Table, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,7 @@ STATIONS = cast(Table, WorklistItemStation.__table__)
 IDENTITIES = cast(Table, PatientIdentity.__table__)
 PERFORMED = cast(Table, PerformedStep.__table__)
 
+UID_LENGTH = 64  # PS3.5 9.1
 SH = 16  # Short String: SPS ID, Accession Number, Requested Procedure ID (PS3.5 6.2)
 CHUNK = 500  # values per IN (...) list
 # Columns the plan sets; status, ids and timestamps are the build's own business.
@@ -140,8 +141,8 @@ def plan_order(order: Mapping[str, Any], identity: Demographics | None,
             "station_ae": titles[0],
             "station_name": (_text(step.get("station_name"))
                              or _text(order.get("scheduled_station_name"))),
-            "start_date": start.strftime("%Y%m%d"),
-            "start_time": start.strftime("%H%M%S"),
+            "start_date": f"{start.year:04d}{start.month:02d}{start.day:02d}",  # DA
+            "start_time": f"{start.hour:02d}{start.minute:02d}{start.second:02d}",  # TM
             "performing_physician": performer,
             "performing_physician_folded": fold_name(performer),
             "step_description": description,
@@ -279,17 +280,23 @@ def _lacks_patient(order: Mapping[str, Any]) -> bool:
 def _give_study_uids(connection: Connection, orders: list[dict[str, Any]], root: str,
                      report: BuildReport) -> None:
     """Once per order, written back, so a rebuild gives the same UID (the images carry it)."""
-    prefix = None if root == "2.25" else f"{root}."
     given = []
     for order in orders:
         if not order.get("study_instance_uid"):
-            order["study_instance_uid"] = str(generate_uid(prefix=prefix))
+            order["study_instance_uid"] = new_uid(root)
             given.append({"order": order["id"], "uid": order["study_instance_uid"]})
     if given:
         connection.execute(
             update(ORDERS).where(ORDERS.c.id == bindparam("order"))
             .values(study_instance_uid=bindparam("uid")), given)
     report.uids_generated = len(given)
+
+
+def new_uid(root: str) -> str:
+    """A new UID under ``root`` from a random UUID (PS3.5 B.2: ``2.25.<UUID as integer>``; under
+    another root its decimal digits, cut to the 64 characters a UID may have), as pydicom's
+    ``generate_uid`` makes it, without its validation (a tenth of a 10,000-order build)."""
+    return f"{root}.{uuid.uuid4().int}"[:UID_LENGTH].rstrip(".")
 
 
 def _demographics(connection: Connection, mrns: Iterable[str]) -> dict[str, Demographics]:
@@ -381,8 +388,8 @@ def apply_plans(connection: Connection, plans: Mapping[int, OrderPlan], now: dat
                                    updated_at=bindparam("updated_at")), updates)
     if inserts:
         created = connection.execute(
-            insert(items).returning(items.c.id, items.c.order_id, items.c.step_id,
-                                    sort_by_parameter_order=True), inserts).all()
+            insert(items).returning(items.c.id, items.c.order_id, items.c.step_id),
+            inserts).all()  # in any order: each row names its step (the order kept: 10x slower)
         connection.execute(insert(STATIONS), [
             {"item_id": item_id, "station_ae": ae}
             for item_id, order_id, step_id in created

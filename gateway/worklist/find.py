@@ -333,7 +333,8 @@ _ENCODED_CACHE = 4096
 # length in Explicit VR (PS3.5 7.1.2); most of an answer. UI pads with NUL, the others with space.
 _TEXT_ELEMENT_VRS = {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UI"}
 _CHARSET_VRS = {"LO", "LT", "PN", "SH", "ST"}  # those Specific Character Set applies to
-_CODECS = {None: "ascii", **{name: codec for name, codec in WORKLIST_CHARSETS.items()}}
+_CODECS: dict[str | None, str] = {None: "ascii"}
+_CODECS.update(WORKLIST_CHARSETS)
 
 
 def _text_element(tag: BaseTag, vr: str, value: Any, charset: str | None,
