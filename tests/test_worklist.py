@@ -405,6 +405,42 @@ def test_answers_are_the_same_in_implicit_vr(
         == {"S1", "S2-1", "S2-2"}
 
 
+def test_an_answer_larger_than_the_peers_pdu_arrives_in_its_place(
+    worklist_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    """An answer too large for one PDU of the peer's maximum length goes pynetdicom's way, after
+    the answers queued before it: every answer arrives, in order, the large one whole."""
+    app = worklist_gateway(expire_after_h=600_000)
+    for n in range(3):
+        item = Dataset()
+        item.AccessionNumber, item.PatientID, item.PatientName = f"L{n}", f"P{n}", "Long^Comment"
+        item.StudyInstanceUID, item.RequestedProcedureID = generate_uid(), f"RP{n}"
+        item.RequestedProcedureDescription = "CT HEAD"
+        step = Dataset()
+        step.Modality, step.ScheduledStationAETitle = "CT", "CT_ROOM1"
+        step.ScheduledProcedureStepStartDate = TODAY.strftime("%Y%m%d")
+        step.ScheduledProcedureStepStartTime = f"08{n:02d}00"
+        step.ScheduledProcedureStepID, step.ScheduledProcedureStepDescription = f"S{n}", "CT"
+        step.CommentsOnTheScheduledProcedureStep = ("x" * 9000) if n == 1 else "short"
+        item.ScheduledProcedureStepSequence = [step]
+        path = tmp_path / f"item{n}.wl"
+        item.file_meta = FileMetaDataset()
+        item.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        item.file_meta.MediaStorageSOPClassUID = pydicom.uid.UID(MWL_FIND)
+        item.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        item.save_as(path, enforce_file_format=True)
+        with app.sessions() as session, session.begin():
+            import_worklist_file(session, path, app.config.worklist, "test", NOW)
+    query = query_file(tmp_path / "q", sps={"CommentsOnTheScheduledProcedureStep": ""},
+                       AccessionNumber="")
+    result, found = findscu(app.config.dicom.port, query, tmp_path / "small-pdu",
+                            extra=("--max-pdu", "4096"))
+    assert result.returncode == 0 and [str(a.AccessionNumber) for a in found] == ["L0", "L1", "L2"]
+    comments = [str(a.ScheduledProcedureStepSequence[0].CommentsOnTheScheduledProcedureStep)
+                for a in found]
+    assert comments == ["short", "x" * 9000, "short"]
+
+
 def test_non_ascii_names_in_utf8_and_for_a_latin1_peer(
     worklist_gateway: Callable[..., Gateway], tmp_path: Path, db_url: str,
 ) -> None:

@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session
 from gateway import audit
 from gateway.config import WORKLIST_CHARSETS, WorklistConfig
 from gateway.db.models import WorklistItem, WorklistItemStation
+from gateway.dicom.pdu import LAST, p_data_tf, pdv_item
 from gateway.dicom.status import Status
 from gateway.metrics import Metrics
 from gateway.query.find import Answer, QueryRefused
@@ -284,6 +285,41 @@ class WorklistSender(PendingSender):
     with undefined length and their delimiters (PS3.5 7.5.2), in either little-endian syntax;
     big endian goes pydicom's way."""
 
+    def __init__(self, event: Any) -> None:
+        super().__init__(event)
+        self._batch: list[bytes] = []
+        self._batched = 0
+
+    def send(self, answer: Answer) -> bool:
+        """Queue one pending response; they are written together (``flush``): one system call
+        for a screenful of answers rather than one each. False when it must go pynetdicom's way
+        (too large for one PDU of the peer's maximum length, or deflated), after the queued ones
+        have been written."""
+        if self._deflated:
+            self.flush()
+            return super().send(answer)
+        data = self._encode(answer)
+        if self._max_pdu and len(self._command) + len(data) + _PDU_OVERHEAD > self._max_pdu:
+            self.flush()
+            return False
+        pdu = p_data_tf(self._command_item, pdv_item(self._context_id, LAST, data))
+        self._batch.append(pdu)
+        self._batched += len(pdu)
+        if self._batched >= _BATCH_BYTES:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write the queued responses, after whatever pynetdicom still has to send."""
+        if not self._batch:
+            return
+        data, self._batch, self._batched = b"".join(self._batch), [], 0
+        while self._dul.to_provider_queue.qsize() and self._dul.socket is not None:
+            time.sleep(0.0005)
+        socket = self._dul.socket
+        if socket is not None:
+            socket.send(data)  # a broken connection becomes pynetdicom's Evt17 there
+
     def _encode(self, answer: Answer) -> bytes:
         if not self._little:
             return b"".join(self._plain(tag, vr, _as_datasets(vr, value), answer.charset)
@@ -323,6 +359,8 @@ class WorklistSender(PendingSender):
 
 
 _UNDEFINED = 0xFFFFFFFF
+_PDU_OVERHEAD = 6 + 2 * 6  # P-DATA-TF header, two PDV item headers with their control bytes
+_BATCH_BYTES = 32 * 1024  # pending responses written at once
 _ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, _UNDEFINED)
 _ITEM_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
 _SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
@@ -490,6 +528,7 @@ class WorklistService:
                 returned += 1
                 if not pending.send(answer):
                     yield int(Status.PENDING), answer.dataset()
+            pending.flush()  # before pynetdicom sends the final response
             if len(rows) > limit:
                 status = Status.OUT_OF_RESOURCES
                 log.warning("worklist C-FIND from %s stopped at worklist.max_results = %d",
