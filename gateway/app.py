@@ -43,6 +43,7 @@ from gateway.remap.rules import load_rules
 from gateway.remap.stage import Remapper
 from gateway.remap.worker import remap_stage
 from gateway.stage_process import StageProcess
+from gateway.worklist.find import WorklistService
 from gateway.worklist.hl7 import Hl7Intake
 from gateway.worklist.mllp import MllpListener
 from gateway.worklist.mpps import PerformedStepService
@@ -114,6 +115,8 @@ class Gateway:
             self.engine, config.query, config.dicom.ae_title, config.security.peers,
             Loader(self.spool.root, orthancs), self.metrics,
         )
+        self.worklist = WorklistService(self.engine, config.worklist,
+                                        config.query.case_insensitive_names, self.metrics)
         self.receiver = Receiver(
             config.dicom,
             PeerPolicy(config.security, config.dicom.ae_title),
@@ -131,6 +134,7 @@ class Gateway:
             query,
             self.load,
             performed=PerformedStepService(self.engine, self.metrics),
+            worklist=self.worklist,
         )
         node = config.forward.node_name
         runs = RunLedger(self.engine, node)
@@ -184,6 +188,7 @@ class Gateway:
             self.hl7.stop()
         self.receiver.stop(self.config.dicom.shutdown_grace_s)
         self.query.close()
+        self.worklist.close()
         if self.remap_worker is not None:
             self.remap_worker.stop()
         if self.forwarder is not None:

@@ -418,6 +418,53 @@ def cmd_jobs_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worklist_import(args: argparse.Namespace) -> int:
+    """Each .wl file as an order and its worklist items, in its own transaction."""
+    from datetime import UTC, datetime
+
+    from pydicom.errors import InvalidDicomError
+
+    from gateway.worklist.files import import_worklist_file
+
+    config = _load_or_exit(args.config)
+    db = _Database(config, args.config)
+    failed = 0
+    try:
+        for path in args.files:
+            try:
+                with db.sessions() as session, session.begin():
+                    done = import_worklist_file(session, path, config.worklist, _operator(),
+                                                datetime.now(UTC))
+            except (OSError, ValueError, InvalidDicomError) as exc:
+                print(f"{path}: not imported: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            print(f"{path}: {done.steps} step(s), {done.added} added, {done.updated} updated")
+    finally:
+        db.close()
+    return 1 if failed else 0
+
+
+def cmd_worklist_list(args: argparse.Namespace) -> int:
+    """Today's worklist items (by scheduled start, local date) and their status."""
+    from datetime import date
+
+    from gateway.worklist.listing import items_on
+
+    config = _load_or_exit(args.config)
+    day = args.date or date.today().strftime("%Y%m%d")
+    db = _Database(config, args.config, read_only=True)
+    try:
+        found = items_on(db.engine, day, args.station)
+    finally:
+        db.close()
+    if not found:
+        print(f"no worklist items on {day}")
+    for line in found:
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="DICOM gateway: receive, keep, remap and forward images."
@@ -461,6 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     orders = group("orders", "the orders table (accession numbers)")
     sub(orders, "import", "load orders from CSV or JSON (accession_number,mrn,modality,"
         "scheduled_at,...); idempotent", lambda a: _import(a, "orders")).add_argument("file", type=Path)
+    worklist = group("worklist", "Modality Worklist items (built from orders by worklist_build)")
+    sub(worklist, "import", "load DICOM worklist files (.wl, as wlmscpfs reads them) as orders "
+        "and their items, keeping their values", cmd_worklist_import
+        ).add_argument("files", type=Path, nargs="+")
+    listing = sub(worklist, "list", "today's items: start, station, modality, status",
+                  cmd_worklist_list)
+    listing.add_argument("--date", help="another day, YYYYMMDD (default: today)")
+    listing.add_argument("--station", help="only this Scheduled Station AE Title")
     remap = group("remap", "try remap rules without sending anything")
     test = sub(remap, "test", "print, per file, the tags the rules would change (old -> new); "
                "writes nothing", cmd_remap_test)

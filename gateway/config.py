@@ -319,6 +319,60 @@ class QueryConfig(_Model):
     )
 
 
+# Single-byte character sets a modality may be limited to (PS3.3 C.12.1.1.2, without code
+# extensions), with the Python codec that holds exactly their repertoire.
+WORKLIST_CHARSETS: dict[str, str] = {
+    "ISO_IR 6": "ascii", "ISO_IR 100": "latin_1", "ISO_IR 101": "iso8859_2",
+    "ISO_IR 109": "iso8859_3", "ISO_IR 110": "iso8859_4", "ISO_IR 144": "iso8859_5",
+    "ISO_IR 127": "iso8859_6", "ISO_IR 126": "iso8859_7", "ISO_IR 138": "iso8859_8",
+    "ISO_IR 148": "iso8859_9", "ISO_IR 203": "iso8859_15", "ISO_IR 166": "tis_620",
+    "ISO_IR 192": "utf_8",
+}
+_MODALITY = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # CS: upper case, digits, space, underscore
+
+
+class WorklistConfig(_Model):
+    """Modality Worklist (gateway.worklist): what the build job makes of orders, and how the MWL
+    C-FIND SCP answers (PS3.4 Annex K)."""
+
+    max_results: int = Field(500, ge=1, description="an MWL C-FIND answers at most this many items")
+    expire_after_h: float = Field(
+        24.0, gt=0, le=1_000_000,
+        description="an item leaves the list this long after its step's scheduled start",
+    )
+    station_ae_by_modality: dict[str, AETitle] = Field(
+        default_factory=dict,
+        description='Scheduled Station AE Title for orders that name none, e.g. { CT = "CT_ROOM1" }',
+    )
+    character_sets: dict[AETitle, str] = Field(
+        default_factory=dict,
+        description='per calling AE: the only Specific Character Set it reads, e.g. '
+        '{ OLD_US = "ISO_IR 100" }; values are transcoded, characters it lacks become "?"',
+    )
+    wl_folder: Path | None = Field(
+        None, description="also write DCMTK .wl files here (a wlmscpfs AE folder), one per item",
+    )
+
+    @field_validator("station_ae_by_modality")
+    @classmethod
+    def _modalities(cls, table: dict[str, str]) -> dict[str, str]:
+        for modality, ae in table.items():
+            if not _MODALITY.match(modality):
+                raise ValueError(f"{modality!r} is not a modality code (CS: upper case, e.g. CT)")
+            _check_ae_title(ae)
+        return {m: ae.strip() for m, ae in table.items()}
+
+    @field_validator("character_sets")
+    @classmethod
+    def _charsets(cls, table: dict[str, str]) -> dict[str, str]:
+        for ae, charset in table.items():
+            _check_ae_title(ae)
+            if charset not in WORKLIST_CHARSETS:
+                raise ValueError(f"{ae}: {charset!r} is not one of "
+                                 f"{', '.join(WORKLIST_CHARSETS)} (PS3.3 C.12.1.1.2)")
+        return {ae.strip(): charset for ae, charset in table.items()}
+
+
 class _Job(_Model):
     """A periodic job (gateway.jobs): ``cron`` (five crontab fields, local time) or ``every_s``."""
 
@@ -353,7 +407,15 @@ class OrderFolderJob(_Job):
     )
 
 
-Job = Annotated[OrderFolderJob, Field(discriminator="kind")]
+class WorklistBuildJob(_Job):
+    """Turns orders into Modality Worklist items (gateway.worklist.build): one Scheduled
+    Procedure Step per order or per listed step, demographics from the identities table where the
+    order lacks them; items of cancelled, completed or expired orders leave the list."""
+
+    kind: Literal["worklist_build"]
+
+
+Job = Annotated[OrderFolderJob | WorklistBuildJob, Field(discriminator="kind")]
 
 
 _HD = r"^[^|~\\&\r\n]*$"  # no HL7 separator but the component one
@@ -420,6 +482,7 @@ class GatewayConfig(_Model):
     forward: ForwardConfig = ForwardConfig()
     retention: RetentionConfig = RetentionConfig()
     query: QueryConfig = QueryConfig()
+    worklist: WorklistConfig = WorklistConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     hl7: Hl7Config = Hl7Config()
@@ -563,10 +626,13 @@ def _absolute_paths(
         }
         destinations.append(destination.model_copy(update=update) if update else destination)
     forward = config.forward.model_copy(update={"destinations": tuple(destinations)})
+    wl_folder = config.worklist.wl_folder
+    worklist = config.worklist.model_copy(update={
+        "wl_folder": None if wl_folder is None else absolute(wl_folder, "worklist", "wl_folder")})
     jobs = tuple(
         job.model_copy(update={"folder": Path(os.path.normpath(folder / job.folder))})
         if isinstance(job, OrderFolderJob) and not job.folder.is_absolute() else job
         for job in config.jobs
     )
     return config.model_copy(update={"storage": storage, "remap": remap, "database": database,
-                                     "forward": forward, "jobs": jobs})
+                                     "forward": forward, "jobs": jobs, "worklist": worklist})

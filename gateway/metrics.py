@@ -114,6 +114,17 @@ class Metrics:
                                      "Instances offered to C-MOVE and C-GET sub-operations",
                                      ["kind"], registry=registry)
 
+        # Modality Worklist (gateway.worklist)
+        self.worklist_queries = Counter(
+            "gateway_worklist_queries", "Modality Worklist C-FIND requests by calling AE and status",
+            ["calling_ae", "status"], registry=registry)
+        self.worklist_items_returned = Counter(
+            "gateway_worklist_items_returned", "Worklist items answered, by calling AE",
+            ["calling_ae"], registry=registry)
+        self.worklist_query_seconds = Histogram(
+            "gateway_worklist_query_seconds", "Modality Worklist C-FIND request to final response",
+            buckets=STORE_BUCKETS_S, registry=registry)
+
         # Scheduled jobs (gateway.jobs)
         self.job_runs = Counter("gateway_job_runs", "Job runs by job and outcome",
                                 ["job", "outcome"], registry=registry)

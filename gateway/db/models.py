@@ -181,7 +181,8 @@ class WorklistItem(Base):
     stored with their folded form (gateway.query.folding) for matching, as the ledger does."""
 
     __tablename__ = "worklist_items"
-    __table_args__ = (UniqueConstraint("order_id", "step_id"),)
+    __table_args__ = (UniqueConstraint("order_id", "step_id"),
+                      Index("ix_worklist_items_listed", "start_date", "status", "expires_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     order_id: Mapped[int] = mapped_column(ForeignKey("orders.id"), index=True)
@@ -209,6 +210,22 @@ class WorklistItem(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     built_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The item's attributes that have no column above (an imported .wl file's Medical Alerts,
+    # Requested Procedure Code Sequence, ...), in the DICOM JSON model (PS3.18 F.2); those of the
+    # Scheduled Procedure Step inside its (0040,0100) item. Answered, never matched on.
+    attributes: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+
+
+class WorklistItemStation(Base):
+    """Every Scheduled Station AE Title (0040,0001) of an item: the attribute is multi-valued
+    (VM 1-n), and a query for one of them matches the item (PS3.4 K.6.1.2). ``station_ae`` of
+    the item holds the first, for display."""
+
+    __tablename__ = "worklist_item_stations"
+
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("worklist_items.id", ondelete="CASCADE"), primary_key=True)
+    station_ae: Mapped[str] = mapped_column(String(16), primary_key=True, index=True)
 
 
 class PerformedStep(Base):

@@ -13,7 +13,7 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from gateway.config import GatewayConfig, Job, OrderFolderJob
+from gateway.config import GatewayConfig, Job, OrderFolderJob, WorklistBuildJob
 from gateway.jobs.order_folder import run_order_folder
 
 
@@ -37,6 +37,18 @@ def _order_folder(context: JobContext, job: Job) -> dict[str, int]:
     return report.counts()
 
 
+def _worklist_build(context: JobContext, job: Job) -> dict[str, int]:
+    assert isinstance(job, WorklistBuildJob)
+    from gateway.worklist.build import build_worklist
+
+    report = build_worklist(context.sessions, context.config.worklist,
+                            context.config.remap.uid_root, context.clock(), f"job:{job.name}")
+    for line in report.lines:
+        context.progress(line)
+    return report.counts()
+
+
 KINDS: dict[str, JobFunction] = {
     "order_folder": _order_folder,
+    "worklist_build": _worklist_build,
 }
