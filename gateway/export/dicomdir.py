@@ -147,6 +147,8 @@ def _completed(header: Dataset, series_index: int, instance_index: int) -> Datas
         return header
     ds = Dataset({element.tag: element for element in header})
     for keyword in missing:
+        if keyword in ds:
+            del ds[keyword]  # a new element: setting the shared one would change the caller's
         setattr(ds, keyword, inventions[keyword]())
     return ds
 
