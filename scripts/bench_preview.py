@@ -41,7 +41,8 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import generate_frames
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLosslessSV1, generate_uid
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -93,7 +94,10 @@ def generate_ct(folder: Path, count: int) -> list[Path]:
 
 
 def write_multiframe(path: Path, frames: int) -> int:
-    """A multi-frame CT of ``frames`` 512x512 frames, written without holding its pixel data."""
+    """A multi-frame CT of ``frames`` 512x512 frames, written without holding its pixel data
+    (native pixel data has a 32-bit length: at most 8191 such frames, 4.29 GB)."""
+    if frames * SIDE * SIDE * 2 >= 0xFFFFFFFF:
+        raise SystemExit(f"{frames} native frames exceed Pixel Data's 4 GiB length limit")
     ds = ct_header(generate_uid(), generate_uid(), 1)
     ds.NumberOfFrames = frames
     ds.save_as(path, enforce_file_format=True)  # header only; the pixel data is appended below
@@ -104,6 +108,43 @@ def write_multiframe(path: Path, frames: int) -> int:
         for i in range(frames):
             f.write(np.roll(pixels, i % SIDE, axis=0).tobytes())
     return path.stat().st_size
+
+
+def jpeg_lossless_fragment(work: Path) -> bytes:
+    """One 512x512 frame (the CT slice plus noise, so it stays about half its native size)
+    compressed JPEG Lossless SV1 by DCMTK's dcmcjpeg: the frame repeated in a large object."""
+    dcmcjpeg = shutil.which("dcmcjpeg")
+    if dcmcjpeg is None:
+        raise SystemExit("dcmcjpeg (DCMTK) is not on PATH")
+    noisy = base_pixels().astype(np.int32) + np.random.default_rng(3).normal(0, 30, (SIDE, SIDE))
+    ds = ct_header(generate_uid(), generate_uid(), 1)
+    ds.PixelData = np.clip(noisy, -32768, 32767).astype(np.int16).tobytes()
+    native, compressed = work / "frame.dcm", work / "frame-jpeg.dcm"
+    ds.save_as(native, enforce_file_format=True)
+    subprocess.run([dcmcjpeg, "+e1", str(native), str(compressed)], check=True)
+    fragment = next(generate_frames(pydicom.dcmread(compressed).PixelData, number_of_frames=1))
+    native.unlink()
+    compressed.unlink()
+    return fragment + b"\0" * (len(fragment) % 2)
+
+
+def write_encapsulated(path: Path, gigabytes: float, fragment: bytes) -> tuple[int, int]:
+    """A JPEG Lossless multi-frame of at least ``gigabytes`` (one fragment per frame, no offset
+    table: encapsulated pixel data has no 4 GiB limit), written a frame at a time."""
+    frames = int(gigabytes * 1e9 // (len(fragment) + 8)) + 1
+    ds = ct_header(generate_uid(), generate_uid(), 1)
+    ds.NumberOfFrames = frames
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.save_as(path, enforce_file_format=True)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, len(fragment))
+    with path.open("ab") as f:
+        f.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+        f.write(struct.pack("<HHL", 0xFFFE, 0xE000, 0))  # empty Basic Offset Table
+        for _ in range(frames):
+            f.write(item)
+            f.write(fragment)
+        f.write(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0))
+    return frames, path.stat().st_size
 
 
 def render_ours(paths: list[Path], out: Path, size: int) -> float:
@@ -177,14 +218,8 @@ print(json.dumps({"frames": frames, "seconds": elapsed, "base_kib": base, "peak_
 """
 
 
-def rss(frames: int, size: int, work: Path) -> dict[str, float]:
-    big = work / "multiframe.dcm"
-    small = work / "warmup.dcm"
-    start = time.perf_counter()
-    nbytes = write_multiframe(big, frames)
-    write_multiframe(small, 2)
-    print(f"multi-frame: {frames} frames of {SIDE}x{SIDE}, {nbytes / 1e9:.2f} GB written in "
-          f"{time.perf_counter() - start:.1f} s")
+def measure(big: Path, small: Path, frames: int, size: int, label: str) -> float:
+    """Render every frame of ``big`` in a fresh process; its peak RSS growth in MB."""
     try:
         done = subprocess.run(
             [sys.executable, "-c", _CHILD, str(big), str(size), str(REPO), str(small)],
@@ -197,10 +232,30 @@ def rss(frames: int, size: int, work: Path) -> dict[str, float]:
         raise SystemExit(f"rendered {report['frames']} frames of {frames}")
     growth_mb = (report["peak_kib"] - report["base_kib"]) * 1024 / 1e6
     verdict = "met" if growth_mb < 100 else "NOT met"
-    print(f"  rendered {frames} frames in {report['seconds']:.1f} s "
+    print(f"  {label}: {frames} frames in {report['seconds']:.1f} s "
           f"({frames / report['seconds']:.1f} frames/s); peak RSS {report['peak_kib'] / 1024:.0f} "
           f"MiB, growth {growth_mb:.1f} MB over imports + warm-up (target < 100 MB: {verdict})")
-    return {"growth_mb": growth_mb, "frames_per_s": frames / report["seconds"]}
+    return growth_mb
+
+
+def rss(frames: int, gigabytes: float, size: int, work: Path) -> None:
+    big, small = work / "multiframe.dcm", work / "warmup.dcm"
+    if frames:
+        start = time.perf_counter()
+        nbytes = write_multiframe(big, frames)
+        write_multiframe(small, 2)
+        print(f"native multi-frame: {frames} frames of {SIDE}x{SIDE}, {nbytes / 1e9:.2f} GB "
+              f"written in {time.perf_counter() - start:.1f} s")
+        measure(big, small, frames, size, "native")
+    if gigabytes:
+        fragment = jpeg_lossless_fragment(work)
+        start = time.perf_counter()
+        count, nbytes = write_encapsulated(big, gigabytes, fragment)
+        write_encapsulated(small, 0, fragment)
+        print(f"JPEG Lossless multi-frame: {count} frames of {SIDE}x{SIDE} "
+              f"({len(fragment) / 1e3:.0f} kB each), {nbytes / 1e9:.2f} GB written in "
+              f"{time.perf_counter() - start:.1f} s")
+        measure(big, small, count, size, "JPEG Lossless")
 
 
 def main() -> int:
@@ -209,7 +264,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256, help="longest side (default 256)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--frames", type=int, default=2000,
-                        help="frames of the multi-frame object (default 2000 = 1 GiB)")
+                        help="frames of the native multi-frame object (default 2000 = 1 GiB; "
+                             "0: none)")
+    parser.add_argument("--gigabytes", type=float, default=0,
+                        help="size of a JPEG Lossless multi-frame object to render too, e.g. 5 "
+                             "(default 0: none)")
     parser.add_argument("--skip-rss", action="store_true", help="no multi-frame memory run")
     parser.add_argument("--skip-speed", action="store_true", help="no dcmj2pnm comparison")
     args = parser.parse_args()
@@ -218,7 +277,7 @@ def main() -> int:
         if not args.skip_speed:
             speed(args.count, args.size, args.reps, work)
         if not args.skip_rss:
-            rss(args.frames, args.size, work)
+            rss(args.frames, args.gigabytes, args.size, work)
     return 0
 
 
