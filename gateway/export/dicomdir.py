@@ -19,8 +19,9 @@ Why not ``FileSet.add`` + ``FileSet.write`` themselves: they are quadratic in th
 series (each add scans every instance already added, and every sibling record's key), and
 ``write`` copies every staged instance. Measured here with pydicom 3.0.2 on header-only data
 sets: 2000 instances in one series take 54 s to add and 8 s to write; a CT series of 2000
-slices is ordinary. This module builds the same records and offsets in linear time; the tests
-read every DICOMDIR back with ``pydicom.fileset.FileSet`` and with DCMTK.
+slices is ordinary. This module builds the same records and offsets in linear time (the same
+2000 instances: 2.6 s; 10000 in 4 series: 11 s, most of it pydicom encoding the DICOMDIR twice);
+the tests read every DICOMDIR back with ``pydicom.fileset.FileSet``, DCMTK and dicom3tools.
 
 Type 1 record attributes that an instance lacks or leaves empty (Patient ID, Study Date, Study
 Time, Study ID, Modality, Series Number, Instance Number; all type 2 in most IODs) are invented
