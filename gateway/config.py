@@ -353,7 +353,86 @@ class OrderFolderJob(_Job):
     )
 
 
-Job = Annotated[OrderFolderJob, Field(discriminator="kind")]
+_DICOM_DATE_RANGE = re.compile(r"(\d{8})?(-)?(\d{8})?")
+ExportFormat = Literal["zip", "json", "folder"]
+
+
+class ExportOptions(_Model):
+    """What an export archive holds (gateway.export); the same for ``gateway export`` and jobs.
+
+    ``include_images = false`` writes the metadata JSON (and manifest) only; ``format`` is a ZIP,
+    the metadata JSON alone, or the ZIP's layout as a folder. ``dicomdir`` stores the DICOM files
+    under PS3.10 file IDs with a DICOMDIR (PS3.10 7.2) so that a viewer opens the archive;
+    ``key_image`` adds ``image.jpg`` (the study's middle image) and its ``metadata.json``;
+    ``deidentify`` applies PS3.15 Annex E's Basic Profile (with the options below).
+    ``allow_partial`` exports what can be found and lists the rest, instead of failing."""
+
+    include_images: bool = True
+    format: ExportFormat = "zip"
+    previews: bool = True
+    preview_max_size: int = Field(512, ge=16, le=8192, description="longest side, pixels")
+    dicomdir: bool = True
+    key_image: bool = False
+    deidentify: bool = False
+    deid_retain_longitudinal_temporal: bool = False  # PS3.15 E.3.6
+    deid_clean_descriptors: bool = False  # PS3.15 E.3.5
+    deid_allow_burned_in: bool = False  # else objects with Burned In Annotation YES are left out
+    allow_partial: bool = False
+
+
+class ExportSelector(_Model):
+    """Which studies an export job takes; every given criterion must hold (AND), and a study is
+    exported whole when any of its instances matches. ``study_date`` is a date or range in the
+    DICOM form (PS3.4 C.2.2.2.5: ``20261101``, ``20261101-20261130``, ``-20261130``) or
+    ``yesterday`` / ``today`` (local dates, as DICOM dates are). ``new_since_last_run``: studies
+    with an instance received since the job's last successful run (all of them the first time)."""
+
+    patients: tuple[str, ...] = ()
+    studies: tuple[str, ...] = ()
+    accession_numbers: tuple[str, ...] = ()
+    study_date: str | None = None
+    modalities: tuple[str, ...] = ()
+    calling_aes: tuple[str, ...] = ()
+    new_since_last_run: bool = False
+
+    @field_validator("studies")
+    @classmethod
+    def _study_uids(cls, uids: tuple[str, ...]) -> tuple[str, ...]:
+        for uid in uids:
+            if len(uid) > 64 or not _UID.fullmatch(uid):
+                raise ValueError(f"{uid!r} is not a Study Instance UID (digits and dots)")
+        return uids
+
+    @field_validator("study_date")
+    @classmethod
+    def _date_range(cls, value: str | None) -> str | None:
+        if value is None or value in ("yesterday", "today"):
+            return value
+        found = _DICOM_DATE_RANGE.fullmatch(value)
+        if not found or not (found.group(1) or found.group(3)) or (
+                found.group(1) and found.group(3) and not found.group(2)):
+            raise ValueError('use "yesterday", "today", YYYYMMDD, YYYYMMDD-YYYYMMDD, '
+                             "-YYYYMMDD or YYYYMMDD-")
+        return value
+
+
+class ExportJob(_Job):
+    """Exports the selected studies to ``destination``, one archive per study (``per =
+    "study"``) or per patient; archives there older than ``keep_days`` are removed (only the
+    export's own names: ``study_*_export*``, ``patient_*_export*``). A run cut short (a crash,
+    SIGKILL) is continued by the next run from its last checkpoint; ``checkpoint_mb`` bounds
+    the work redone."""
+
+    kind: Literal["export"]
+    destination: Path
+    select: ExportSelector = ExportSelector()
+    options: ExportOptions = ExportOptions()
+    per: Literal["study", "patient"] = "study"
+    keep_days: float | None = Field(None, gt=0)
+    checkpoint_mb: int = Field(64, ge=1, le=65536)
+
+
+Job = Annotated[OrderFolderJob | ExportJob, Field(discriminator="kind")]
 
 
 class MetricsConfig(_Model):
@@ -519,7 +598,10 @@ def _absolute_paths(
     forward = config.forward.model_copy(update={"destinations": tuple(destinations)})
     jobs = tuple(
         job.model_copy(update={"folder": Path(os.path.normpath(folder / job.folder))})
-        if isinstance(job, OrderFolderJob) and not job.folder.is_absolute() else job
+        if isinstance(job, OrderFolderJob) and not job.folder.is_absolute()
+        else job.model_copy(
+            update={"destination": Path(os.path.normpath(folder / job.destination))})
+        if isinstance(job, ExportJob) and not job.destination.is_absolute() else job
         for job in config.jobs
     )
     return config.model_copy(update={"storage": storage, "remap": remap, "database": database,

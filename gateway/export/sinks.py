@@ -1,0 +1,135 @@
+"""Where an archive's entries go: a ZIP file (``format = "zip"``) or a folder with the same
+layout (``format = "folder"``). Both append entries, make what they wrote durable on
+``checkpoint`` (so that a progress record never claims more than the disk holds), and can start
+again after the last checkpointed entry.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from gateway.export.names import is_inside
+from gateway.export.zipstream import COPY_CHUNK, Entry, ZipWriter
+
+
+class Sink(Protocol):
+    def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry: ...
+
+    def add_bytes(self, name: str, data: bytes) -> Entry: ...
+
+    def checkpoint(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _check(name: str) -> None:
+    if not is_inside(name):  # names come from gateway.export.names; this is the last guard
+        raise ValueError("an archive entry name would leave the archive's folder")
+
+
+class ZipSink:
+    def __init__(self, path: Path, when: datetime, done: Sequence[Entry],
+                 force_zip64: bool = False) -> None:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._file: BinaryIO = os.fdopen(descriptor, "r+b", buffering=0)
+        self._writer = ZipWriter(self._file, when, done, force_zip64)
+
+    def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry:
+        _check(name)
+        return self._writer.add_file(name, source, size, digest)
+
+    def add_bytes(self, name: str, data: bytes) -> Entry:
+        _check(name)
+        return self._writer.add_bytes(name, data)
+
+    def checkpoint(self) -> None:
+        os.fsync(self._file.fileno())
+
+    def finish(self) -> None:
+        self._writer.finish()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class FolderSink:
+    """Files under ``root``; an entry's ``offset`` and ``end`` are 0 (nothing to resume inside
+    a folder: an entry written again simply replaces its file)."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._unsynced: list[Path] = []
+        root.mkdir(parents=True, exist_ok=True)
+        self._buffer = bytearray(COPY_CHUNK)
+
+    def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry:
+        _check(name)
+        path = self._path(name)
+        crc, left, view = 0, size, memoryview(self._buffer)
+        with open(path, "wb", buffering=0) as out:
+            while left:
+                count = source.readinto(view[:min(left, COPY_CHUNK)])  # type: ignore[attr-defined]
+                if not count:
+                    raise OSError(f"{name}: the source ended {left} bytes early")
+                chunk = view[:count]
+                crc = zlib.crc32(chunk, crc)
+                if digest is not None:
+                    digest.update(chunk)
+                _write_all(out, chunk)
+                left -= count
+        return Entry(name, 0, size, crc, False, 0)
+
+    def add_bytes(self, name: str, data: bytes) -> Entry:
+        _check(name)
+        path = self._path(name)
+        with open(path, "wb", buffering=0) as out:
+            _write_all(out, data)
+        return Entry(name, 0, len(data), zlib.crc32(data), False, 0)
+
+    def checkpoint(self) -> None:
+        folders = {self._root}
+        for path in self._unsynced:
+            with open(path, "rb") as file:
+                os.fsync(file.fileno())
+            folders.update(p for p in path.parents if self._root in p.parents or p == self._root)
+        for folder in sorted(folders):
+            sync_folder(folder)
+        self._unsynced.clear()
+
+    def finish(self) -> None:
+        self.checkpoint()
+
+    def close(self) -> None:
+        pass
+
+    def _path(self, name: str) -> Path:
+        path = self._root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._unsynced.append(path)
+        return path
+
+
+def _write_all(out: BinaryIO, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if written is None:
+            raise OSError("non-blocking write to an export file")
+        view = view[written:]
+
+
+def sync_folder(folder: Path) -> None:
+    """A rename or a new file in ``folder`` survives a crash only once the folder is synced."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
