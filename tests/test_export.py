@@ -241,3 +241,325 @@ def test_a_study_exports_to_a_zip_that_verifies_and_is_audited(site: Site) -> No
         "dr.house", study, "success", digest, 4, archive.stat().st_size)
     assert detail["options"]["include_images"] is True
     assert not any(p.name.startswith(".export-") for p in site.out.iterdir())
+
+
+def test_a_patient_exports_every_study_under_studies_uid(site: Site) -> None:
+    done = site.cli("export", "patient", PATIENT, "--out", str(site.out), *OFF)
+    assert done.returncode == 0, done.stderr
+    archive = site.out / f"patient_{PATIENT}_export.zip"
+    checked = check_archive(archive, site.db, site.spool, "patient_data.json")
+    ct, mr = site.studies["ct"], site.studies["mr"]
+    assert sorted(checked.names) == sorted(
+        [f"studies/{ct}/dicom/{n}.dcm" for n in range(1, 5)]
+        + [f"studies/{mr}/dicom/{n}.dcm" for n in range(1, 3)]
+        + [f"studies/{ct}/study_data.json", f"studies/{mr}/study_data.json",
+           "patient_data.json", "manifest.sha256"])
+    document = checked.document
+    assert document["patient"]["studyCount"] == 2
+    assert [s["studyInstanceUID"] for s in document["studies"]] == [ct, mr]  # by date
+    assert [s["path"] for s in document["studies"]] == [f"studies/{ct}/", f"studies/{mr}/"]
+    assert {s["modality"] for s in document["studies"]} == {"CT", "MR"}
+    per_study = json.loads((checked.root / f"studies/{mr}/study_data.json").read_text("utf-8"))
+    assert [i["path"] for i in per_study["instances"]] == [
+        f"studies/{mr}/dicom/1.dcm", f"studies/{mr}/dicom/2.dcm"]
+    assert site.studies["other"] not in json.dumps(document)
+
+
+def test_metadata_only_json_and_folder_formats(site: Site) -> None:
+    study = site.studies["ct"]
+    only = site.cli("export", "study", study, "--out", str(site.out / "a"), "--metadata-only",
+                    *OFF)
+    assert only.returncode == 0, only.stderr
+    checked = check_archive(site.out / "a" / f"study_{study}_export.zip", site.db, site.spool,
+                            "study_data.json")
+    assert sorted(checked.names) == ["manifest.sha256", "study_data.json"]
+    assert checked.document["metadata"]["includesImages"] is False
+    assert all(i["path"] is None and i["sha256"] is None for i in checked.document["instances"])
+    assert sorted(i["numberOfFrames"] for i in checked.document["instances"]) == [1, 1, 1, 3]
+
+    as_json = site.cli("export", "study", study, "--out", str(site.out / "b"), "--format",
+                       "json", *OFF)
+    assert as_json.returncode == 0, as_json.stderr
+    (written,) = (site.out / "b").iterdir()
+    assert written.name == f"study_{study}_export.json"
+    document = json.loads(written.read_text(encoding="utf-8"))
+    metadata.check(document)
+    assert document["patient"]["patientName"] == NAME and len(document["instances"]) == 4
+
+    folder = site.cli("export", "patient", PATIENT, "--out", str(site.out / "c"), "--format",
+                      "folder", *OFF)
+    assert folder.returncode == 0, folder.stderr
+    (written,) = (site.out / "c").iterdir()
+    assert written.name == f"patient_{PATIENT}_export" and written.is_dir()
+    checked = check_archive(written, site.db, site.spool, "patient_data.json")
+    assert len([n for n in checked.names if n.endswith(".dcm")]) == 6
+    audited = [d["options"]["format"] for _, d in export_rows(site.db)]
+    assert audited == ["zip", "json", "folder"]
+
+
+def test_accession_and_all_and_nothing_found(site: Site) -> None:
+    by_accession = site.cli("export", "accession", "ACC-MR", "--out", str(site.out), *OFF)
+    assert by_accession.returncode == 0, by_accession.stderr
+    assert (site.out / f"study_{site.studies['mr']}_export.zip").is_file()
+    everything = site.cli("export", "all", "--out", str(site.out / "all"), *OFF)
+    assert everything.returncode == 0, everything.stderr
+    assert sorted(p.name for p in (site.out / "all").iterdir()) == [
+        "patient_MRN0042_export.zip", "patient_PAT-2_export.zip"]
+    for archive in (site.out / "all").glob("*.zip"):
+        check_archive(archive, site.db, site.spool, "patient_data.json")
+    nothing = site.cli("export", "patient", "NOBODY", "--out", str(site.out), *OFF)
+    assert nothing.returncode == 1 and "nothing to export" in nothing.stderr
+    bad = site.cli("export", "study", "1.2.x", "--out", str(site.out), *OFF)
+    assert bad.returncode == 2 and "not a Study Instance UID" in bad.stderr
+
+
+def remove_from_spool(site: Site, instance: Any) -> None:
+    """What retention does: the file goes, the row says when."""
+    (site.spool / instance.spool_path).unlink()
+    engine = sa.create_engine(site.db)
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE instances SET spool_removed_at = :now WHERE id = :id"),
+                  {"now": datetime.now(UTC), "id": instance.id})
+    engine.dispose()
+
+
+def test_a_missing_instance_fails_the_export_naming_it_unless_partial(site: Site) -> None:
+    study = site.studies["ct"]
+    lost, held = site.instances(study)[:2]
+    remove_from_spool(site, lost)
+    engine = sa.create_engine(site.db)
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE instances SET remap_state = 'held' WHERE id = :id"),
+                  {"id": held.id})
+    engine.dispose()
+    failed = site.cli("export", "study", study, "--out", str(site.out), *OFF)
+    assert failed.returncode == 1
+    assert lost.sop_instance_uid in failed.stdout and held.sop_instance_uid in failed.stdout
+    assert "no Orthanc destination" in failed.stdout and "held for an operator" in failed.stdout
+    assert "--allow-partial" in failed.stdout
+    assert not site.out.exists() or not any(site.out.iterdir())  # nothing half made
+    (row, detail), = export_rows(site.db)
+    assert detail["outcome"] == "failed" and lost.sop_instance_uid in detail["error"]
+
+    partial = site.cli("export", "study", study, "--out", str(site.out), "--allow-partial", *OFF)
+    assert partial.returncode == 0, partial.stderr
+    assert "2 missing" in partial.stdout
+    checked = check_archive(site.out / f"study_{study}_export.zip", site.db, site.spool,
+                            "study_data.json")
+    missing = {m["sopInstanceUID"]: m["reason"] for m in checked.document["missing"]}
+    assert set(missing) == {lost.sop_instance_uid, held.sop_instance_uid}
+    assert "retention removed it" in missing[lost.sop_instance_uid]
+    assert checked.document["metadata"]["complete"] is False
+    assert len(checked.document["instances"]) == 2
+    manifest = (checked.root / "manifest.sha256").read_text(encoding="utf-8")
+    assert f"# missing {lost.sop_instance_uid}" in manifest
+    assert f"# missing {held.sop_instance_uid}" in manifest
+    assert export_rows(site.db)[-1][1]["missing"] == sorted(
+        [lost.sop_instance_uid, held.sop_instance_uid],
+        key=[r.sop_instance_uid for r in site.instances(study)].index)
+
+
+# -- names: hostile Patient IDs ------------------------------------------------------------------------
+
+HOSTILE = ["../../etc", "/etc/passwd", "a/b\\c", "..", ".", "", "x\x00y", "\x1b[2J\x07bell",
+           "Ω" * 200, "CON", "a" * 200, "MRN0042 ", "mrn0042"]
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=500, deadline=None)
+def test_a_patient_archive_name_is_one_safe_component_for_any_id(patient_id: str) -> None:
+    stem = names.patient_stem(patient_id)
+    assert "/" not in stem and "\\" not in stem and stem not in (".", "..")
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in stem)
+    assert len(stem) <= len("patient__export") + names.SAFE_ID_LENGTH + 14
+    assert (Path("/exports") / names.archive_name(stem, "zip")).parent == Path("/exports")
+
+
+@given(st.lists(st.text(max_size=80), min_size=2, max_size=6, unique=True))
+@settings(max_examples=300, deadline=None)
+def test_different_patient_ids_never_share_an_archive_name(ids: list[str]) -> None:
+    stems = [names.patient_stem(i) for i in ids]
+    assert len(set(stems)) == len(stems)
+    assert len({s.casefold() for s in stems}) == len(stems)  # nor on a case-blind disk
+
+
+def insert_instance(sessions: Any, spool: Path, patient_id: str, source: Path) -> str:
+    """A ledger row for a copy of ``source`` under ``patient_id`` (as remapped to it)."""
+    from gateway.db.models import Instance
+
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    study = generate_uid()
+    relative = Path(study) / f"{ds.SOPInstanceUID}.dcm"
+    (spool / relative).parent.mkdir(parents=True)
+    shutil.copyfile(source, spool / relative)
+    with sessions() as session:
+        session.add(Instance(
+            sop_instance_uid=generate_uid(), sop_class_uid=ds.SOPClassUID,
+            study_instance_uid=study, series_instance_uid=generate_uid(), patient_id=patient_id,
+            calling_ae="MODALITY", peer_address="127.0.0.1", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            size_bytes=source.stat().st_size, sha256="0" * 64, spool_path=str(relative),
+            received_at=datetime.now(UTC)))
+        session.commit()
+    return study
+
+
+@pytest.mark.parametrize("patient_id", HOSTILE)
+def test_hostile_patient_ids_never_leave_the_export_folder(
+    tmp_path: Path, sqlite_url: str, patient_id: str,
+) -> None:
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    sessions = make_sessions(engine)
+    spool = tmp_path / "spool"
+    source = write_file(make_dataset(), tmp_path / "one.dcm")
+    insert_instance(sessions, spool, patient_id, source)
+    insert_instance(sessions, spool, "SAFE", source)
+    out = tmp_path / "exports" / "inner"
+    exporter = Exporter(sessions, Sources(spool, lambda: Loader(spool, {})),
+                        LineReporter(lambda _: None))
+    report = exporter.run(ExportRequest("k", "test", "all", ExportSelector(), "patient", PLAIN,
+                                        out))
+    engine.dispose()
+    assert [a.outcome for a in report.archives] == ["success", "success"]
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 2 and "patient_SAFE_export.zip" in written
+    assert all(p.parent == out for p in out.iterdir())
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["inner"]
+    for archive in out.iterdir():
+        with zipfile.ZipFile(archive) as opened:
+            assert all(names.is_inside(n) for n in opened.namelist())
+            document = json.loads(opened.read("patient_data.json"))
+        assert document["patient"]["patientID"] in (patient_id, "SAFE")  # the value, intact
+
+
+# -- Orthanc: a recipient of the ZIP, and where retention left the files -----------------------------
+
+def test_the_study_zip_uploads_to_orthanc_whole(site: Site, orthanc_factory: Any) -> None:
+    study = site.studies["ct"]
+    done = site.cli("export", "study", study, "--out", str(site.out), *OFF)
+    assert done.returncode == 0, done.stderr
+    archive = site.out / f"study_{study}_export.zip"
+    check_archive(archive, site.db, site.spool, "study_data.json")
+    orthanc = orthanc_factory()
+    status, body = orthanc.request("POST", "/instances", archive.read_bytes(),
+                                   {"Content-Type": "application/zip"})
+    assert status == 200, body
+    kept = {r.sop_instance_uid: r for r in site.instances(study)}
+    assert orthanc.sop_instance_uids() == set(kept)
+    assert orthanc.study_instance_uids() == {study}
+    for found in orthanc.post_json("/tools/find", {"Level": "Instance", "Query": {},
+                                                   "Expand": True}):
+        row = kept[found["MainDicomTags"]["SOPInstanceUID"]]
+        status, data = orthanc.request("GET", f"/instances/{found['ID']}/file")
+        assert status == 200 and data == (site.spool / row.spool_path).read_bytes()
+
+
+def test_instances_retention_removed_are_fetched_back_from_orthanc(
+    make_gateway: Callable[..., Gateway], tmp_path: Path, db_url: str, orthanc_factory: Any,
+) -> None:
+    from tests.test_forward import FAST, orthanc_destination
+
+    orthanc = orthanc_factory()
+    site = make_site(make_gateway, tmp_path, db_url,
+                     forward={**FAST, "destinations": [orthanc_destination(orthanc, tmp_path)]},
+                     retention={"keep_days": 0, "check_interval_s": 0.2})
+    wait_for(lambda: not rows(db_url, "SELECT id FROM instances WHERE spool_removed_at IS NULL"),
+             60, "every file confirmed in Orthanc and removed from the spool")
+    study = site.studies["ct"]
+    assert not [p for r in site.instances(study) for p in site.spool.rglob(f"{r.sop_instance_uid}*")]
+    done = site.cli("export", "study", study, "--out", str(site.out), *OFF)
+    assert done.returncode == 0, done.stderr
+    checked = check_archive(site.out / f"study_{study}_export.zip", site.db, site.spool,
+                            "study_data.json")
+    remote = {r.sop_instance_uid: r.remote_id for r in rows(
+        db_url, "SELECT i.sop_instance_uid, f.remote_id FROM forward_jobs f JOIN instances i "
+        "ON i.id = f.instance_id WHERE f.state = 'confirmed'")}
+    assert len(checked.document["instances"]) == 4
+    for instance in checked.document["instances"]:
+        assert instance["orthancInstanceId"] == remote[instance["sopInstanceUID"]]
+
+
+# -- export jobs on the scheduler -------------------------------------------------------------------
+
+def with_job(site: Site, **job: Any) -> Path:
+    """The site's configuration file with one export job added (never firing by itself: the
+    tests run it with ``gateway jobs run``, or start a gateway that fires it)."""
+    from tests.conftest import toml_value
+
+    job = {"name": "research", "kind": "export", "every_s": 365 * 86400,
+           "destination": "exports", "options": {"previews": False, "dicomdir": False}, **job}
+    with open(site.config, "a", encoding="utf-8") as fp:
+        fp.write("[[jobs]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in job.items()))
+    return site.config.parent / str(job["destination"])
+
+
+def test_an_export_job_selects_exports_expires_and_keeps_its_history(site: Site) -> None:
+    exports = with_job(site, select={"study_date": "20261101-20261115",
+                                     "modalities": ["CT", "MR"], "calling_aes": ["MODALITY"]},
+                       keep_days=30)
+    exports.mkdir()
+    stale, unrelated = exports / "study_1.2.3_export.zip", exports / "notes.txt"
+    for path in (stale, unrelated):
+        path.write_text("old")
+        old = time.time() - 40 * 86400
+        os.utime(path, (old, old))
+    ran = site.cli("jobs", "run", "research")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "job research: success" in ran.stdout
+    assert "archives 2" in ran.stdout and "expired 1" in ran.stdout
+    assert "instances" in ran.stdout and "MB/s" in ran.stdout  # its progress, as plain lines
+    ct, mr = site.studies["ct"], site.studies["mr"]
+    assert sorted(p.name for p in exports.iterdir()) == sorted(
+        ["notes.txt", f"study_{ct}_export.zip", f"study_{mr}_export.zip"])
+    for study in (ct, mr):
+        check_archive(exports / f"study_{study}_export.zip", site.db, site.spool,
+                      "study_data.json")
+    audited = export_rows(site.db)
+    assert {(r.actor, d["job"], d["outcome"]) for r, d in audited} == {
+        ("job:research", "research", "success")}
+    history = site.cli("jobs", "history", "research")
+    assert history.returncode == 0 and "success" in history.stdout
+    assert "archives 2" in history.stdout
+    listed = site.cli("jobs")
+    assert "research" in listed.stdout and "export" in listed.stdout
+    assert NAME not in ran.stdout + history.stdout + listed.stdout
+
+
+def test_new_since_last_run_exports_only_what_arrived_since(site: Site, tmp_path: Path) -> None:
+    exports = with_job(site, select={"new_since_last_run": True})
+    engine = sa.create_engine(site.db)
+    with engine.begin() as c:  # received an hour ago: well before any run
+        c.execute(sa.text("UPDATE instances SET received_at = :at"),
+                  {"at": datetime.now(UTC) - timedelta(hours=1)})
+    engine.dispose()
+    first = site.cli("jobs", "run", "research")
+    assert first.returncode == 0 and "archives 3" in first.stdout, first.stdout + first.stderr
+    second = site.cli("jobs", "run", "research")
+    assert second.returncode == 0, second.stderr
+    assert "archives 0" in second.stdout
+    later = simple_study(tmp_path / "send" / "later", 2, PatientID="PAT-3")
+    send(site.app.config.dicom.port, later)
+    wait_for(lambda: len(rows(site.db, "SELECT id FROM instances")) == 10, 30, "2 more kept")
+    third = site.cli("jobs", "run", "research")
+    assert third.returncode == 0 and "archives 1" in third.stdout, third.stdout
+    assert (exports / f"study_{study_of(later)}_export.zip").is_file()
+    assert len(export_rows(site.db)) == 4
+
+
+def test_a_scheduled_export_runs_in_the_gateway_and_counts_in_metrics(
+    site: Site, make_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    exports = tmp_path / "scheduled"
+    app = make_gateway(db=site.db, jobs=[{
+        "name": "nightly", "kind": "export", "every_s": 1, "destination": str(exports),
+        "per": "patient", "select": {"patients": [PATIENT]},
+        "options": {"previews": False, "dicomdir": False}}])
+    wait_for(lambda: rows(site.db, "SELECT id FROM job_runs WHERE job = 'nightly' "
+                          "AND outcome = 'success'"), 60, "a scheduled run to succeed")
+    archive = exports / f"patient_{PATIENT}_export.zip"
+    check_archive(archive, site.db, site.spool, "patient_data.json")
+    registry = app.metrics.registry
+    assert (registry.get_sample_value("gateway_exports_total", {"outcome": "success"}) or 0) >= 1
+    assert (registry.get_sample_value("gateway_export_bytes_total") or 0) >= archive.stat().st_size
+    assert (registry.get_sample_value("gateway_export_seconds_count") or 0) >= 1
+    assert registry.get_sample_value("gateway_export_previews_total") == 0
