@@ -563,3 +563,172 @@ def test_a_scheduled_export_runs_in_the_gateway_and_counts_in_metrics(
     assert (registry.get_sample_value("gateway_export_bytes_total") or 0) >= archive.stat().st_size
     assert (registry.get_sample_value("gateway_export_seconds_count") or 0) >= 1
     assert registry.get_sample_value("gateway_export_previews_total") == 0
+
+
+# -- interrupted exports continue, to the same bytes --------------------------------------------------
+
+def exporter_for(db: str, spool: Path, checkpoint_bytes: int = 1,
+                 lines: list[str] | None = None) -> tuple[Exporter, Any]:
+    engine = make_engine(db)
+    exporter = Exporter(make_sessions(engine), Sources(spool, lambda: Loader(spool, {})),
+                        LineReporter((lines if lines is not None else []).append),
+                        checkpoint_bytes=checkpoint_bytes)
+    return exporter, engine
+
+
+def everything(destination: Path, **options: Any) -> ExportRequest:
+    return ExportRequest("crash", "test", "all", ExportSelector(), "patient",
+                         PLAIN.model_copy(update=options), destination)
+
+
+CRASH_POINTS = {
+    # where: (what to patch, after how many calls the process is killed)
+    "mid-entry": ("gateway.export.zipstream.ZipWriter._write", 9),
+    "after-checkpoint": ("gateway.export.plan.ArchiveLog.checkpoint", 3),
+    "torn-checkpoint": ("gateway.export.plan.ArchiveLog._append", 2),
+    "central-directory": ("gateway.export.zipstream.ZipWriter._central_header", 3),
+    "before-rename": ("gateway.export.run.place", 0),
+    "before-audit": ("gateway.export.run.Exporter._record", 0),
+    "second-archive": ("gateway.export.plan.ArchiveLog.checkpoint", 7),
+}
+
+
+def crash_child(db: str, spool: str, destination: str, point: str, options: str) -> None:
+    """Run in a subprocess: export everything and SIGKILL this process at ``point``."""
+    import importlib
+
+    target, after = CRASH_POINTS[point]
+    module_name, *attributes = target.split(".")
+    while not hasattr(importlib.import_module(module_name), attributes[0]):
+        module_name += "." + attributes.pop(0)
+    owner: Any = importlib.import_module(module_name)
+    for attribute in attributes[:-1]:
+        owner = getattr(owner, attribute)
+    original = getattr(owner, attributes[-1])
+    calls = [0]
+
+    def dying(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > after:
+            if point == "torn-checkpoint":  # half a record reaches the disk, then the end
+                with open(args[0].path, "ab") as fp:
+                    fp.write(b'{"done": 99, "entr')
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(owner, attributes[-1], dying)
+    exporter, _ = exporter_for(db, Path(spool))
+    exporter.run(everything(Path(destination), **json.loads(options)))
+    raise AssertionError("the export ended without being killed")
+
+
+@pytest.mark.parametrize(("form", "point"), [("zip", p) for p in CRASH_POINTS] + [
+    ("folder", p) for p in CRASH_POINTS if p not in ("mid-entry", "central-directory")])
+def test_a_killed_export_continues_to_the_same_bytes(
+    site: Site, tmp_path: Path, point: str, form: str,
+) -> None:
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    options = {"format": form}
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys, tests.test_export as t; t.crash_child(*sys.argv[1:])",
+         site.db, str(site.spool), str(killed), point, json.dumps(options)],
+        capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    work = work_folder(killed, "crash")
+    plan = read_plan(work)
+    assert plan is not None
+    cut = 1 if point == "second-archive" else 0  # the archive being written when killed
+    if point != "before-audit":  # killed after the rename: the archive is whole and in place
+        assert not (killed / plan.archives[cut].name).exists(), "a half archive is visible"
+    assert all((killed / a.name).exists() for a in plan.archives[:cut])
+    # the same plan, built without interruption
+    work_folder(reference, "crash").mkdir(parents=True)
+    shutil.copy(work / "plan.json", work_folder(reference, "crash") / "plan.json")
+    lines: dict[Path, list[str]] = {killed: [], reference: []}
+    for destination in (killed, reference):
+        exporter, engine = exporter_for(site.db, site.spool, lines=lines[destination])
+        report = exporter.run(everything(destination, **options))
+        engine.dispose()
+        assert report.resumed == 1 and not report.failed
+        assert [a.archive.name for a in report.archives] == [a.name for a in plan.archives]
+    if point not in ("before-rename", "before-audit"):  # continued, not started over
+        assert any(line.startswith("resumed: ") for line in lines[killed]), lines[killed]
+    assert not any(line.startswith("resumed: ") for line in lines[reference])
+    assert not work.exists()
+    for archive in plan.archives:
+        mine, theirs = killed / archive.name, reference / archive.name
+        checked = check_archive(mine, site.db, site.spool, "patient_data.json")
+        if form == "zip":
+            assert mine.read_bytes() == theirs.read_bytes()
+        else:
+            for name in checked.names:
+                assert (mine / name).read_bytes() == (theirs / name).read_bytes(), name
+    audited = [d for _, d in export_rows(site.db) if d["archive"].startswith(str(killed))]
+    assert sorted(d["archive"] for d in audited) == sorted(
+        str(killed / a.name) for a in plan.archives), "one audit row per archive"
+    digests = {d["archive"]: d["sha256"] for d in audited}
+    if form == "zip":
+        for archive in plan.archives:
+            path = killed / archive.name
+            assert digests[str(path)] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sigkill_during_a_scheduled_export_then_the_next_run_resumes_it(
+    site: Site, served: Callable[..., Any], tmp_path: Path,
+) -> None:
+    big = [write_file(make_dataset(rows=724, columns=724, StudyInstanceUID=study_uid,
+                                   SeriesInstanceUID=series_uid, InstanceNumber=i + 1,
+                                   PatientID="PAT-BIG"), tmp_path / "send" / "big" / f"{i}.dcm")
+           for study_uid, series_uid in [(generate_uid(), generate_uid())] for i in range(60)]
+    send(site.app.config.dicom.port, big)
+    wait_for(lambda: len(rows(site.db, "SELECT id FROM instances")) == 68, 60, "60 more kept")
+    study = study_of(big)
+    exports = tmp_path / "exports"
+    job = {"name": "research", "kind": "export", "every_s": 1, "destination": str(exports),
+           "select": {"studies": [study]}, "checkpoint_mb": 1,
+           "options": {"previews": False, "dicomdir": False}}
+    gateway = served(db=site.db, jobs=[job])
+    log = work_folder(exports, "job-research") / f"study_{study}_export.zip.log"
+
+    def counted() -> int:
+        found = rows(site.db, "SELECT counts FROM job_runs WHERE job = 'research' "
+                     "AND outcome = 'running'")
+        return int(json.loads(found[0].counts).get("instances_done", 0)) if found else 0
+
+    wait_for(lambda: log.is_file() and log.read_bytes().count(b'"done"') >= 3 and counted(), 60,
+             "a scheduled run to record three checkpoints and show its progress")
+    gateway.stop(signal.SIGKILL)
+    plan = read_plan(work_folder(exports, "job-research"))
+    assert plan is not None and not (exports / plan.archives[0].name).exists()
+    (run,) = rows(site.db, "SELECT * FROM job_runs WHERE job = 'research' "
+                  "AND outcome = 'running'")
+    assert run.trigger == "schedule"
+    assert json.loads(run.counts)["instances_done"] >= 1  # what `gateway jobs` shows meanwhile
+    listed = subprocess.run([str(GATEWAY_BIN), "jobs", "--config", str(gateway.config_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert "running" in listed.stdout and "instances_done" in listed.stdout, listed.stdout
+    reference = tmp_path / "reference"
+    work_folder(reference, "job-research").mkdir(parents=True)
+    shutil.copy(work_folder(exports, "job-research") / "plan.json",
+                work_folder(reference, "job-research"))
+
+    restarted = served(db=site.db, jobs=[{**job, "every_s": 365 * 86400}])
+    resumed = subprocess.run([str(GATEWAY_BIN), "jobs", "run", "research", "--config",
+                              str(restarted.config_path)], capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed: " in resumed.stdout and "resumed 1" in resumed.stdout
+    archive = exports / plan.archives[0].name
+    check_archive(archive, site.db, site.spool, "study_data.json")
+    assert not work_folder(exports, "job-research").exists()
+    runs = rows(site.db, "SELECT outcome, trigger FROM job_runs WHERE job = 'research' "
+                "ORDER BY id")
+    assert [(r.outcome, r.trigger) for r in runs][-2:] == [("interrupted", "schedule"),
+                                                            ("success", "operator")]
+    exporter, engine = exporter_for(site.db, site.spool)
+    exporter.run(ExportRequest("job-research", "job:research", "job",
+                               ExportSelector(studies=(study,)), "study", PLAIN, reference))
+    engine.dispose()
+    assert archive.read_bytes() == (reference / plan.archives[0].name).read_bytes()
+    (_, detail), = [(r, d) for r, d in export_rows(site.db) if d["archive"] == str(archive)]
+    assert detail["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()

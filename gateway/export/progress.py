@@ -158,7 +158,7 @@ class CountsReporter:
     """Writes the totals through ``write`` (a running job's ``job_runs.counts``) every
     ``every_s`` and at the end, so that ``gateway jobs`` shows a running export's progress."""
 
-    def __init__(self, write: Callable[[dict[str, int]], None], every_s: float = 2.0,
+    def __init__(self, write: Callable[[dict[str, int]], None], every_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._write = write
         self._every_s = every_s
@@ -174,9 +174,10 @@ class CountsReporter:
         pass
 
     def advance(self, instances: int, bytes: int, skipped: bool = False) -> None:
+        first = self.totals.instances_done == 0
         self.totals.advance(instances, bytes, skipped)
-        if self._clock() - self._last >= self._every_s:
-            self._flush()
+        if first or self._clock() - self._last >= self._every_s:
+            self._flush()  # the first instance at once: the run shows it has started
 
     def archive_done(self, archive: ArchivePlan, line: str) -> None:
         self.totals.archives_done += 1
