@@ -19,17 +19,17 @@ import subprocess
 import sys
 import time
 import zipfile
-from io import BytesIO
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import RLELossless, generate_uid
 
@@ -73,7 +73,8 @@ class Site:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         return subprocess.run([str(GATEWAY_BIN), *args, "--config", str(self.config)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+                              capture_output=True, text=True, timeout=timeout, env=env,
+                              check=False)
 
     def instances(self, study: str) -> list[Any]:
         return rows(self.db, "SELECT * FROM instances WHERE study_instance_uid = :s ORDER BY id",
@@ -83,9 +84,9 @@ class Site:
 def ct_study(folder: Path) -> list[Path]:
     """Four CT instances in two series: a 3-frame one and an RLE-compressed one among them."""
     study, series = generate_uid(), [generate_uid(), generate_uid()]
-    common = dict(StudyInstanceUID=study, PatientID=PATIENT, PatientName=NAME,
-                  SpecificCharacterSet="ISO_IR 192", StudyDate="20261101",
-                  AccessionNumber="ACC-CT", StudyDescription="CT THORAX")
+    common = {"StudyInstanceUID": study, "PatientID": PATIENT, "PatientName": NAME,
+              "SpecificCharacterSet": "ISO_IR 192", "StudyDate": "20261101",
+              "AccessionNumber": "ACC-CT", "StudyDescription": "CT THORAX"}
     files = []
     for i in range(4):
         ds = make_dataset(SeriesInstanceUID=series[i % 2], SeriesNumber=i % 2 + 1,
@@ -159,7 +160,8 @@ def check_archive(path: Path, db: str, spool: Path, top: str) -> Checked:
         listed = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         order = listed
     else:
-        tested = subprocess.run(["unzip", "-t", str(path)], capture_output=True, text=True)
+        tested = subprocess.run(["unzip", "-t", str(path)], capture_output=True, text=True,
+                                check=False)
         assert tested.returncode == 0, tested.stdout + tested.stderr
         assert "No errors detected" in tested.stdout
         root = path.with_name(path.name + ".extracted")
@@ -173,7 +175,7 @@ def check_archive(path: Path, db: str, spool: Path, top: str) -> Checked:
         listed = order
     manifest = (root / "manifest.sha256").read_text(encoding="utf-8")
     verified = subprocess.run(["sha256sum", "--strict", "-c", "manifest.sha256"], cwd=root,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     in_manifest = [line.split("  ", 1)[1] for line in manifest.splitlines()
                    if not line.startswith("#")]
@@ -338,7 +340,7 @@ def test_a_missing_instance_fails_the_export_naming_it_unless_partial(site: Site
     assert "no Orthanc destination" in failed.stdout and "held for an operator" in failed.stdout
     assert "--allow-partial" in failed.stdout
     assert not site.out.exists() or not any(site.out.iterdir())  # nothing half made
-    (row, detail), = export_rows(site.db)
+    (_, detail), = export_rows(site.db)
     assert detail["outcome"] == "failed" and lost.sop_instance_uid in detail["error"]
 
     partial = site.cli("export", "study", study, "--out", str(site.out), "--allow-partial", *OFF)
@@ -632,7 +634,7 @@ def test_a_killed_export_continues_to_the_same_bytes(
     child = subprocess.run(
         [sys.executable, "-c", "import sys, tests.test_export as t; t.crash_child(*sys.argv[1:])",
          site.db, str(site.spool), str(killed), point, json.dumps(options)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=120, check=False)
     assert child.returncode == -signal.SIGKILL, child.stderr
     work = work_folder(killed, "crash")
     plan = read_plan(work)
@@ -705,7 +707,7 @@ def test_sigkill_during_a_scheduled_export_then_the_next_run_resumes_it(
     assert run.trigger == "schedule"
     assert json.loads(run.counts)["instances_done"] >= 1  # what `gateway jobs` shows meanwhile
     listed = subprocess.run([str(GATEWAY_BIN), "jobs", "--config", str(gateway.config_path)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     assert "running" in listed.stdout and "instances_done" in listed.stdout, listed.stdout
     reference = tmp_path / "reference"
     work_folder(reference, "job-research").mkdir(parents=True)
@@ -715,7 +717,7 @@ def test_sigkill_during_a_scheduled_export_then_the_next_run_resumes_it(
     restarted = served(db=site.db, jobs=[{**job, "every_s": 365 * 86400}])
     resumed = subprocess.run([str(GATEWAY_BIN), "jobs", "run", "research", "--config",
                               str(restarted.config_path)], capture_output=True, text=True,
-                             timeout=120)
+                             timeout=120, check=False)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed: " in resumed.stdout and "resumed 1" in resumed.stdout
     archive = exports / plan.archives[0].name
@@ -732,3 +734,99 @@ def test_sigkill_during_a_scheduled_export_then_the_next_run_resumes_it(
     assert archive.read_bytes() == (reference / plan.archives[0].name).read_bytes()
     (_, detail), = [(r, d) for r, d in export_rows(site.db) if d["archive"] == str(archive)]
     assert detail["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+# -- progress ---------------------------------------------------------------------------------------
+
+def test_progress_is_plain_lines_without_a_terminal(site: Site) -> None:
+    study = site.studies["ct"]
+    done = site.cli("export", "study", study, "--out", str(site.out), *OFF)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("exporting 1 archive(s): 4 instances, ")
+    assert lines[1].startswith(f"archive 1 (study {study}): 4 instances, ")
+    assert lines[2].startswith(f"archive 1 (study {study}): written, 4 instance(s), ")
+    assert lines[-1].startswith("4/4 instances, ") and " MB/s, ETA " in lines[-1]
+    assert "\r" not in done.stderr and "\x1b" not in done.stderr  # no bar, no escapes
+    assert done.stdout.count("\n") == 1  # stdout: the archive and its SHA-256, nothing else
+
+
+def test_progress_is_a_bar_on_a_terminal(site: Site) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    process = subprocess.Popen(
+        [str(GATEWAY_BIN), "export", "study", site.studies["ct"], "--out", str(site.out),
+         "--config", str(site.config), *OFF],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower, env=env)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    stdout, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and b"sha256" in stdout
+    text = shown.decode("utf-8", errors="replace")
+    assert "\r" in text and "%|" in text  # tqdm redraws its bar in place
+    assert "4/4 instances" in text and "B/s" in text
+
+
+def test_line_progress_counts_rate_and_eta() -> None:
+    from gateway.export.plan import ArchivePlan
+
+    now = [0.0]
+    lines: list[str] = []
+    reporter = LineReporter(lines.append, every_s=5.0, clock=lambda: now[0])
+    archive = ArchivePlan(1, "study_1.2_export.zip", "study", "1.2", ("1.2",), 10, 10_000_000)
+    reporter.begin(1, 10, 10_000_000)
+    reporter.archive(archive)
+    reporter.advance(4, 4_000_000, skipped=True)  # done before an interruption
+    now[0] = 2.0
+    reporter.advance(1, 1_000_000)
+    assert len(lines) == 3  # begin, archive, resumed: no timed line before 5 s
+    now[0] = 6.0
+    reporter.advance(1, 1_000_000)
+    # 2 MB in 6 s since the start (the 4 MB resumed do not count as speed); 4 MB left
+    assert lines[-1] == "6/10 instances, 6.0/10.0 MB, 0.3 MB/s, ETA 0:00:12"
+    assert lines[2] == "resumed: 4 instances (4.0 MB) were done already"
+
+
+# -- the service log ---------------------------------------------------------------------------------
+
+def test_export_jobs_log_no_patient_data_at_debug(
+    make_gateway: Callable[..., Gateway], served: Callable[..., Any], tmp_path: Path,
+    sqlite_url: str,
+) -> None:
+    from tests.test_logs_canary import BIRTH_DATE, NAME, PATIENT_ID, _spellings
+
+    app = make_gateway(db=sqlite_url)
+    whole = simple_study(tmp_path / "send" / "whole", 2, PatientID=PATIENT_ID, PatientName=NAME,
+                         PatientBirthDate=BIRTH_DATE, SpecificCharacterSet="ISO_IR 192")
+    broken = simple_study(tmp_path / "send" / "broken", 2, PatientID=PATIENT_ID + "-2",
+                          PatientName=NAME, SpecificCharacterSet="ISO_IR 192")
+    send(app.config.dicom.port, whole + broken)
+    wait_for(lambda: len(rows(sqlite_url, "SELECT id FROM instances")) == 4, 30, "4 kept")
+    site = Site(app, tmp_path, sqlite_url, app.config.storage.spool_dir, {}, tmp_path / "out")
+    remove_from_spool(site, site.instances(study_of(broken))[0])
+    exports = tmp_path / "exports"
+    gateway = served(db=sqlite_url, logging={"level": "DEBUG"}, jobs=[{
+        "name": "canary", "kind": "export", "every_s": 1, "destination": str(exports),
+        "per": "patient", "select": {"patients": [PATIENT_ID, PATIENT_ID + "-2"]},
+        "options": {"previews": False, "dicomdir": False}}])
+    wait_for(lambda: rows(sqlite_url, "SELECT id FROM job_runs WHERE outcome = 'failed'"), 60,
+             "a run that wrote one archive and failed the other")
+    gateway.stop()
+    assert [p.name for p in exports.iterdir() if not p.name.startswith(".")] == [
+        f"patient_{PATIENT_ID}_export.zip"]  # the job did run: its archive is there
+    log = gateway.log_path.read_bytes()
+    assert b"job canary" in log and b"cannot be exported" in log
+    for value in (NAME, PATIENT_ID, BIRTH_DATE):
+        for spelling in _spellings(value):
+            assert spelling not in log, (value, spelling)

@@ -8,6 +8,7 @@ go to the service log.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any, Protocol
@@ -127,7 +128,7 @@ class BarReporter:
         self.totals.begin(archives, instances, bytes)
         if self._bar is None:
             self._bar = tqdm(total=bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                             file=self._stream, dynamic_ncols=True, desc="export")
+                             file=self._stream, desc="export", **_size(self._stream))
         else:
             self._bar.total += bytes
             self._bar.refresh()
@@ -216,6 +217,16 @@ class Reporters:
     def end(self) -> None:
         for r in self._reporters:
             r.end()
+
+
+def _size(stream: IO[str]) -> dict[str, int]:
+    """The terminal's size for tqdm; one that does not say (a pty nobody sized) gets 100x24,
+    where tqdm would otherwise draw nothing."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError):
+        return {"ncols": 100, "nrows": 24}
+    return {"ncols": size.columns or 100, "nrows": size.lines or 24}
 
 
 def for_stream(stream: IO[str], emit: Callable[[str], None]) -> Reporter:
