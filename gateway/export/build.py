@@ -17,6 +17,7 @@ CRC-32 (for the ZIP) are computed as its bytes are copied, in one pass.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -35,15 +37,17 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import GatewayError
 from gateway.export import metadata, names, select
+from gateway.export.behind import Behind
+from gateway.export.frames import number_of_frames as frames_in_head
 from gateway.export.metadata import About, Exported, Missing
 from gateway.export.plan import ArchiveLog, ArchivePlan, ExportPlan, Layout, Progress
-from gateway.export.sinks import FolderSink, Sink, ZipSink
+from gateway.export.sinks import MANIFEST, FolderSink, Sink, ZipSink
 from gateway.export.sources import MissingInstance, Opened, Sources
 from gateway.export.zipstream import COPY_CHUNK, Entry
 
 log = logging.getLogger(__name__)
 FRAME_TAGS = ["NumberOfFrames", "Rows"]
-MANIFEST = "manifest.sha256"
+HEAD_BYTES = 64 * 1024  # where Number of Frames is, in every object but a few odd ones
 SHOWN_MISSING = 5  # instances named in a failure message; the rest are counted
 
 
@@ -118,19 +122,21 @@ class ArchiveBuilder:
             sink = ZipSink(self.part, self._plan.created_at, state.entries, self._plan.force_zip64)
         else:
             sink = FolderSink(self.part)
+        behind = Behind()
         try:
-            self._instances(sink, state)
+            self._instances(sink, state, behind)
+            behind.wait()
             entries = list(state.entries)
             entries += self._trailing(sink, state, entries)
             sink.add_bytes(MANIFEST, manifest(entries, state.missing))
-            sink.finish()
+            digest = sink.finish()
         finally:
+            behind.close()
             sink.close()
         shutil.rmtree(self._staging, ignore_errors=True)
         if self._options.format == "zip":
-            digest, size = file_sha256(self.part), self.part.stat().st_size
+            size = self.part.stat().st_size
         else:
-            digest = file_sha256(self.part / MANIFEST)
             size = sum(p.stat().st_size for p in self.part.rglob("*") if p.is_file())
         return Built(self.part, digest, size, len(state.exported), tuple(state.missing),
                      state.previews, self.previews_failed)
@@ -144,7 +150,7 @@ class ArchiveBuilder:
             raise ExportFailed(describe_missing(
                 [(i.sop_instance_uid, p) for i, p in problems], self._archive.label))
 
-    def _instances(self, sink: Sink, state: Progress) -> None:
+    def _instances(self, sink: Sink, state: Progress, behind: Behind) -> None:
         items = state.items
         numbers = numbering(items)
         done_bytes = sum(i.size_bytes for i in items[:state.done])
@@ -172,8 +178,9 @@ class ArchiveBuilder:
             last = index + 1 == len(items)
             if last or since_bytes >= self._checkpoint_bytes or (
                     time.monotonic() - since >= self._checkpoint_s):
-                sink.checkpoint()
-                self.log.checkpoint(index + 1, entries, exported, missing, previews)
+                # synced, then recorded, behind the writer, which goes on meanwhile
+                behind.submit(partial(self._checkpoint, sink.checkpoint(), index + 1,
+                                      entries, exported, missing, previews))
                 state.done = index + 1
                 state.entries += entries
                 state.exported += exported
@@ -182,15 +189,17 @@ class ArchiveBuilder:
                 entries, exported, missing, previews = [], [], [], 0
                 since_bytes, since = 0, time.monotonic()
 
+    def _checkpoint(self, sync: Callable[[], None], done: int, entries: list[Entry],
+                    exported: list[Exported], missing: list[Missing], previews: int) -> None:
+        sync()
+        self.log.checkpoint(done, entries, exported, missing, previews)
+
     def _instance(self, sink: Sink, state: Progress, index: int,
                   number: int) -> tuple[list[Entry], Exported, int]:
         item = state.items[index]
         folder = self._folder(item.study_instance_uid)
         if not self._images:
-            header = self._header_only(item)
-            if self._deid is not None:
-                header = self._deidentified(header if header is not None else ledger_dataset(item))
-            return [], self._record(item, header, None), 0
+            return [], self._instance_metadata(item), 0
         if state.layout is not None:
             reason = state.layout.reasons[index]
             if reason is not None:
@@ -201,16 +210,17 @@ class ArchiveBuilder:
         with self._payload(item, index) as (opened, final):
             dataset: Dataset | None = None
             if final:
+                frames = frames_of(opened)
                 digest = hashlib.sha256()
                 entry = sink.add_file(name, opened.file, opened.size, digest)
                 sha = digest.hexdigest()
-                header = read_header(opened)
+                header = None
             else:  # de-identified here: the one path that encodes a data set again
                 dataset = self._deidentified(dcmread(opened.file))
                 data = encode(dataset)
                 entry = sink.add_bytes(name, data)
                 sha = hashlib.sha256(data).hexdigest()
-                header = dataset
+                header, frames = dataset, number_of_frames(dataset)
             written = [replace(entry, sha256=sha)]
             rendered: list[str] = []
             if self._options.previews:
@@ -221,7 +231,7 @@ class ArchiveBuilder:
                     preview = sink.add_bytes(names.preview_entry(folder, number, frame), png)
                     written.append(replace(preview, sha256=hashlib.sha256(png).hexdigest()))
                     rendered.append(preview.name)
-        record = self._record(item, header, written[0], tuple(rendered))
+        record = self._record(item, frames, written[0], tuple(rendered), header)
         return written, record, len(rendered)
 
     @contextmanager
@@ -241,11 +251,19 @@ class ArchiveBuilder:
         fetch anything back)."""
         if item.spool_path is None or item.remap_state in ("pending", "held"):
             return None
-        path = self._sources.spool_path(item)
         try:
-            if self._deid is not None:
-                return dcmread(path, stop_before_pixels=True)
-            return dcmread(path, stop_before_pixels=True, specific_tags=FRAME_TAGS)
+            return dcmread(self._sources.spool_path(item), stop_before_pixels=True)
+        except (OSError, ValueError) as exc:
+            log.warning("export %s: cannot read the header of %s: %s", self._plan.key,
+                        item.sop_instance_uid, type(exc).__name__)
+            return None
+
+    def _frames_in_spool(self, item: select.Item) -> int | None:
+        if item.spool_path is None or item.remap_state in ("pending", "held"):
+            return None
+        try:
+            with open(self._sources.spool_path(item), "rb", buffering=0) as file:
+                return frames_of(Opened(file, 0, self._sources.spool_path(item)))
         except (OSError, ValueError) as exc:
             log.warning("export %s: cannot read the header of %s: %s", self._plan.key,
                         item.sop_instance_uid, type(exc).__name__)
@@ -270,15 +288,15 @@ class ArchiveBuilder:
                      dataset.get("SOPInstanceUID", "?"), exc)
             return []
 
-    def _record(self, item: select.Item, header: Dataset | None, entry: Entry | None,
-                previews: tuple[str, ...] = ()) -> Exported:
+    def _record(self, item: select.Item, frames: int | None, entry: Entry | None,
+                previews: tuple[str, ...] = (), header: Dataset | None = None) -> Exported:
         """The instance as the archive shows it: the ledger's values, or the de-identified
         header's when the export de-identifies (the ledger holds the originals)."""
         record = Exported(
             sop_instance_uid=item.sop_instance_uid, study_instance_uid=item.study_instance_uid,
             series_instance_uid=item.series_instance_uid, sop_class_uid=item.sop_class_uid,
             instance_number=integer(item.instance_number),
-            number_of_frames=number_of_frames(header) if header is not None else None,
+            number_of_frames=frames,
             path=entry.name if entry else None, size=entry.size if entry else None,
             sha256=entry.sha256 if entry else None, orthanc_id=item.orthanc_id,
             previews=previews, patient_id=item.patient_id, patient_name=item.patient_name,
@@ -349,7 +367,6 @@ class ArchiveBuilder:
             About(self._plan.actor, self._plan.created_at, self._images,
                   self._images and self._options.previews, self._deid is not None,
                   self._generator))
-        metadata.check(value)
         return metadata.encode(value)
 
     def _key_image(self, state: Progress, study: str) -> tuple[bytes, bytes] | None:
@@ -453,10 +470,14 @@ class ArchiveBuilder:
                      tuple(missing), 0, 0)
 
     def _instance_metadata(self, item: select.Item) -> Exported:
+        """Metadata only: the ledger's values (de-identified, with the file's header when it
+        is at hand) and the number of frames when the file is."""
+        if self._deid is None:
+            return self._record(item, self._frames_in_spool(item), None)
         header = self._header_only(item)
-        if self._deid is not None:
-            header = self._deidentified(header if header is not None else ledger_dataset(item))
-        return self._record(item, header, None)
+        frames = number_of_frames(header) if header is not None else None
+        deidentified = self._deidentified(header if header is not None else ledger_dataset(item))
+        return self._record(item, frames, None, (), deidentified)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -487,11 +508,22 @@ def describe_missing(problems: Sequence[tuple[str, str]], label: str) -> str:
             "with allow_partial (--allow-partial) to write the rest and list these as missing")
 
 
-def read_header(opened: Opened) -> Dataset:
-    if opened.path is not None:
-        return dcmread(opened.path, stop_before_pixels=True, specific_tags=FRAME_TAGS)
+def frames_of(opened: Opened) -> int:
+    """Number of frames from the file's first bytes (``gateway.export.frames``), or from
+    pydicom when those do not settle it. The file's position is left at its start."""
+    try:
+        head = os.pread(opened.file.fileno(), HEAD_BYTES, 0)
+    except (AttributeError, OSError, io.UnsupportedOperation):  # in memory (fetched back)
+        opened.file.seek(0)
+        head = opened.file.read(HEAD_BYTES)
+        opened.file.seek(0)
+    found = frames_in_head(head)
+    if found is not None:
+        return found
+    source = opened.path if opened.path is not None else opened.file
+    header = dcmread(source, stop_before_pixels=True, specific_tags=FRAME_TAGS)
     opened.file.seek(0)
-    return dcmread(opened.file, stop_before_pixels=True, specific_tags=FRAME_TAGS)
+    return number_of_frames(header)
 
 
 def number_of_frames(header: Dataset) -> int:
@@ -542,16 +574,6 @@ def ledger_dataset(item: select.Item) -> Dataset:
         if value is not None:
             setattr(ds, keyword, value)
     return ds
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(COPY_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as file:
-        while count := file.readinto(view):
-            digest.update(view[:count])
-    return digest.hexdigest()
 
 
 def remove(path: Path) -> None:

@@ -9,7 +9,7 @@ number, then UID), which is what makes an archive's bytes the same on every run.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -50,7 +50,7 @@ class Item:
     copies: tuple[tuple[str, str], ...]  # (destination, remote id) that confirmed it
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f: getattr(self, f) for f in _ITEM_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Item:
@@ -62,6 +62,9 @@ class Item:
     def orthanc_id(self) -> str | None:
         """The first confirmed destination's identifier (Orthanc's instance ID)."""
         return self.copies[0][1] if self.copies else None
+
+
+_ITEM_FIELDS = tuple(f.name for f in fields(Item))
 
 
 @dataclass(frozen=True)

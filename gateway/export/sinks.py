@@ -6,15 +6,19 @@ again after the last checkpointed entry.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from gateway.export.behind import Hasher
 from gateway.export.names import is_inside
 from gateway.export.zipstream import COPY_CHUNK, Entry, ZipWriter
+
+MANIFEST = "manifest.sha256"
 
 
 class Sink(Protocol):
@@ -22,9 +26,14 @@ class Sink(Protocol):
 
     def add_bytes(self, name: str, data: bytes) -> Entry: ...
 
-    def checkpoint(self) -> None: ...
+    def checkpoint(self) -> Callable[[], None]:
+        """What makes every entry added so far durable; safe to call on another thread while
+        entries are added."""
+        ...
 
-    def finish(self) -> None: ...
+    def finish(self) -> str:
+        """Complete and sync the archive; return its SHA-256 (for a folder, its manifest's)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -35,28 +44,39 @@ def _check(name: str) -> None:
 
 
 class ZipSink:
+    """The ZIP, and its SHA-256 computed behind the writer (``gateway.export.behind``)."""
+
     def __init__(self, path: Path, when: datetime, done: Sequence[Entry],
                  force_zip64: bool = False) -> None:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self._file: BinaryIO = os.fdopen(descriptor, "r+b", buffering=0)
         self._writer = ZipWriter(self._file, when, done, force_zip64)
+        self._hasher = Hasher(path)
+        self._hasher.final_upto(self._writer.position)
 
     def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry:
         _check(name)
-        return self._writer.add_file(name, source, size, digest)
+        entry = self._writer.add_file(name, source, size, digest)
+        self._hasher.final_upto(entry.end)
+        return entry
 
     def add_bytes(self, name: str, data: bytes) -> Entry:
         _check(name)
-        return self._writer.add_bytes(name, data)
+        entry = self._writer.add_bytes(name, data)
+        self._hasher.final_upto(entry.end)
+        return entry
 
-    def checkpoint(self) -> None:
-        os.fsync(self._file.fileno())
+    def checkpoint(self) -> Callable[[], None]:
+        descriptor = self._file.fileno()
+        return lambda: os.fsync(descriptor)
 
-    def finish(self) -> None:
-        self._writer.finish()
+    def finish(self) -> str:
+        size = self._writer.finish()
         os.fsync(self._file.fileno())
+        return self._hasher.result(size)
 
     def close(self) -> None:
+        self._hasher.close()
         self._file.close()
 
 
@@ -94,18 +114,24 @@ class FolderSink:
             _write_all(out, data)
         return Entry(name, 0, len(data), zlib.crc32(data), False, 0)
 
-    def checkpoint(self) -> None:
-        folders = {self._root}
-        for path in self._unsynced:
-            with open(path, "rb") as file:
-                os.fsync(file.fileno())
-            folders.update(p for p in path.parents if self._root in p.parents or p == self._root)
-        for folder in sorted(folders):
-            sync_folder(folder)
-        self._unsynced.clear()
+    def checkpoint(self) -> Callable[[], None]:
+        written, self._unsynced = self._unsynced, []
+        root = self._root
 
-    def finish(self) -> None:
-        self.checkpoint()
+        def sync() -> None:
+            folders = {root}
+            for path in written:
+                with open(path, "rb") as file:
+                    os.fsync(file.fileno())
+                folders.update(p for p in path.parents if root in p.parents)
+            for folder in sorted(folders):
+                sync_folder(folder)
+
+        return sync
+
+    def finish(self) -> str:
+        self.checkpoint()()
+        return file_sha256(self._root / MANIFEST)
 
     def close(self) -> None:
         pass
@@ -124,6 +150,15 @@ def _write_all(out: BinaryIO, data: bytes | memoryview) -> None:
         if written is None:
             raise OSError("non-blocking write to an export file")
         view = view[written:]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    view = memoryview(bytearray(COPY_CHUNK))
+    with open(path, "rb", buffering=0) as file:
+        while count := file.readinto(view):
+            digest.update(view[:count])
+    return digest.hexdigest()
 
 
 def sync_folder(folder: Path) -> None:
