@@ -29,7 +29,7 @@ from typing import Any
 import pydicom
 import pytest
 import sqlalchemy as sa
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import RLELossless, generate_uid
 
@@ -830,3 +830,93 @@ def test_export_jobs_log_no_patient_data_at_debug(
     for value in (NAME, PATIENT_ID, BIRTH_DATE):
         for spelling in _spellings(value):
             assert spelling not in log, (value, spelling)
+
+
+# -- Number of Frames without pydicom ----------------------------------------------------------------
+
+def part10_bytes(ds: pydicom.Dataset, syntax: str) -> bytes:
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def pydicom_frames(data: bytes) -> int:
+    from gateway.export.build import number_of_frames
+
+    return number_of_frames(pydicom.dcmread(BytesIO(data), stop_before_pixels=True))
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> tuple[pydicom.Dataset, str]:
+    """Data sets with what stands before group 0028 in real objects: text, private blocks,
+    nested sequences of defined and undefined length; Number of Frames and Rows or not."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ds = make_dataset()
+    for keyword in ("Rows", "Columns", "PixelData", "SamplesPerPixel", "PhotometricInterpretation",
+                    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+        delattr(ds, keyword)
+
+    def items(depth: int) -> Sequence:
+        found = []
+        for _ in range(draw(st.integers(0, 3))):
+            item = pydicom.Dataset()
+            item.CodeValue = draw(st.text("ABC123", min_size=1, max_size=8))
+            if depth < 3 and draw(st.booleans()):
+                item.ConceptCodeSequence = items(depth + 1)
+            found.append(item)
+        sequence = Sequence(found)
+        sequence.is_undefined_length = draw(st.booleans())
+        for item in sequence:
+            item.is_undefined_length_sequence_item = draw(st.booleans())
+        return sequence
+
+    if draw(st.booleans()):
+        ds.ReferencedImageSequence = items(0)
+    if draw(st.booleans()):
+        ds.AnatomicRegionSequence = items(0)
+    for block in range(draw(st.integers(0, 3))):
+        group = 0x0009 + 2 * block
+        ds.private_block(group, f"ACME {block}", create=True).add_new(
+            0x01, "OB", draw(st.binary(max_size=300)))
+    frames = draw(st.one_of(st.none(), st.integers(0, 5000)))
+    if frames is not None:
+        ds.NumberOfFrames = draw(st.sampled_from([str(frames), f" {frames}", f"{frames} "]))
+    if draw(st.booleans()):
+        ds.Rows, ds.Columns = 4, 4
+    syntax = draw(st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                   ExplicitVRBigEndian]))
+    return ds, syntax
+
+
+@given(headers(), st.integers(0, 4000))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_frames_from_the_first_bytes_agree_with_pydicom(
+    header: tuple[pydicom.Dataset, str], cut: int,
+) -> None:
+    from gateway.export.frames import number_of_frames as frames_in_head
+
+    ds, syntax = header
+    data = part10_bytes(ds, syntax)
+    assert frames_in_head(data, complete=True) == pydicom_frames(data)  # all there: it knows
+    found = frames_in_head(data[:cut])
+    assert found is None or found == pydicom_frames(data)  # cut short: right, or unsure
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "implicit", "big-endian", "jpeg", "deflated"])
+def test_frames_of_rich_objects_agree_with_pydicom(syntax: str) -> None:
+    from gateway.export.frames import number_of_frames as frames_in_head
+    from tests.objects import encoded, part10
+
+    ds, data = encoded(syntax)
+    whole = part10(ds, data, syntax)
+    found = frames_in_head(whole, complete=True)
+    if syntax == "deflated":
+        assert found is None  # left to pydicom
+    else:
+        assert found == pydicom_frames(whole)

@@ -126,6 +126,7 @@ class ArchiveBuilder:
         try:
             self._instances(sink, state, behind)
             behind.wait()
+            state.entries, state.exported = resolved(sink, state.entries, state.exported)
             entries = list(state.entries)
             entries += self._trailing(sink, state, entries)
             sink.add_bytes(MANIFEST, manifest(entries, state.missing))
@@ -179,7 +180,7 @@ class ArchiveBuilder:
             if last or since_bytes >= self._checkpoint_bytes or (
                     time.monotonic() - since >= self._checkpoint_s):
                 # synced, then recorded, behind the writer, which goes on meanwhile
-                behind.submit(partial(self._checkpoint, sink.checkpoint(), index + 1,
+                behind.submit(partial(self._checkpoint, sink, sink.checkpoint(), index + 1,
                                       entries, exported, missing, previews))
                 state.done = index + 1
                 state.entries += entries
@@ -189,8 +190,10 @@ class ArchiveBuilder:
                 entries, exported, missing, previews = [], [], [], 0
                 since_bytes, since = 0, time.monotonic()
 
-    def _checkpoint(self, sync: Callable[[], None], done: int, entries: list[Entry],
-                    exported: list[Exported], missing: list[Missing], previews: int) -> None:
+    def _checkpoint(self, sink: Sink, sync: Callable[[], None], done: int,
+                    entries: list[Entry], exported: list[Exported], missing: list[Missing],
+                    previews: int) -> None:
+        entries, exported = resolved(sink, entries, exported)
         sync()
         self.log.checkpoint(done, entries, exported, missing, previews)
 
@@ -211,17 +214,13 @@ class ArchiveBuilder:
             dataset: Dataset | None = None
             if final:
                 frames = frames_of(opened)
-                digest = hashlib.sha256()
-                entry = sink.add_file(name, opened.file, opened.size, digest)
-                sha = digest.hexdigest()
+                entry = sink.add_file(name, opened.file, opened.size)
                 header = None
             else:  # de-identified here: the one path that encodes a data set again
                 dataset = self._deidentified(dcmread(opened.file))
-                data = encode(dataset)
-                entry = sink.add_bytes(name, data)
-                sha = hashlib.sha256(data).hexdigest()
+                entry = sink.add_bytes(name, encode(dataset))
                 header, frames = dataset, number_of_frames(dataset)
-            written = [replace(entry, sha256=sha)]
+            written = [entry]
             rendered: list[str] = []
             if self._options.previews:
                 if dataset is None:
@@ -229,7 +228,7 @@ class ArchiveBuilder:
                     dataset = dcmread(opened.file)
                 for frame, png in enumerate(self._render(dataset), start=1):
                     preview = sink.add_bytes(names.preview_entry(folder, number, frame), png)
-                    written.append(replace(preview, sha256=hashlib.sha256(png).hexdigest()))
+                    written.append(preview)
                     rendered.append(preview.name)
         record = self._record(item, frames, written[0], tuple(rendered), header)
         return written, record, len(rendered)
@@ -338,8 +337,7 @@ class ArchiveBuilder:
         added: list[Entry] = []
 
         def add(name: str, data: bytes) -> None:
-            entry = sink.add_bytes(name, data)
-            added.append(replace(entry, sha256=hashlib.sha256(data).hexdigest()))
+            added.append(sink.add_bytes(name, data))
 
         studies = [self._uid(uid) for uid in self._archive.studies]
         folders = {self._uid(uid): self._folder(uid) for uid in self._archive.studies}
@@ -482,6 +480,16 @@ class ArchiveBuilder:
 
 # -- helpers --------------------------------------------------------------------------------------
 
+def resolved(sink: Sink, entries: list[Entry],
+             exported: list[Exported]) -> tuple[list[Entry], list[Exported]]:
+    """Entries and records with their SHA-256, which a ZIP's hasher computes behind the writer
+    (waits for it)."""
+    entries = [sink.resolve(e) for e in entries]
+    digests = {e.name: e.sha256 for e in entries}
+    return entries, [replace(x, sha256=digests[x.path])
+                     if x.path is not None and not x.sha256 else x for x in exported]
+
+
 def numbering(items: Sequence[select.Item]) -> list[int]:
     """Each item's number within its study, from 1, in archive order."""
     seen: dict[str, int] = {}
@@ -517,7 +525,7 @@ def frames_of(opened: Opened) -> int:
         opened.file.seek(0)
         head = opened.file.read(HEAD_BYTES)
         opened.file.seek(0)
-    found = frames_in_head(head)
+    found = frames_in_head(head, complete=len(head) < HEAD_BYTES)
     if found is not None:
         return found
     source = opened.path if opened.path is not None else opened.file

@@ -34,16 +34,17 @@ class _Unsure(Exception):
     pass
 
 
-def number_of_frames(head: bytes) -> int | None:
+def number_of_frames(head: bytes, complete: bool = False) -> int | None:
     """Number of Frames (when the data set has it) or 1 for an image (it has Rows) or 0 for an
-    object without pixels; None when ``head`` does not settle it."""
+    object without pixels; None when ``head`` does not settle it. ``complete``: ``head`` is the
+    whole file, so a data set that ends before group 0028 has neither."""
     try:
-        return _walk_file(memoryview(head))
+        return _walk_file(memoryview(head), complete)
     except (_Unsure, struct.error, UnicodeDecodeError, ValueError):
         return None
 
 
-def _walk_file(data: memoryview) -> int:
+def _walk_file(data: memoryview, complete: bool) -> int:
     if bytes(data[128:132]) != b"DICM":
         raise _Unsure()
     position, syntax = 132, ""
@@ -62,7 +63,7 @@ def _walk_file(data: memoryview) -> int:
     if not syntax or syntax == DEFLATED:
         raise _Unsure()
     walker = _Walker(data, implicit=syntax == IMPLICIT_LITTLE, little=syntax != EXPLICIT_BIG)
-    return walker.top_level(position)
+    return walker.top_level(position, complete)
 
 
 class _Walker:
@@ -75,14 +76,17 @@ class _Walker:
         self._short = struct.Struct(f"{endian}H")
         self._long = struct.Struct(f"{endian}I")
 
-    def top_level(self, position: int) -> int:
+    def top_level(self, position: int, complete: bool) -> int:
         """The hot loop (about 200 top-level elements precede group 0028 in a CT with the
         usual private groups): one unpack per element, sequences handed to ``_after``."""
         data, size = self._data, len(self._data)
         header, long = self._header.unpack_from, self._long.unpack_from
         implicit = self._implicit
         frames: int | None = None
+        tag = 0
         while True:
+            if complete and position == size:
+                break  # the data set ended before group 0028
             group, element, vr, short = header(data, position)
             tag = group << 16 | element
             if tag >= ROWS:

@@ -10,9 +10,10 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from gateway.export.behind import Hasher
 from gateway.export.names import is_inside
@@ -22,9 +23,17 @@ MANIFEST = "manifest.sha256"
 
 
 class Sink(Protocol):
-    def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry: ...
+    def add_file(self, name: str, source: BinaryIO, size: int) -> Entry:
+        """A copy of ``size`` bytes of ``source``; its ``sha256`` may come later: ``resolve``."""
+        ...
 
-    def add_bytes(self, name: str, data: bytes) -> Entry: ...
+    def add_bytes(self, name: str, data: bytes) -> Entry:
+        """An entry with ``data``, its ``sha256`` set."""
+        ...
+
+    def resolve(self, entry: Entry) -> Entry:
+        """``entry`` with its ``sha256``, once computed (waits for it); thread-safe."""
+        ...
 
     def checkpoint(self) -> Callable[[], None]:
         """What makes every entry added so far durable; safe to call on another thread while
@@ -54,9 +63,11 @@ class ZipSink:
         self._hasher = Hasher(path)
         self._hasher.final_upto(self._writer.position)
 
-    def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry:
+    def add_file(self, name: str, source: BinaryIO, size: int) -> Entry:
+        """The entry's SHA-256 is computed by the hasher, from the archive, behind the writer."""
         _check(name)
-        entry = self._writer.add_file(name, source, size, digest)
+        entry = self._writer.add_file(name, source, size)
+        self._hasher.watch(name, entry.end - entry.size, entry.end)
         self._hasher.final_upto(entry.end)
         return entry
 
@@ -64,7 +75,12 @@ class ZipSink:
         _check(name)
         entry = self._writer.add_bytes(name, data)
         self._hasher.final_upto(entry.end)
-        return entry
+        return replace(entry, sha256=hashlib.sha256(data).hexdigest())
+
+    def resolve(self, entry: Entry) -> Entry:
+        if entry.sha256:
+            return entry
+        return replace(entry, sha256=self._hasher.digest_of(entry.name))
 
     def checkpoint(self) -> Callable[[], None]:
         descriptor = self._file.fileno()
@@ -90,9 +106,10 @@ class FolderSink:
         root.mkdir(parents=True, exist_ok=True)
         self._buffer = bytearray(COPY_CHUNK)
 
-    def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry:
+    def add_file(self, name: str, source: BinaryIO, size: int) -> Entry:
         _check(name)
         path = self._path(name)
+        digest = hashlib.sha256()
         crc, left, view = 0, size, memoryview(self._buffer)
         with open(path, "wb", buffering=0) as out:
             while left:
@@ -101,18 +118,21 @@ class FolderSink:
                     raise OSError(f"{name}: the source ended {left} bytes early")
                 chunk = view[:count]
                 crc = zlib.crc32(chunk, crc)
-                if digest is not None:
-                    digest.update(chunk)
+                digest.update(chunk)
                 _write_all(out, chunk)
                 left -= count
-        return Entry(name, 0, size, crc, False, 0)
+        return Entry(name, 0, size, crc, False, 0, digest.hexdigest())
 
     def add_bytes(self, name: str, data: bytes) -> Entry:
         _check(name)
         path = self._path(name)
         with open(path, "wb", buffering=0) as out:
             _write_all(out, data)
-        return Entry(name, 0, len(data), zlib.crc32(data), False, 0)
+        return Entry(name, 0, len(data), zlib.crc32(data), False, 0,
+                     hashlib.sha256(data).hexdigest())
+
+    def resolve(self, entry: Entry) -> Entry:
+        return entry
 
     def checkpoint(self) -> Callable[[], None]:
         written, self._unsynced = self._unsynced, []
