@@ -505,20 +505,38 @@ _PLAIN_WORDS = {
 }
 
 
+def _models(annotation: Any) -> list[Any]:
+    """The models an annotation holds: itself, or those of a tuple, a union, an Annotated."""
+    if hasattr(annotation, "model_fields"):
+        return [annotation]
+    return [m for inner in getattr(annotation, "__args__", ()) for m in _models(inner)]
+
+
+def _tags(model: Any) -> tuple[Any, ...]:
+    """The values of a tagged union member's tag (``kind`` of a job, ``type`` of a
+    destination)."""
+    field = model.model_fields.get("kind") or model.model_fields.get("type")
+    return tuple(getattr(field.annotation, "__args__", ())) if field is not None else ()
+
+
 def _known_keys(loc: list[str]) -> list[str]:
-    """The keys the table at ``loc`` (an unknown key's location, without that key) accepts."""
-    model: Any = GatewayConfig
+    """The keys the table at ``loc`` (an unknown key's location, without that key) accepts.
+    ``loc`` may hold list indexes and, for a tagged union such as ``[[jobs]]``, the tag."""
+    models: list[Any] = [GatewayConfig]
     for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
+        if part.isdigit():
+            continue
+        tagged = [m for m in models if part in _tags(m)] if len(models) > 1 else []
+        if tagged:
+            models = tagged
+            continue
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
         if field is None:
             return []
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", ())
-        model = annotation if hasattr(annotation, "model_fields") else next(
-            (a for a in inner if hasattr(a, "model_fields")), None)
-        if model is None:
+        models = _models(field.annotation)
+        if not models:
             return []
-    return list(getattr(model, "model_fields", {}))
+    return list(models[0].model_fields) if len(models) == 1 else []
 
 
 def _describe(err: Mapping[str, Any], origins: dict[str, dict[str, Any]], source: str) -> str:

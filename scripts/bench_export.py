@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -72,7 +73,10 @@ def spool_from(files: list[Path], root: Path) -> tuple[Path, str, str]:
             study = str(ds.StudyInstanceUID)
             relative = Path(study) / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
             (spool / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, spool / relative)
+            try:  # the same bytes without a second copy on the disk
+                os.link(path, spool / relative)
+            except OSError:
+                shutil.copyfile(path, spool / relative)
             session.add(Instance(
                 sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
                 study_instance_uid=study, series_instance_uid=str(ds.SeriesInstanceUID),

@@ -920,3 +920,56 @@ def test_frames_of_rich_objects_agree_with_pydicom(syntax: str) -> None:
         assert found is None  # left to pydicom
     else:
         assert found == pydicom_frames(whole)
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+def test_the_example_export_job_is_valid_and_means_what_it_says(tmp_path: Path) -> None:
+    from gateway.config import ExportJob, load
+
+    example = (Path(__file__).parent.parent / "config" / "gateway.example.toml").read_text()
+    block = example[example.index('# name = "research-ct"'):].split("\n\n")[0]
+    text = "[[jobs]]\n" + "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    (job,) = load(write_text(tmp_path / "g.toml", text), environ={}).jobs
+    assert isinstance(job, ExportJob)
+    assert (job.cron, job.per, job.keep_days, job.destination) == (
+        "0 2 * * *", "study", 30, Path("/exports/research"))
+    assert job.select == ExportSelector(study_date="yesterday", modalities=("CT",),
+                                        calling_aes=("CT_SITE_A",))
+    assert job.options.deidentify and not job.options.previews and job.options.format == "zip"
+
+
+@pytest.mark.parametrize(("values", "problem"), [
+    ({"select": {"study_date": "2026-11-01"}}, "yesterday"),
+    ({"select": {"studies": ["1.2.x"]}}, "not a Study Instance UID"),
+    ({"options": {"format": "tar"}}, "format"),
+    ({"per": "series"}, "per"),
+    ({"keep_days": 0}, "keep_days"),
+    ({"select": {"modality": ["CT"]}}, "did you mean modalities"),
+])
+def test_a_wrong_export_job_is_refused_naming_the_key(
+    tmp_path: Path, values: dict[str, Any], problem: str,
+) -> None:
+    from gateway.config import load
+    from gateway.errors import ConfigError
+    from tests.conftest import toml_value
+
+    job = {"name": "x", "kind": "export", "every_s": 60, "destination": "out", **values}
+    text = "[[jobs]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in job.items())
+    with pytest.raises(ConfigError) as refused:
+        load(write_text(tmp_path / "g.toml", text), environ={})
+    assert problem in str(refused.value)
+
+
+def test_a_relative_destination_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    from gateway.config import load
+
+    text = ('[[jobs]]\nname = "x"\nkind = "export"\nevery_s = 60\ndestination = "exports"\n')
+    (job,) = load(write_text(tmp_path / "etc" / "g.toml", text), environ={}).jobs
+    assert job.destination == tmp_path / "etc" / "exports"  # type: ignore[union-attr]
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
