@@ -443,7 +443,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             dicomdir=not args.no_dicomdir, key_image=args.key_image,
             deidentify=args.deidentify, allow_partial=args.allow_partial)
     except ValidationError as exc:
-        print(f"cannot export: {exc.errors()[0]['msg'].removeprefix('Value error, ')}",
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        print(f"cannot export: {where}: {error['msg'].removeprefix('Value error, ')}",
               file=sys.stderr)
         return EXIT_CONFIG
     per: Literal["study", "patient"] = "study" if what in ("study", "accession") else "patient"

@@ -10,6 +10,7 @@ off, and the tests that need them are skipped until those modules are present.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,8 +155,10 @@ class Checked:
     names: list[str]  # entries in archive order
 
 
-def check_archive(path: Path, db: str, spool: Path, top: str) -> Checked:
-    """The checks of the module docstring; returns the extracted archive."""
+def check_archive(path: Path, db: str, spool: Path, top: str, received: bool = True) -> Checked:
+    """The checks of the module docstring; returns the extracted archive. ``received``: the
+    DICOM files are those received (false for a de-identified export: then each is checked to
+    be a DICOM file whose digest the JSON gives)."""
     if path.is_dir():
         root = path
         listed = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
@@ -186,6 +190,12 @@ def check_archive(path: Path, db: str, spool: Path, top: str) -> Checked:
     ledger = {r.sop_instance_uid: r for r in rows(db, "SELECT * FROM instances")}
     for instance in document["instances"]:
         if instance["path"] is None:
+            continue
+        if not received:
+            data = (root / instance["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == instance["sha256"]
+            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+            assert ds.SOPInstanceUID == instance["sopInstanceUID"]
             continue
         kept = ledger[instance["sopInstanceUID"]]
         data = (root / instance["path"]).read_bytes()
@@ -973,3 +983,107 @@ def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# -- with the preview, DICOMDIR and de-identification modules (skipped until they are merged) -------
+
+def test_previews_are_pngs_of_every_frame_within_the_size(site: Site) -> None:
+    pytest.importorskip("gateway.export.preview")
+    from PIL import Image
+
+    study = site.studies["ct"]
+    done = site.cli("export", "study", study, "--out", str(site.out), "--no-dicomdir",
+                    "--preview-max-size", "16")
+    assert done.returncode == 0, done.stderr
+    checked = check_archive(site.out / f"study_{study}_export.zip", site.db, site.spool,
+                            "study_data.json")
+    assert checked.document["metadata"]["includesPreviews"] is True
+    for instance in checked.document["instances"]:
+        number = instance["path"].removeprefix("dicom/").removesuffix(".dcm")
+        assert instance["previews"] == [f"previews/{number}_frame_{k}.png"
+                                        for k in range(1, instance["numberOfFrames"] + 1)]
+        for preview in instance["previews"]:
+            with Image.open(checked.root / preview) as image:
+                assert image.format == "PNG" and max(image.size) <= 16
+    (_, detail), = export_rows(site.db)
+    assert detail["previews"] == 6  # 3 single-frame instances and one of 3 frames
+
+
+def test_a_patient_archive_with_a_dicomdir_opens_in_pydicom_and_dcmtk(site: Site) -> None:
+    pytest.importorskip("gateway.export.dicomdir")
+    from pydicom.fileset import FileSet
+
+    done = site.cli("export", "patient", PATIENT, "--out", str(site.out), "--no-previews")
+    assert done.returncode == 0, done.stderr
+    checked = check_archive(site.out / f"patient_{PATIENT}_export.zip", site.db, site.spool,
+                            "patient_data.json")
+    with warnings.catch_warnings():  # FileSet leaves its staging folder to the collector
+        warnings.simplefilter("ignore", ResourceWarning)
+        fileset = FileSet(checked.root / "DICOMDIR")
+        listed = {str(i.SOPInstanceUID): "/".join(i.FileID.split("\\")) for i in fileset}
+        del fileset
+        gc.collect()
+    assert listed == {i["sopInstanceUID"]: i["path"] for i in checked.document["instances"]}
+    assert all((checked.root / path).is_file() for path in listed.values())
+    dumped = dcmtk("dcmdump", "-q", str(checked.root / "DICOMDIR"))
+    assert dumped.returncode == 0, dumped.stderr
+
+
+def test_a_key_image_export_has_the_middle_image_and_its_metadata(site: Site) -> None:
+    pytest.importorskip("gateway.export.preview")
+    from PIL import Image
+
+    study = site.studies["ct"]
+    done = site.cli("export", "study", study, "--out", str(site.out), "--key-image", *OFF)
+    assert done.returncode == 0, done.stderr
+    checked = check_archive(site.out / f"study_{study}_export.zip", site.db, site.spool,
+                            "study_data.json")
+    with Image.open(checked.root / "image.jpg") as image:
+        assert image.format == "JPEG"
+    about = json.loads((checked.root / "metadata.json").read_text(encoding="utf-8"))
+    middle = checked.document["instances"][len(checked.document["instances"]) // 2]
+    assert about["sopInstanceUID"] == middle["sopInstanceUID"]
+    assert about["patientName"] == NAME
+
+
+def test_a_deidentified_export_holds_none_of_the_identifiers(site: Site) -> None:
+    pytest.importorskip("gateway.export.deidentify")
+    study = site.studies["ct"]
+    done = site.cli("export", "study", study, "--out", str(site.out), "--deidentify", *OFF)
+    assert done.returncode == 0, done.stderr
+    (archive,) = site.out.glob("study_*_export.zip")
+    assert study not in archive.name
+    checked = check_archive(archive, site.db, site.spool, "study_data.json", received=False)
+    assert checked.document["metadata"]["deidentified"] is True
+    assert len({i["studyInstanceUID"] for i in checked.document["instances"]}) == 1
+    kept = site.instances(study)
+    secrets_ = {study, PATIENT, "ACC-CT", *(r.sop_instance_uid for r in kept),
+                *(r.series_instance_uid for r in kept)}
+    for path in checked.root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for value in secrets_:
+                assert value.encode() not in data, (path.name, value)
+            assert NAME.encode() not in data and "Ğürsoy".encode() not in data
+    assert all(i["orthancInstanceId"] is None for i in checked.document["instances"])
+
+
+def test_a_killed_deidentified_export_continues_to_the_same_bytes(site: Site, tmp_path: Path) -> None:
+    pytest.importorskip("gateway.export.deidentify")
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    options = {"deidentify": True}
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys, tests.test_export as t; t.crash_child(*sys.argv[1:])",
+         site.db, str(site.spool), str(killed), "after-checkpoint", json.dumps(options)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    plan = read_plan(work_folder(killed, "crash"))
+    assert plan is not None and plan.deid_secret
+    work_folder(reference, "crash").mkdir(parents=True)
+    shutil.copy(work_folder(killed, "crash") / "plan.json", work_folder(reference, "crash"))
+    for destination in (killed, reference):
+        exporter, engine = exporter_for(site.db, site.spool)
+        assert not exporter.run(everything(destination, **options)).failed
+        engine.dispose()
+    for archive in plan.archives:
+        assert (killed / archive.name).read_bytes() == (reference / archive.name).read_bytes()

@@ -48,7 +48,21 @@ from gateway.export.zipstream import COPY_CHUNK, Entry
 log = logging.getLogger(__name__)
 FRAME_TAGS = ["NumberOfFrames", "Rows"]
 HEAD_BYTES = 64 * 1024  # where Number of Frames is, in every object but a few odd ones
-SHOWN_MISSING = 5  # instances named in a failure message; the rest are counted
+SHOWN_MISSING = 5
+# The key image's metadata.json: (key, DICOM keyword), camelCase as the metadata JSON's
+KEY_IMAGE_METADATA = (
+    ("patientID", "PatientID"), ("patientName", "PatientName"),
+    ("patientBirthDate", "PatientBirthDate"), ("patientSex", "PatientSex"),
+    ("studyInstanceUID", "StudyInstanceUID"), ("seriesInstanceUID", "SeriesInstanceUID"),
+    ("sopInstanceUID", "SOPInstanceUID"), ("sopClassUID", "SOPClassUID"),
+    ("studyDate", "StudyDate"), ("studyTime", "StudyTime"),
+    ("studyDescription", "StudyDescription"), ("seriesDescription", "SeriesDescription"),
+    ("modality", "Modality"), ("instanceNumber", "InstanceNumber"), ("rows", "Rows"),
+    ("columns", "Columns"), ("numberOfFrames", "NumberOfFrames"),
+    ("photometricInterpretation", "PhotometricInterpretation"),
+    ("pixelSpacing", "PixelSpacing"), ("sliceThickness", "SliceThickness"),
+    ("windowCenter", "WindowCenter"), ("windowWidth", "WindowWidth"),
+)  # instances named in a failure message; the rest are counted
 
 
 class ExportFailed(GatewayError):
@@ -215,17 +229,17 @@ class ArchiveBuilder:
             if final:
                 frames = frames_of(opened)
                 entry = sink.add_file(name, opened.file, opened.size)
-                header = None
+                # staged for the DICOMDIR, de-identified already: its values are the record's
+                header = read_header(opened) if self._deid is not None else None
             else:  # de-identified here: the one path that encodes a data set again
-                dataset = self._deidentified(dcmread(opened.file))
+                dataset = self._deidentified(read_dataset(opened))
                 entry = sink.add_bytes(name, encode(dataset))
                 header, frames = dataset, number_of_frames(dataset)
             written = [entry]
             rendered: list[str] = []
             if self._options.previews:
                 if dataset is None:
-                    opened.file.seek(0)
-                    dataset = dcmread(opened.file)
+                    dataset = read_dataset(opened)
                 for frame, png in enumerate(self._render(dataset), start=1):
                     preview = sink.add_bytes(names.preview_entry(folder, number, frame), png)
                     written.append(preview)
@@ -378,7 +392,7 @@ class ArchiveBuilder:
         index = members[len(members) // 2]
         try:
             with self._payload(state.items[index], index) as (opened, final):
-                dataset: Dataset = dcmread(opened.file)
+                dataset: Dataset = read_dataset(opened)
                 if not final:
                     dataset = self._deidentified(dataset)
             jpeg = key_image_jpeg(dataset, self._options.preview_max_size)
@@ -392,12 +406,7 @@ class ArchiveBuilder:
                     [(state.items[index].sop_instance_uid, exc.reason)],
                     self._archive.label)) from None
             return None
-        about = {keyword[0].lower() + keyword[1:]: text(dataset, keyword) for keyword in (
-            "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-            "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "StudyDate", "StudyTime",
-            "StudyDescription", "SeriesDescription", "Modality", "InstanceNumber", "Rows",
-            "Columns", "NumberOfFrames", "PhotometricInterpretation", "PixelSpacing",
-            "SliceThickness", "WindowCenter", "WindowWidth")}
+        about = {key: text(dataset, keyword) for key, keyword in KEY_IMAGE_METADATA}
         about["exportedAt"] = self._plan.created_at.isoformat(timespec="seconds")
         return jpeg, metadata.encode(about)
 
@@ -442,7 +451,7 @@ class ArchiveBuilder:
                     shutil.copyfileobj(opened.file, out, COPY_CHUNK)
             else:
                 with open(staged, "wb") as out:
-                    out.write(encode(self._deidentified(dcmread(opened.file))))
+                    out.write(encode(self._deidentified(read_dataset(opened))))
             return staged
 
     # -- JSON only ------------------------------------------------------------------------------
@@ -532,6 +541,26 @@ def frames_of(opened: Opened) -> int:
     header = dcmread(source, stop_before_pixels=True, specific_tags=FRAME_TAGS)
     opened.file.seek(0)
     return number_of_frames(header)
+
+
+def read_header(opened: Opened) -> Dataset:
+    if opened.path is not None:
+        return dcmread(opened.path, stop_before_pixels=True)
+    opened.file.seek(0)
+    header = dcmread(opened.file, stop_before_pixels=True)
+    opened.file.seek(0)
+    return header
+
+
+def read_dataset(opened: Opened) -> Dataset:
+    """The whole data set, read by name when it is a file (the data set then refers to no open
+    file of ours, and copies cleanly)."""
+    if opened.path is not None:
+        return dcmread(opened.path)
+    opened.file.seek(0)
+    dataset = dcmread(opened.file)
+    opened.file.seek(0)
+    return dataset
 
 
 def number_of_frames(header: Dataset) -> int:
