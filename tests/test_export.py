@@ -1087,3 +1087,26 @@ def test_a_killed_deidentified_export_continues_to_the_same_bytes(site: Site, tm
         engine.dispose()
     for archive in plan.archives:
         assert (killed / archive.name).read_bytes() == (reference / archive.name).read_bytes()
+
+
+def test_the_same_export_twice_at_once_is_refused(site: Site) -> None:
+    import fcntl
+
+    study = site.studies["ct"]
+    args = ("export", "study", study, "--out", str(site.out), *OFF)
+    first = site.cli(*args)
+    assert first.returncode == 0, first.stderr
+    key = [d for _, d in export_rows(site.db)][0]["export"]
+    work = work_folder(site.out, key)
+    work.mkdir()
+    descriptor = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # as the export running now holds it
+        second = site.cli(*args)
+    finally:
+        os.close(descriptor)
+    assert second.returncode == 1 and "running now" in second.stderr
+    assert len(export_rows(site.db)) == 1  # refused before anything was done
+    third = site.cli(*args)
+    assert third.returncode == 0, third.stderr
+    assert not work.exists()

@@ -16,15 +16,16 @@ from the last checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import logging
 import os
 import re
 import secrets
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -121,24 +122,34 @@ class Exporter:
         self._checkpoint_s = checkpoint_s
 
     def run(self, request: ExportRequest) -> ExportReport:
+        """Continue the request's interrupted export, if any, then (the first time, or for a
+        job) plan and run it. ``ExportFailed`` when the same export runs now elsewhere."""
         report = ExportReport()
         work = work_folder(request.destination, request.key)
-        pending = read_plan(work) if work.is_dir() else None
-        if pending is None and work.is_dir():
-            shutil.rmtree(work)  # cut before its plan was written: nothing was built
-        if pending is not None:
-            log.info("export %s: continuing an interrupted export", request.key)
-            report.resumed += 1
-            self._execute(pending, work, request.destination, report)
-        if pending is None or request.then_plan_again:
-            # a study the continued export just wrote is not written again by this run
-            just_done = {uid for a in report.archives if a.outcome == "success"
-                         for uid in a.archive.studies}
-            plan = self.plan(request, exclude=just_done)
-            if plan.archives:
-                work.mkdir(parents=True)
-                write_plan(work, plan)
-                self._execute(plan, work, request.destination, report)
+        work.mkdir(parents=True, exist_ok=True)
+        with held(work):
+            try:
+                pending = read_plan(work)
+                if pending is None:
+                    clear(work)  # cut before its plan was written: nothing was built
+                else:
+                    log.info("export %s: continuing an interrupted export", request.key)
+                    report.resumed += 1
+                    self._execute(pending, work, request.destination, report)
+                if pending is None or request.then_plan_again:
+                    # a study the continued export just wrote is not written again by this run
+                    just_done = {uid for a in report.archives if a.outcome == "success"
+                                 for uid in a.archive.studies}
+                    plan = self.plan(request, exclude=just_done)
+                    if plan.archives:
+                        write_plan(work, plan)
+                        self._execute(plan, work, request.destination, report)
+            except BaseException:
+                if not any(work.iterdir()):
+                    work.rmdir()  # nothing to continue from
+                raise
+            work.rmdir()
+            sync_folder(request.destination)
         return report
 
     def plan(self, request: ExportRequest, exclude: set[str] | None = None) -> ExportPlan:
@@ -192,8 +203,7 @@ class Exporter:
                 self._reporter.archive(archive)
                 report.archives.append(self._one(plan, archive, work, destination, deid))
         self._reporter.end()
-        shutil.rmtree(work)
-        sync_folder(destination)
+        clear(work)
 
     def _one(self, plan: ExportPlan, archive: ArchivePlan, work: Path, destination: Path,
              deid: Any | None) -> ArchiveOutcome:
@@ -300,6 +310,28 @@ def place(part: Path, final: Path, work: Path) -> None:
     else:
         os.replace(part, final)
     sync_folder(final.parent)
+
+
+@contextmanager
+def held(work: Path) -> Iterator[None]:
+    """An exclusive lock on the work folder while an export uses it: the same export started
+    twice at once (an operator's command run again while it runs) is refused, not interleaved."""
+    descriptor = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportFailed("this export is running now (in another process); wait for it "
+                               "to end") from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def clear(work: Path) -> None:
+    """Empty the work folder (what a finished or never-planned export left)."""
+    for path in work.iterdir():
+        remove(path)
 
 
 def work_folder(destination: Path, key: str) -> Path:
