@@ -1096,7 +1096,7 @@ def test_the_same_export_twice_at_once_is_refused(site: Site) -> None:
     args = ("export", "study", study, "--out", str(site.out), *OFF)
     first = site.cli(*args)
     assert first.returncode == 0, first.stderr
-    key = [d for _, d in export_rows(site.db)][0]["export"]
+    key = export_rows(site.db)[0][1]["export"]
     work = work_folder(site.out, key)
     work.mkdir()
     descriptor = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
