@@ -43,7 +43,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (scripts/bench.py: the cached CT set)
+import bench
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -187,8 +187,7 @@ def big_objects(gigabytes: float) -> list[Path]:
         length = len(block) * FRAMES_PER_OBJECT
         with open(path, "ab") as out:  # (7FE0,0010) OW, 32-bit length, then the frames
             out.write(b"\xe0\x7f\x10\x00OW\x00\x00" + length.to_bytes(4, "little"))
-            for _ in range(FRAMES_PER_OBJECT):
-                out.write(block)
+            out.writelines(block for _ in range(FRAMES_PER_OBJECT))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return sorted(folder.glob("*.dcm"))

@@ -464,6 +464,32 @@ def test_the_study_zip_uploads_to_orthanc_whole(site: Site, orthanc_factory: Any
         row = kept[found["MainDicomTags"]["SOPInstanceUID"]]
         status, data = orthanc.request("GET", f"/instances/{found['ID']}/file")
         assert status == 200 and data == (site.spool / row.spool_path).read_bytes()
+    # the same study with every entry in ZIP64 form: Orthanc reads each one again
+    zip64 = forced_zip64(site, study)
+    status, body = orthanc.request("POST", "/instances", zip64.read_bytes(),
+                                   {"Content-Type": "application/zip"})
+    assert status == 200, body
+    answers = json.loads(body)
+    assert len(answers) == 4 and {a["Status"] for a in answers} == {"AlreadyStored"}
+
+
+def forced_zip64(site: Site, study: str) -> Path:
+    """The study's archive with ZIP64 headers on every entry and a ZIP64 end record (what an
+    archive over 4 GiB has), checked whole."""
+    exporter, engine = exporter_for(site.db, site.spool)
+    out = site.out / "zip64"
+    exporter.run(ExportRequest("zip64", "test", "study", ExportSelector(studies=(study,)),
+                               "study", PLAIN, out, force_zip64=True))
+    engine.dispose()
+    archive = out / f"study_{study}_export.zip"
+    data = archive.read_bytes()
+    assert b"PK\x06\x06" in data and b"PK\x06\x07" in data  # ZIP64 end record and locator
+    with zipfile.ZipFile(archive) as opened:
+        for info in opened.infolist():  # every local header says "see the ZIP64 extra field"
+            local = data[info.header_offset:info.header_offset + 30]
+            assert local[18:26] == b"\xff" * 8, info.filename
+    check_archive(archive, site.db, site.spool, "study_data.json")
+    return archive
 
 
 def test_instances_retention_removed_are_fetched_back_from_orthanc(

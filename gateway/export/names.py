@@ -4,9 +4,9 @@ An archive's name and every entry in it are made here and nowhere else, so a Pat
 ``../../etc`` or one with slashes, control characters or 200 characters can never name a path
 outside the export's folder, and two patients never share an archive name:
 
-- a UID is used as is once it passes the UID grammar (PS3.5 9.1: digits and dots, components
-  without leading zeros are not required here, at most 64 characters), which leaves no separator
-  and no ``..`` to abuse; anything else is refused;
+- a UID is used as is once it passes the UID grammar (PS3.5 9.1: digit components separated by
+  single dots, at most 64 characters), which leaves no separator and no ``..`` to abuse; anything
+  else is refused;
 - a Patient ID keeps ``[A-Za-z0-9._-]`` (every other character becomes ``_``) up to 48 characters.
   An ID that was not already upper-case letters, digits, ``.``, ``_`` and ``-`` only, or that was
   cut, gets ``_h`` and 12 hex digits of the SHA-256 of the original appended. Unchanged IDs never

@@ -89,9 +89,9 @@ class ZipWriter:
         fp.truncate()
         self._buffer = bytearray(COPY_CHUNK)
 
-    def add_file(self, name: str, source: BinaryIO, size: int, digest: Any = None) -> Entry:
-        """Copy exactly ``size`` bytes of ``source`` into a new entry; ``digest`` (a hashlib
-        object), when given, is updated with them. ``OSError`` when the source ends early."""
+    def add_file(self, name: str, source: BinaryIO, size: int) -> Entry:
+        """Copy exactly ``size`` bytes of ``source`` into a new entry (its CRC-32 computed on
+        the way); ``OSError`` when the source ends early."""
         offset = self._local_header(name, size)
         crc, left, view = 0, size, memoryview(self._buffer)
         while left:
@@ -100,8 +100,6 @@ class ZipWriter:
                 raise OSError(f"{name}: the source ended {left} bytes early")
             chunk = view[:count]
             crc = zlib.crc32(chunk, crc)
-            if digest is not None:
-                digest.update(chunk)
             self._write(chunk)
             left -= count
         return self._close_entry(name, offset, size, crc)
