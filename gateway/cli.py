@@ -427,7 +427,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from gateway.config import ExportOptions, ExportSelector
     from gateway.export.build import ExportFailed
-    from gateway.export.run import Exporter, ExportRequest, request_key
+    from gateway.export.run import Exporter, ExportRequest, ExportStopped, request_key
     from gateway.export.service import cli_reporter, make_sources, report_lines
 
     config = _load_or_exit(args.config)
@@ -460,7 +460,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                             cli_reporter(sys.stderr, lambda line: print(line, file=sys.stderr,
                                                                         flush=True)))
         report = exporter.run(request)
-    except ExportFailed as exc:
+    except (ExportFailed, ExportStopped) as exc:
         print(f"cannot export: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -726,7 +726,7 @@ def test_sigkill_during_a_scheduled_export_then_the_next_run_resumes_it(
            "select": {"studies": [study]}, "checkpoint_mb": 1,
            "options": {"previews": False, "dicomdir": False}}
     gateway = served(db=site.db, jobs=[job])
-    log = work_folder(exports, "job-research") / f"study_{study}_export.zip.log"
+    log = work_folder(exports, "job-research") / "archive-1.log"
 
     def counted() -> int:
         found = rows(site.db, "SELECT counts FROM job_runs WHERE job = 'research' "
@@ -1136,3 +1136,39 @@ def test_the_same_export_twice_at_once_is_refused(site: Site) -> None:
     third = site.cli(*args)
     assert third.returncode == 0, third.stderr
     assert not work.exists()
+
+
+def test_a_full_disk_stops_the_export_without_naming_paths_and_the_next_run_continues(
+    site: Site, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    from gateway.export.run import ExportStopped
+    from gateway.export.sinks import ZipSink
+
+    original = ZipSink.add_file
+    calls = [0]
+
+    def filling(self: ZipSink, name: str, *args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device",
+                          str(site.out / f"patient_{PATIENT}_export.zip"))
+        return original(self, name, *args)
+
+    monkeypatch.setattr(ZipSink, "add_file", filling)
+    request = ExportRequest("full", "test", "patient", ExportSelector(patients=(PATIENT,)),
+                            "patient", PLAIN, site.out)
+    exporter, engine = exporter_for(site.db, site.spool)
+    with pytest.raises(ExportStopped) as stopped:
+        exporter.run(request)
+    assert "No space left on device" in str(stopped.value)
+    assert PATIENT not in str(stopped.value) and str(site.out) not in str(stopped.value)
+    assert read_plan(work_folder(site.out, "full")) is not None  # kept, to continue from
+    assert not export_rows(site.db)  # nothing written, nothing recorded as written
+    monkeypatch.setattr(ZipSink, "add_file", original)
+    report = exporter.run(request)
+    engine.dispose()
+    assert report.resumed == 1 and [a.outcome for a in report.archives] == ["success"]
+    check_archive(site.out / f"patient_{PATIENT}_export.zip", site.db, site.spool,
+                  "patient_data.json")

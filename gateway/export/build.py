@@ -107,9 +107,11 @@ class ArchiveBuilder:
         self._checkpoint_bytes = checkpoint_bytes
         self._checkpoint_s = checkpoint_s
         self._generator = generator
-        self.part = work / f"{archive.name}.part"
-        self.log = ArchiveLog(work / f"{archive.name}.log")
-        self._staging = work / f"{archive.name}.staging"
+        # named by number: an archive's name may hold a Patient ID, and a path in an error
+        # message would carry it into the log
+        self.part = work / f"archive-{archive.number}.part"
+        self.log = ArchiveLog(work / f"archive-{archive.number}.log")
+        self._staging = work / f"archive-{archive.number}.staging"
         self._images = self._options.include_images and self._options.format != "json"
         self.previews_failed = 0
 

@@ -4,11 +4,12 @@ An export writes into a hidden work folder inside its destination, ``.export-<ke
 
 - ``plan.json``: the archives to build, the options, the export's time (every timestamp in the
   archives is this one) and, for a de-identified export, its secret; written once, synced;
-- ``<archive>.log``: JSON lines. The first freezes the archive's instances (as the ledger had
+- ``archive-<n>.log``: JSON lines. The first freezes the archive's instances (as the ledger had
   them) and, with a DICOMDIR, the file layout; each next one is a checkpoint, written only once
   the entries it lists are on disk (the archive synced first); then ``finished`` (the archive is
   complete under its temporary name) and ``audited`` (renamed into place and recorded);
-- ``<archive>.part``: the archive being written (a folder for ``format = "folder"``).
+- ``archive-<n>.part``: the archive being written (a folder for ``format = "folder"``); named
+  by number, since an archive's name may hold a Patient ID.
 
 The next run reads these and continues after the last checkpoint, cutting off whatever an
 interruption left after it; since every entry's bytes follow from the plan and the frozen

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from gateway import __version__, audit
 from gateway.config import ExportOptions, ExportSelector
+from gateway.errors import GatewayError
 from gateway.export import names, select
 from gateway.export.build import ArchiveBuilder, Built, ExportFailed, remove
 from gateway.export.plan import ArchivePlan, ExportPlan, read_plan, write_plan
@@ -47,6 +48,12 @@ CHECKPOINT_BYTES = 64 * 1024 * 1024
 CHECKPOINT_S = 5.0
 # Archive names an export writes (and ``keep_days`` may remove): nothing else is ever touched.
 OWN_NAMES = re.compile(r"(study|patient)_[A-Za-z0-9._-]+_export(\.zip|\.json)?")
+
+
+class ExportStopped(GatewayError):
+    """The machine failed the export (disk full, unreadable spool): it stops, its work folder
+    stays, and the next run continues it. The message names no path (paths may hold Patient
+    IDs; this message reaches the log)."""
 
 
 class ExportMetrics(Protocol):
@@ -201,7 +208,13 @@ class Exporter:
         else:
             for archive in plan.archives:
                 self._reporter.archive(archive)
-                report.archives.append(self._one(plan, archive, work, destination, deid))
+                try:
+                    report.archives.append(self._one(plan, archive, work, destination, deid))
+                except OSError as exc:  # the message would name paths: Patient IDs
+                    raise ExportStopped(
+                        f"{archive.label}: {exc.strerror or type(exc).__name__} (errno "
+                        f"{exc.errno}); the next run continues from the last checkpoint"
+                    ) from None
         self._reporter.end()
         clear(work)
 
