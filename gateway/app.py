@@ -140,7 +140,8 @@ class Gateway:
         runs = RunLedger(self.engine, node)
         self.jobs = JobScheduler(
             config.jobs,
-            JobRunner(runs, JobContext(config, self.sessions, node, _now, _debug), self.metrics),
+            JobRunner(runs, JobContext(config, self.sessions, node, _now, _debug, self.metrics),
+                      self.metrics),
             runs,
         )
         self.hl7: MllpListener | None = None

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gateway import __version__
 from gateway.config import GatewayConfig, load
@@ -463,6 +463,59 @@ def cmd_worklist_list(args: argparse.Namespace) -> int:
     for line in found:
         print(line)
     return 0
+def cmd_export(args: argparse.Namespace) -> int:
+    """One export now, in the foreground: archives into --out (the working directory by
+    default), a progress bar on a terminal (plain lines otherwise, on stderr), then each
+    archive's path and SHA-256 on stdout. Run the same command again after an interruption and
+    it continues where it stopped."""
+    from pydantic import ValidationError
+
+    from gateway.config import ExportOptions, ExportSelector
+    from gateway.export.build import ExportFailed
+    from gateway.export.run import Exporter, ExportRequest, ExportStopped, request_key
+    from gateway.export.service import cli_reporter, make_sources, report_lines
+
+    config = _load_or_exit(args.config)
+    what = args.export_command
+    subject = getattr(args, "subject", None)
+    try:
+        selector = ExportSelector.model_validate(
+            {"study": {"studies": [subject]}, "patient": {"patients": [subject]},
+             "accession": {"accession_numbers": [subject]}}.get(what, {}))
+        options = ExportOptions(
+            include_images=not args.metadata_only, format=args.format,
+            previews=not args.no_previews, preview_max_size=args.preview_max_size,
+            dicomdir=not args.no_dicomdir, key_image=args.key_image,
+            deidentify=args.deidentify, allow_partial=args.allow_partial)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        print(f"cannot export: {where}: {error['msg'].removeprefix('Value error, ')}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    per: Literal["study", "patient"] = "study" if what in ("study", "accession") else "patient"
+    out = (args.out or Path.cwd()).resolve()
+    request = ExportRequest(
+        key=request_key(what, subject, per, options.model_dump(mode="json")),
+        actor=args.by or _operator(), what=what, selector=selector, per=per, options=options,
+        destination=out)
+    db = _Database(config, args.config)
+    try:
+        exporter = Exporter(db.sessions, make_sources(config),
+                            cli_reporter(sys.stderr, lambda line: print(line, file=sys.stderr,
+                                                                        flush=True)))
+        report = exporter.run(request)
+    except (ExportFailed, ExportStopped) as exc:
+        print(f"cannot export: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    if not report.archives:
+        print(f"nothing to export: no {what} matches" + (f" {subject!r}" if subject else ""),
+              file=sys.stderr)
+        return 1
+    print("\n".join(report_lines(report)))
+    return 1 if report.failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -550,6 +603,34 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_queue)
     purge.add_argument("--older-than", required=True, help="e.g. 7d, 12h, 30m")
     purge.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
+    export = group("export", "write archives (ZIP, folder or JSON) of studies: DICOM files, "
+                   "previews, metadata JSON and a SHA-256 manifest")
+    for name, subject_help, help in (
+            ("study", "Study Instance UID", "one study: study_<UID>_export.zip"),
+            ("patient", "Patient ID (as the ledger holds it, after remapping)",
+             "every study of one patient: patient_<ID>_export.zip"),
+            ("accession", "accession number", "the study (or studies) of an accession number"),
+            ("all", None, "every patient, one patient archive each")):
+        action = sub(export, name, help, cmd_export)
+        if subject_help:
+            action.add_argument("subject", help=subject_help)
+        action.add_argument("--out", type=Path, help="destination folder (default: here)")
+        action.add_argument("--metadata-only", action="store_true",
+                            help="the metadata JSON and manifest, no DICOM files")
+        action.add_argument("--format", choices=("zip", "json", "folder"), default="zip",
+                            help="zip (default), json (the metadata only) or folder")
+        action.add_argument("--deidentify", action="store_true",
+                            help="PS3.15 Basic Application Level Confidentiality Profile")
+        action.add_argument("--no-previews", action="store_true", help="no PNG previews")
+        action.add_argument("--preview-max-size", type=int, default=512,
+                            help="longest side of a preview, pixels (default 512)")
+        action.add_argument("--no-dicomdir", action="store_true",
+                            help="dicom/<n>.dcm without a DICOMDIR")
+        action.add_argument("--key-image", action="store_true",
+                            help="add image.jpg (the middle image) and its metadata.json")
+        action.add_argument("--allow-partial", action="store_true",
+                            help="export what can be found and list what cannot")
+        action.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
     jobs = command("jobs", "scheduled jobs ([[jobs]]): each one's schedule, next run and last run")
     jobs.set_defaults(func=cmd_jobs)
     job_actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")

@@ -415,7 +415,6 @@ class WorklistBuildJob(_Job):
     kind: Literal["worklist_build"]
 
 
-Job = Annotated[OrderFolderJob | WorklistBuildJob, Field(discriminator="kind")]
 
 
 _HD = r"^[^|~\\&\r\n]*$"  # no HL7 separator but the component one
@@ -461,6 +460,86 @@ class Hl7Config(_Model):
     @classmethod
     def _station_aes(cls, aes: dict[str, str]) -> dict[str, str]:
         return {modality: _check_ae_title(ae) for modality, ae in aes.items()}
+_DICOM_DATE_RANGE = re.compile(r"(\d{8})?(-)?(\d{8})?")
+ExportFormat = Literal["zip", "json", "folder"]
+
+
+class ExportOptions(_Model):
+    """What an export archive holds (gateway.export); the same for ``gateway export`` and jobs.
+
+    ``include_images = false`` writes the metadata JSON (and manifest) only; ``format`` is a ZIP,
+    the metadata JSON alone, or the ZIP's layout as a folder. ``dicomdir`` stores the DICOM files
+    under PS3.10 file IDs with a DICOMDIR (PS3.10 7.2) so that a viewer opens the archive;
+    ``key_image`` adds ``image.jpg`` (the study's middle image) and its ``metadata.json``;
+    ``deidentify`` applies PS3.15 Annex E's Basic Profile (with the options below).
+    ``allow_partial`` exports what can be found and lists the rest, instead of failing."""
+
+    include_images: bool = True
+    format: ExportFormat = "zip"
+    previews: bool = True
+    preview_max_size: int = Field(512, ge=16, le=8192, description="longest side, pixels")
+    dicomdir: bool = True
+    key_image: bool = False
+    deidentify: bool = False
+    deid_retain_longitudinal_temporal: bool = False  # PS3.15 E.3.6
+    deid_clean_descriptors: bool = False  # PS3.15 E.3.5
+    deid_allow_burned_in: bool = False  # else objects with Burned In Annotation YES are left out
+    allow_partial: bool = False
+
+
+class ExportSelector(_Model):
+    """Which studies an export job takes; every given criterion must hold (AND), and a study is
+    exported whole when any of its instances matches. ``study_date`` is a date or range in the
+    DICOM form (PS3.4 C.2.2.2.5: ``20261101``, ``20261101-20261130``, ``-20261130``) or
+    ``yesterday`` / ``today`` (local dates, as DICOM dates are). ``new_since_last_run``: studies
+    with an instance received since the job's last successful run (all of them the first time)."""
+
+    patients: tuple[str, ...] = ()
+    studies: tuple[str, ...] = ()
+    accession_numbers: tuple[str, ...] = ()
+    study_date: str | None = None
+    modalities: tuple[str, ...] = ()
+    calling_aes: tuple[str, ...] = ()
+    new_since_last_run: bool = False
+
+    @field_validator("studies")
+    @classmethod
+    def _study_uids(cls, uids: tuple[str, ...]) -> tuple[str, ...]:
+        for uid in uids:
+            if len(uid) > 64 or not _UID.fullmatch(uid):
+                raise ValueError(f"{uid!r} is not a Study Instance UID (digits and dots)")
+        return uids
+
+    @field_validator("study_date")
+    @classmethod
+    def _date_range(cls, value: str | None) -> str | None:
+        if value is None or value in ("yesterday", "today"):
+            return value
+        found = _DICOM_DATE_RANGE.fullmatch(value)
+        if not found or not (found.group(1) or found.group(3)) or (
+                found.group(1) and found.group(3) and not found.group(2)):
+            raise ValueError('use "yesterday", "today", YYYYMMDD, YYYYMMDD-YYYYMMDD, '
+                             "-YYYYMMDD or YYYYMMDD-")
+        return value
+
+
+class ExportJob(_Job):
+    """Exports the selected studies to ``destination``, one archive per study (``per =
+    "study"``) or per patient; archives there older than ``keep_days`` are removed (only the
+    export's own names: ``study_*_export*``, ``patient_*_export*``). A run cut short (a crash,
+    SIGKILL) is continued by the next run from its last checkpoint; ``checkpoint_mb`` bounds
+    the work redone."""
+
+    kind: Literal["export"]
+    destination: Path
+    select: ExportSelector = ExportSelector()
+    options: ExportOptions = ExportOptions()
+    per: Literal["study", "patient"] = "study"
+    keep_days: float | None = Field(None, gt=0)
+    checkpoint_mb: int = Field(64, ge=1, le=65536)
+
+
+Job = Annotated[OrderFolderJob | WorklistBuildJob | ExportJob, Field(discriminator="kind")]
 
 
 class MetricsConfig(_Model):
@@ -535,20 +614,38 @@ _PLAIN_WORDS = {
 }
 
 
+def _models(annotation: Any) -> list[Any]:
+    """The models an annotation holds: itself, or those of a tuple, a union, an Annotated."""
+    if hasattr(annotation, "model_fields"):
+        return [annotation]
+    return [m for inner in getattr(annotation, "__args__", ()) for m in _models(inner)]
+
+
+def _tags(model: Any) -> tuple[Any, ...]:
+    """The values of a tagged union member's tag (``kind`` of a job, ``type`` of a
+    destination)."""
+    field = model.model_fields.get("kind") or model.model_fields.get("type")
+    return tuple(getattr(field.annotation, "__args__", ())) if field is not None else ()
+
+
 def _known_keys(loc: list[str]) -> list[str]:
-    """The keys the table at ``loc`` (an unknown key's location, without that key) accepts."""
-    model: Any = GatewayConfig
+    """The keys the table at ``loc`` (an unknown key's location, without that key) accepts.
+    ``loc`` may hold list indexes and, for a tagged union such as ``[[jobs]]``, the tag."""
+    models: list[Any] = [GatewayConfig]
     for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
+        if part.isdigit():
+            continue
+        tagged = [m for m in models if part in _tags(m)] if len(models) > 1 else []
+        if tagged:
+            models = tagged
+            continue
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
         if field is None:
             return []
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", ())
-        model = annotation if hasattr(annotation, "model_fields") else next(
-            (a for a in inner if hasattr(a, "model_fields")), None)
-        if model is None:
+        models = _models(field.annotation)
+        if not models:
             return []
-    return list(getattr(model, "model_fields", {}))
+    return list(models[0].model_fields) if len(models) == 1 else []
 
 
 def _describe(err: Mapping[str, Any], origins: dict[str, dict[str, Any]], source: str) -> str:
@@ -631,7 +728,10 @@ def _absolute_paths(
         "wl_folder": None if wl_folder is None else absolute(wl_folder, "worklist", "wl_folder")})
     jobs = tuple(
         job.model_copy(update={"folder": Path(os.path.normpath(folder / job.folder))})
-        if isinstance(job, OrderFolderJob) and not job.folder.is_absolute() else job
+        if isinstance(job, OrderFolderJob) and not job.folder.is_absolute()
+        else job.model_copy(
+            update={"destination": Path(os.path.normpath(folder / job.destination))})
+        if isinstance(job, ExportJob) and not job.destination.is_absolute() else job
         for job in config.jobs
     )
     return config.model_copy(update={"storage": storage, "remap": remap, "database": database,

@@ -143,6 +143,25 @@ class Metrics:
             "gateway_mpps_transitions",
             "MPPS transitions accepted, by the status reached (in_progress, completed, "
             "discontinued)", ["status"], registry=registry)
+        # Exports (gateway.export): one per archive
+        self.exports = Counter("gateway_exports", "Export archives by outcome (success, failed)",
+                               ["outcome"], registry=registry)
+        self.export_bytes = Counter("gateway_export_bytes", "Bytes of export archives written",
+                                    registry=registry)
+        self.export_seconds = Histogram("gateway_export_seconds",
+                                        "Time to build and place one export archive",
+                                        buckets=JOB_BUCKETS_S, registry=registry)
+        self.export_previews = Counter("gateway_export_previews",
+                                       "Preview images rendered into export archives",
+                                       registry=registry)
+
+    def export_finished(self, outcome: str, bytes: int, seconds: float) -> None:
+        self.exports.labels(outcome).inc()
+        self.export_bytes.inc(bytes)
+        self.export_seconds.observe(seconds)
+
+    def previews_rendered(self, count: int) -> None:
+        self.export_previews.inc(count)
 
     def job_finished(self, job: str, outcome: str, seconds: float, at: float) -> None:
         self.job_runs.labels(job, outcome).inc()

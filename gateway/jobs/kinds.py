@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.orm import Session
 
-from gateway.config import GatewayConfig, Job, OrderFolderJob, WorklistBuildJob
+from gateway.config import ExportJob, GatewayConfig, Job, OrderFolderJob, WorklistBuildJob
 from gateway.jobs.order_folder import run_order_folder
 
 
@@ -24,6 +25,9 @@ class JobContext:
     node: str
     clock: Callable[[], datetime]
     progress: Callable[[str], None]
+    # gateway.metrics.Metrics in the gateway process (exports count their archives there);
+    # None for ``gateway jobs run``, whose process nobody scrapes.
+    metrics: Any = None
 
 
 JobFunction = Callable[[JobContext, Job], dict[str, int]]
@@ -46,9 +50,18 @@ def _worklist_build(context: JobContext, job: Job) -> dict[str, int]:
     for line in report.lines:
         context.progress(line)
     return report.counts()
+def _export(context: JobContext, job: Job) -> dict[str, int]:
+    """Archives of the selected studies (gateway.export); an interrupted run's export is
+    continued first, from its last checkpoint."""
+    from gateway.export.service import run_job
+
+    assert isinstance(job, ExportJob)
+    return run_job(context.config, job, context.sessions, context.node, context.clock,
+                   context.progress, context.metrics)
 
 
 KINDS: dict[str, JobFunction] = {
     "order_folder": _order_folder,
     "worklist_build": _worklist_build,
+    "export": _export,
 }

@@ -81,15 +81,26 @@ class Loader:
         try:
             if stored.path is not None:
                 return dcmread(self._root / stored.path)
-            for destination, remote_id in stored.copies:
-                if destination in self._orthancs:
-                    data = self._orthancs[destination].fetch(remote_id)
-                    return dcmread(BytesIO(data))
+            data = self.fetch_back(stored)
+            if data is not None:
+                return dcmread(BytesIO(data))
             log.warning("retrieve: %s is neither in the spool nor at an Orthanc destination",
                         stored.sop_instance_uid)
         except (OSError, GatewayError) as exc:
             log.warning("retrieve: cannot read %s: %s", stored.sop_instance_uid, exc)
         return unsendable(stored.sop_instance_uid)
+
+    def fetch_back(self, stored: Stored) -> bytes | None:
+        """The instance's file from the first Orthanc destination that confirmed it (as Orthanc
+        keeps it: the bytes it was sent); None when no configured Orthanc has it. Raises
+        ``GatewayError`` when that Orthanc cannot give it. Exports use this too."""
+        for destination, remote_id in stored.copies:
+            if destination in self._orthancs:
+                return self._orthancs[destination].fetch(remote_id)
+        return None
+
+    def can_fetch_back(self, stored: Stored) -> bool:
+        return any(destination in self._orthancs for destination, _ in stored.copies)
 
 
 def unsendable(sop_instance_uid: str) -> Dataset:
