@@ -1180,3 +1180,27 @@ def test_a_full_disk_stops_the_export_without_naming_paths_and_the_next_run_cont
     assert report.resumed == 1 and [a.outcome for a in report.archives] == ["success"]
     check_archive(site.out / f"patient_{PATIENT}_export.zip", site.db, site.spool,
                   "patient_data.json")
+
+
+def test_a_patient_archive_made_again_holds_every_study_of_the_patient(
+    site: Site, tmp_path: Path,
+) -> None:
+    exports = with_job(site, per="patient", select={"new_since_last_run": True})
+    engine = sa.create_engine(site.db)
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE instances SET received_at = :at"),
+                  {"at": datetime.now(UTC) - timedelta(hours=1)})
+    engine.dispose()
+    first = site.cli("jobs", "run", "research")
+    assert first.returncode == 0 and "archives 2" in first.stdout, first.stdout + first.stderr
+    later = simple_study(tmp_path / "send" / "later", 1, PatientID=PATIENT, PatientName=NAME,
+                         SpecificCharacterSet="ISO_IR 192", StudyDate="20261201")
+    send(site.app.config.dicom.port, later)
+    wait_for(lambda: len(rows(site.db, "SELECT id FROM instances")) == 9, 30, "1 more kept")
+    second = site.cli("jobs", "run", "research")
+    assert second.returncode == 0 and "archives 1" in second.stdout, second.stdout
+    checked = check_archive(exports / f"patient_{PATIENT}_export.zip", site.db, site.spool,
+                            "patient_data.json")
+    assert [s["studyInstanceUID"] for s in checked.document["studies"]] == [
+        site.studies["ct"], site.studies["mr"], study_of(later)]  # last week's studies kept
+    assert (exports / "patient_PAT-2_export.zip").is_file()  # not made again: nothing new

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -164,9 +164,10 @@ class Exporter:
         now = self._clock()
         today = now.astimezone().date()
         with self._sessions() as session:
-            uids = [uid for uid in select.study_uids(session, request.selector, today,
-                                                     request.since)
-                    if uid not in (exclude or set())]
+            uids = select.study_uids(session, request.selector, today, request.since)
+            if request.per == "patient" and (request.since or request.selector.study_date):
+                uids = self._whole_patients(session, request.selector, today, uids)
+            uids = [uid for uid in uids if uid not in (exclude or set())]
             studies = select.summaries(session, uids)
         secret = secrets.token_hex(32) if request.options.deidentify else None
         deid = self._deidentifier(request.options, secret)
@@ -194,6 +195,20 @@ class Exporter:
         return ExportPlan(request.key, request.actor, request.what, request.job,
                           now.replace(microsecond=0), request.options, tuple(archives), secret,
                           request.force_zip64)
+
+    @staticmethod
+    def _whole_patients(session: Session, selector: ExportSelector, today: date,
+                        uids: list[str]) -> list[str]:
+        """Patient archives are replaced whole: the time criteria (``study_date``,
+        ``new_since_last_run``) pick the patients, and each one's archive holds every study of
+        theirs that the other criteria select, so that today's archive does not lose the
+        studies last week's held."""
+        patients = {s.patient_id for s in select.summaries(session, uids)}
+        known = tuple(sorted(p for p in patients if p is not None))
+        if not known:
+            return uids
+        wider = selector.model_copy(update={"study_date": None, "patients": known})
+        return sorted(set(uids) | set(select.study_uids(session, wider, today, None)))
 
     def _execute(self, plan: ExportPlan, work: Path, destination: Path,
                  report: ExportReport) -> None:
