@@ -76,8 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # found while building, after the checks: say it the same way
         raise _refuse(args.config, exc.problems)
     except OSError as exc:  # a port taken between the check and the bind
-        raise _refuse(args.config, [f"cannot listen: {exc.strerror or exc}; check dicom.port and "
-                                    "metrics.port (GATEWAY_DICOM__PORT, GATEWAY_METRICS__PORT)"])
+        raise _refuse(args.config, [(f"cannot listen: {exc.strerror or exc}; check dicom.port and "
+                                    "metrics.port (GATEWAY_DICOM__PORT, GATEWAY_METRICS__PORT)")])
     if gateway.http is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, gateway.http.port)
     # A timed wait: the kernel may deliver the signal to one of pynetdicom's threads, and an

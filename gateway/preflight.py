@@ -56,8 +56,8 @@ def _writable(key: str, path: Path) -> list[str]:
     if not existing.is_dir():
         return [f"{key} = {str(path)!r}: {existing} is not a folder; choose another path"]
     if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{key} = {str(path)!r}: {existing} is not writable by this user; fix its "
-                "permissions or choose another path"]
+        return [(f"{key} = {str(path)!r}: {existing} is not writable by this user; fix its "
+                "permissions or choose another path")]
     return []
 
 
@@ -67,8 +67,8 @@ def _database(config: GatewayConfig) -> list[str]:
         database = Path(url.removeprefix("sqlite:///"))
         if database.exists():
             ok = os.access(database, os.R_OK | os.W_OK)
-            return [] if ok else [f"database.url: {database} is not readable and writable by this "
-                                  "user; fix its permissions"]
+            return [] if ok else [(f"database.url: {database} is not readable and writable by this "
+                                  "user; fix its permissions")]
         return _writable("database.url", database.parent)
     shown = make_url(url).render_as_string(hide_password=True)
     engine = create_engine(url, connect_args={"connect_timeout": 5})
@@ -77,8 +77,8 @@ def _database(config: GatewayConfig) -> list[str]:
             connection.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200]
-        return [f"database.url: cannot connect to {shown} ({reason}); start the database or fix "
-                "the URL"]
+        return [(f"database.url: cannot connect to {shown} ({reason}); start the database or fix "
+                "the URL")]
     finally:
         engine.dispose()
     return []

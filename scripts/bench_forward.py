@@ -90,7 +90,7 @@ from bench import (
 )
 
 sys.path.insert(0, str(bench.REPO))  # for the tests' Orthanc configuration
-from tests.orthanc_config import orthanc_config  # noqa: E402
+from tests.orthanc_config import orthanc_config
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 ORTHANC_USER = "bench"

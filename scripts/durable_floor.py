@@ -53,7 +53,7 @@ def _sync(path: Path) -> None:
 
 
 def store(self: ingest.Ingest, request: ingest.StoreRequest) -> ingest.StoreOutcome:
-    root: Path = self._spool.root  # noqa: SLF001 - a benchmark's stand-in for the real handler
+    root: Path = self._spool.root
     connection = _connection(root)
     final = root / "flat" / f"{request.affected_sop_instance}.dcm"
     _sync(request.incoming)

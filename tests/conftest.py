@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import sqlalchemy as sa
@@ -60,7 +60,7 @@ class PacedReceiver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PacedReceiver:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -267,7 +267,7 @@ def descendants(pid: int) -> set[int]:
     frontier = [pid]
     while frontier:
         parent = frontier.pop()
-        listed = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
+        listed = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False)
         for child in map(int, listed.stdout.split()):
             found.add(child)
             frontier.append(child)
@@ -293,4 +293,4 @@ def rows(db: str, sql: str, **params: Any) -> list[Any]:
 
 
 # At the end: tests.orthanc uses free_port and wait_for from this module.
-from tests.orthanc import orthanc_factory  # noqa: E402, F401
+from tests.orthanc import orthanc_factory  # noqa: F401

@@ -41,7 +41,7 @@ def dcmtk(
         env["TCP_NODELAY"] = "1"
     return subprocess.run(
         [require_tool(tool), *args], capture_output=True, text=True, timeout=timeout, env=env,
-        cwd=cwd,
+        cwd=cwd, check=False
     )
 
 

@@ -42,9 +42,9 @@ NAME = "MÜLLER^JÖRG"
 
 def run(name: str, *args: str | Path, check: bool = False) -> str:
     """A DCMTK or dicom3tools command's output (stdout, then stderr; not always UTF-8)."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
+    from tests.peers import require_tool
+
+    path = require_tool(name)  # in CI a missing tool fails the run
     done = subprocess.run([path, *map(str, args)], capture_output=True, timeout=60, check=check)
     return (done.stdout + done.stderr).decode("utf-8", "replace")
 

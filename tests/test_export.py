@@ -1014,7 +1014,6 @@ def write_text(path: Path, text: str) -> Path:
 # -- with the preview, DICOMDIR and de-identification modules (skipped until they are merged) -------
 
 def test_previews_are_pngs_of_every_frame_within_the_size(site: Site) -> None:
-    pytest.importorskip("gateway.export.preview")
     from PIL import Image
 
     study = site.studies["ct"]
@@ -1036,7 +1035,6 @@ def test_previews_are_pngs_of_every_frame_within_the_size(site: Site) -> None:
 
 
 def test_a_patient_archive_with_a_dicomdir_opens_in_pydicom_and_dcmtk(site: Site) -> None:
-    pytest.importorskip("gateway.export.dicomdir")
     from pydicom.fileset import FileSet
 
     done = site.cli("export", "patient", PATIENT, "--out", str(site.out), "--no-previews")
@@ -1064,7 +1062,6 @@ def test_a_patient_archive_with_a_dicomdir_opens_in_pydicom_and_dcmtk(site: Site
 
 
 def test_a_key_image_export_has_the_middle_image_and_its_metadata(site: Site) -> None:
-    pytest.importorskip("gateway.export.preview")
     from PIL import Image
 
     study = site.studies["ct"]
@@ -1081,7 +1078,6 @@ def test_a_key_image_export_has_the_middle_image_and_its_metadata(site: Site) ->
 
 
 def test_a_deidentified_export_holds_none_of_the_identifiers(site: Site) -> None:
-    pytest.importorskip("gateway.export.deidentify")
     study = site.studies["ct"]
     done = site.cli("export", "study", study, "--out", str(site.out), "--deidentify", *OFF)
     assert done.returncode == 0, done.stderr
@@ -1103,7 +1099,6 @@ def test_a_deidentified_export_holds_none_of_the_identifiers(site: Site) -> None
 
 
 def test_a_killed_deidentified_export_continues_to_the_same_bytes(site: Site, tmp_path: Path) -> None:
-    pytest.importorskip("gateway.export.deidentify")
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     options = {"deidentify": True}
     child = subprocess.run(

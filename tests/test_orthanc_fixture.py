@@ -15,7 +15,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.factory import make_dataset, write_file
 from tests.orthanc import Orthanc
 
-
 OrthancFactory = Callable[..., Orthanc]
 
 

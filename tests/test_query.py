@@ -71,7 +71,7 @@ def find(app: Gateway, tmp_path: Path, *keys: str, root: str = "-S", aet: str = 
     for key in keys:
         args += ["-k", key]
     result = subprocess.run([dcmtk_path("findscu"), *args], capture_output=True, text=True,
-                            cwd=out, timeout=60, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"})
+                            cwd=out, timeout=60, env={"TCP_NODELAY": "1", "PATH": "/usr/bin"}, check=False)
     return result, [pydicom.dcmread(f) for f in sorted(out.glob("rsp*.dcm"))]
 
 

@@ -63,21 +63,21 @@ class AssociationLedger:
         rejected_reason: str | None = None,
     ) -> int | None:
         now = self._clock()
-        values = dict(
-            calling_ae=calling_ae,
-            called_ae=called_ae,
-            peer_host=peer[0],
-            peer_port=peer[1],
-            started_at=now,
-            ended_at=now if rejected_reason else None,
-            result="rejected" if rejected_reason else "accepted",
-            reason=rejected_reason,
-            end_state="rejected" if rejected_reason else None,
-            instances=0,
-            duplicates=0,
-            bytes=0,
-            statuses="{}",
-        )
+        values = {
+            "calling_ae": calling_ae,
+            "called_ae": called_ae,
+            "peer_host": peer[0],
+            "peer_port": peer[1],
+            "started_at": now,
+            "ended_at": now if rejected_reason else None,
+            "result": "rejected" if rejected_reason else "accepted",
+            "reason": rejected_reason,
+            "end_state": "rejected" if rejected_reason else None,
+            "instances": 0,
+            "duplicates": 0,
+            "bytes": 0,
+            "statuses": "{}",
+        }
         try:
             with self._engine.begin() as connection:
                 return connection.execute(_INSERT, values).scalar_one()
@@ -90,14 +90,14 @@ class AssociationLedger:
         if stats.record_id is None:
             return
         with stats.lock:
-            values = dict(
-                ended_at=self._clock(),
-                end_state=end_state,
-                instances=stats.instances,
-                duplicates=stats.duplicates,
-                bytes=stats.bytes,
-                statuses=json.dumps(dict(sorted(stats.statuses.items()))),
-            )
+            values = {
+                "ended_at": self._clock(),
+                "end_state": end_state,
+                "instances": stats.instances,
+                "duplicates": stats.duplicates,
+                "bytes": stats.bytes,
+                "statuses": json.dumps(dict(sorted(stats.statuses.items()))),
+            }
         try:
             with self._engine.begin() as connection:
                 connection.execute(

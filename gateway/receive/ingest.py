@@ -27,11 +27,11 @@ from gateway.config import DuplicatePolicy
 from gateway.db.engine import make_sessions
 from gateway.db.models import ForwardJob, Instance, InstanceVersion
 from gateway.dicom.status import Status
-from gateway.receive.spool import Spool, SpooledFile
-from gateway.receive.validate import Header, Refused, dataset_offset, read_header
 from gateway.forward.outbox import new_jobs, requeue_for_new_copy
 from gateway.forward.routes import Router
 from gateway.query.attributes import ledger_values
+from gateway.receive.spool import Spool, SpooledFile
+from gateway.receive.validate import Header, Refused, dataset_offset, read_header
 from gateway.remap.plan import Subject
 from gateway.remap.stage import Decided, Plan, Remapper, plan_json
 
@@ -68,8 +68,8 @@ class _Prepared:
     values: dict[str, object]  # the row, without the kept file's columns
 
     def row(self, stored: SpooledFile, spool_path: str) -> dict[str, object]:
-        return self.values | dict(size_bytes=stored.size_bytes, sha256=stored.sha256,
-                                  spool_path=spool_path)
+        return self.values | {"size_bytes": stored.size_bytes, "sha256": stored.sha256,
+                                  "spool_path": spool_path}
 
 
 @dataclass(frozen=True)

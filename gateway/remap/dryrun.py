@@ -135,8 +135,8 @@ def replay(
                 detail = ", ".join(f"{k}: {_show(done.get(k))} -> {_show(would.get(k))}" for k in changed)
                 examples.append(f"  {instance.sop_instance_uid}: {detail or 'held state differs'}")
     lines = [
-        f"examined {examined} instance(s) received since {since:%Y-%m-%d %H:%M}; "
-        f"{differ} would differ; {missing} no longer in the spool",
+        (f"examined {examined} instance(s) received since {since:%Y-%m-%d %H:%M}; "
+        f"{differ} would differ; {missing} no longer in the spool"),
         f"held: {held_then} as done, {held_now} with the candidate rules",
     ]
     lines += [f"  {tag}: {count} instance(s)" for tag, count in by_tag.most_common()]

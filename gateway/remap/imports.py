@@ -96,8 +96,8 @@ class ImportReport:
 
     def lines(self) -> list[str]:
         out = [
-            f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, "
-            f"rejected {len(self.rejected)}"
+            (f"added {self.added}, updated {self.updated}, unchanged {self.unchanged}, "
+            f"rejected {len(self.rejected)}")
         ]
         out += [f"  line {line}: {why}" for line, why in self.rejected]
         return out
