@@ -49,7 +49,7 @@ from tests.orthanc import Orthanc
 from tests.peers import dcmtk, require_tool
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-OUTAGE_S = 60
+OUTAGE_S = 10  # the field report said a minute; with probes every 0.5 s, 10 s is 20 probes
 # Quick enough for tests: a study is verified 0.3 s after its last instance; backoff stays short.
 FAST: dict[str, Any] = {
     "stable_after_s": 0.3,
@@ -195,7 +195,7 @@ def test_a_drained_queue_is_verified_at_once_not_at_the_next_round(
     wait_for(lambda: len(jobs(db_url, "confirmed")) == 4, 15, "confirmed before the first round")
 
 
-def test_orthanc_down_for_a_minute_then_everything_arrives_once(
+def test_orthanc_down_a_while_then_everything_arrives_once(
     served: Callable[..., Served], recording_orthanc: Callable[..., Recording], tmp_path: Path,
 ) -> None:
     """Once: what the gateway was told stored is counted (a re-send would count twice), and the
@@ -609,7 +609,10 @@ def test_forwarding_stands_aside_while_the_receiver_is_saturated_never_longer_th
             send(port, files)
             uids = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
             study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
-            wait_for(lambda s=study: any(j.state == "sending" for j in _jobs_of(db_url, s)), 30,
+            # "confirmed" too: a sender that did not hold would otherwise make this wait time
+            # out instead of failing the assertion below, which says what went wrong.
+            wait_for(lambda s=study: any(j.state in ("sending", "confirmed")
+                                         for j in _jobs_of(db_url, s)), 30,
                      "the sender to take the first instance in hand")
             assert not uids & orthanc.sop_instance_uids(), "forwarded while saturated"
             wait_for(lambda s=study: {j.state for j in _jobs_of(db_url, s)} == {"confirmed"},
