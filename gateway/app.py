@@ -153,8 +153,13 @@ class Gateway:
                                     config.dicom.shutdown_grace_s)
         self.http: WebServer | None = None
         if config.metrics.enabled:
+            api = None
+            if config.api.tokens:  # the export API (gateway.web.api): off without tokens
+                from gateway.web.api import ExportApi
+
+                api = ExportApi(config, self.sessions, self.metrics, _now).app()
             self.http = WebServer(config.metrics.host, config.metrics.port,
-                                  build_app(self.metrics.registry, self.health))
+                                  build_app(self.metrics.registry, self.health, api))
 
     def health(self) -> dict[str, bool]:
         try:

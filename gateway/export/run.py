@@ -116,12 +116,19 @@ class ExportReport:
                 "resumed": self.resumed}
 
 
+# ``on_final(archive, part, final, finished)``: the ZIP being built for ``archive`` (at ``part``,
+# its temporary name) holds final bytes up to ``final`` (``gateway.export.sinks.FinalHook``);
+# called on the export's thread. The export API streams them (gateway.web.stream).
+ArchiveHook = Callable[[ArchivePlan, Path, int, bool], None]
+
+
 class Exporter:
     def __init__(self, sessions: Callable[[], Session], sources: Sources,
                  reporter: Reporter, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  metrics: ExportMetrics | None = None,
                  checkpoint_bytes: int = CHECKPOINT_BYTES,
-                 checkpoint_s: float = CHECKPOINT_S) -> None:
+                 checkpoint_s: float = CHECKPOINT_S,
+                 on_final: ArchiveHook | None = None) -> None:
         self._sessions = sessions
         self._sources = sources
         self._reporter = reporter
@@ -129,6 +136,7 @@ class Exporter:
         self._metrics = metrics
         self._checkpoint_bytes = checkpoint_bytes
         self._checkpoint_s = checkpoint_s
+        self._on_final = on_final
 
     def run(self, request: ExportRequest) -> ExportReport:
         """Continue the request's interrupted export, if any, then (the first time, or for a
@@ -242,9 +250,12 @@ class Exporter:
     def _one(self, plan: ExportPlan, archive: ArchivePlan, work: Path, destination: Path,
              deid: Any | None, sites: select.SiteScope | None) -> ArchiveOutcome:
         started = time.monotonic()
-        builder = ArchiveBuilder(plan, archive, work, self._sessions, self._sources, deid,
-                                 self._reporter.advance, self._checkpoint_bytes,
-                                 self._checkpoint_s, f"gateway {__version__}", sites)
+        hook = self._on_final
+        builder = ArchiveBuilder(
+            plan, archive, work, self._sessions, self._sources, deid, self._reporter.advance,
+            self._checkpoint_bytes, self._checkpoint_s, f"gateway {__version__}", sites,
+            None if hook is None else lambda final, finished: hook(archive, builder.part, final,
+                                                                    finished))
         state = builder.log.read()
         final = destination / archive.name
         if state is not None and state.finished is not None:  # built before the interruption
