@@ -765,7 +765,9 @@ def _describe(err: Mapping[str, Any], origins: dict[str, dict[str, Any]], source
     message = _PLAIN_WORDS.get(err["type"]) or str(err["msg"]).removeprefix("Value error, ")
     if not loc:  # a check across sections: its message names the keys; the input is the
         return f"{message} (in {where})"  # whole file (database URL and all): never shown
-    shown = "<hidden>" if loc[:2] == ["database", "url"] else repr(bad)
+    # a URL holds a password; a wrong sha256 may be the token itself, pasted by mistake
+    hidden = loc[:2] == ["database", "url"] or loc[:2] == ["api", "tokens"] and loc[-1] == "sha256"
+    shown = "<hidden>" if hidden else repr(bad)
     return f"{key} = {shown} (in {where}): {message}"
 
 

@@ -410,4 +410,5 @@ def test_check_config_names_the_bad_token_key(tmp_path: Path, api: dict[str, Any
         load(path, environ={})
     message = "\n".join(raised.value.problems)
     assert problem in message, message
+    assert "ab" * 16 not in message  # a token pasted as its hash is not printed back
     assert "api.tokens" in message
