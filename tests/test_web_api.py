@@ -14,6 +14,7 @@ import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -412,3 +413,26 @@ def test_check_config_names_the_bad_token_key(tmp_path: Path, api: dict[str, Any
     assert problem in message, message
     assert "ab" * 16 not in message  # a token pasted as its hash is not printed back
     assert "api.tokens" in message
+
+
+def test_an_export_job_selects_by_site_with_the_same_rule(
+        make_gateway: Callable[..., Gateway], tmp_path: Path, db_url: str) -> None:
+    from gateway.db.engine import make_sessions
+    from gateway.export.service import run_job
+
+    api = make_api(make_gateway, tmp_path, db_url)
+    data = api.app.config.model_dump(mode="json")
+    data["jobs"] = [{"name": "north-nightly", "kind": "export", "every_s": 3600,
+                     "destination": str(tmp_path / "nightly"), "select": {"sites": ["north"]},
+                     "options": PLAIN}]
+    config = GatewayConfig.model_validate(data)
+    engine = make_engine(api.db)
+    try:
+        counts = run_job(config, config.jobs[0], make_sessions(engine), "node",
+                         lambda: datetime.now(UTC),
+                         lambda line: None)
+    finally:
+        engine.dispose()
+    made = sorted(p.name for p in (tmp_path / "nightly").iterdir())
+    assert made == sorted(f"study_{api.studies[s]}_export.zip" for s in ("north", "inst"))
+    assert counts["archives"] == 2
