@@ -25,7 +25,6 @@ from gateway.forward.destinations.orthanc import Orthanc
 from gateway.forward.outbox import queue_stats
 from gateway.forward.routes import Router
 from gateway.forward.service import build_destination, forward_stage
-from gateway.http import HttpEndpoint
 from gateway.jobs.kinds import JobContext
 from gateway.jobs.ledger import RunLedger
 from gateway.jobs.runner import JobRunner
@@ -43,6 +42,8 @@ from gateway.remap.rules import load_rules
 from gateway.remap.stage import Remapper
 from gateway.remap.worker import remap_stage
 from gateway.stage_process import StageProcess
+from gateway.web.app import build_app
+from gateway.web.server import WebServer
 from gateway.worklist.find import WorklistService
 from gateway.worklist.hl7 import Hl7Intake
 from gateway.worklist.mllp import MllpListener
@@ -150,11 +151,15 @@ class Gateway:
             self.hl7 = MllpListener(h.bind_host, h.port, h.max_message_bytes, h.max_connections,
                                     Hl7Intake(h, self.sessions, self.metrics, _now),
                                     config.dicom.shutdown_grace_s)
-        self.http: HttpEndpoint | None = None
+        self.http: WebServer | None = None
         if config.metrics.enabled:
-            self.http = HttpEndpoint(
-                config.metrics.host, config.metrics.port, self.metrics.registry, self.health
-            )
+            api = None
+            if config.api.tokens:  # the export API (gateway.web.api): off without tokens
+                from gateway.web.api import ExportApi
+
+                api = ExportApi(config, self.sessions, self.metrics, _now).app()
+            self.http = WebServer(config.metrics.host, config.metrics.port,
+                                  build_app(self.metrics.registry, self.health, api))
 
     def health(self) -> dict[str, bool]:
         try:

@@ -518,6 +518,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_token_new(args: argparse.Namespace) -> int:
+    """A fresh API token, printed once (stdout), and the [[api.tokens]] entry holding only its
+    SHA-256: the token is not stored anywhere by the gateway, so it cannot be shown again."""
+    from gateway.web.auth import new_token, toml_entry
+
+    token = new_token()
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    print(f"token (shown once; give it to the client, keep it secret):\n{token}\n")
+    print("add to the configuration (then restart `gateway serve`):\n")
+    print(toml_entry(args.name, token, args.role, sites))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="DICOM gateway: receive, keep, remap and forward images."
@@ -631,6 +644,16 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--allow-partial", action="store_true",
                             help="export what can be found and list what cannot")
         action.add_argument("--by", help="operator name for the audit (default: $SUDO_USER/$USER)")
+    token = group("token", "bearer tokens of the export HTTP API")
+    made = token.add_parser("new", help="print a new token once and its [[api.tokens]] entry "
+                            "(the SHA-256 only)", description="print a new token once and its "
+                            "[[api.tokens]] entry (the SHA-256 only)")
+    made.add_argument("--name", required=True, help="who holds it (audit rows say api:NAME)")
+    made.add_argument("--role", choices=("exporter", "admin"), default="exporter",
+                      help="admin may also export everything (default: exporter)")
+    made.add_argument("--sites", default="*",
+                      help='comma-separated [[sites]] names, or "*" for every study (default)')
+    made.set_defaults(func=cmd_token_new)
     jobs = command("jobs", "scheduled jobs ([[jobs]]): each one's schedule, next run and last run")
     jobs.set_defaults(func=cmd_jobs)
     job_actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")

@@ -500,6 +500,8 @@ class ExportSelector(_Model):
     study_date: str | None = None
     modalities: tuple[str, ...] = ()
     calling_aes: tuple[str, ...] = ()
+    # names of [[sites]]: only studies every instance of which comes from one of them
+    sites: tuple[str, ...] = ()
     new_since_last_run: bool = False
 
     @field_validator("studies")
@@ -542,6 +544,73 @@ class ExportJob(_Job):
 Job = Annotated[OrderFolderJob | WorklistBuildJob | ExportJob, Field(discriminator="kind")]
 
 
+class SiteConfig(_Model):
+    """A hospital whose data the gateway holds: its instances are those sent by one of its
+    ``calling_aes`` or carrying one of its ``institution_names`` (Institution Name, 0008,0080).
+    Tokens and export jobs name sites; a study belongs to a site only when every one of its
+    instances does (gateway.export.select.site_scope)."""
+
+    name: str = Field(pattern=_NAME)
+    calling_aes: tuple[AETitle, ...] = Field(min_length=1)
+    institution_names: tuple[str, ...] = ()
+
+    @field_validator("calling_aes")
+    @classmethod
+    def _aes(cls, aes: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(ae) for ae in aes)
+
+    @field_validator("institution_names")
+    @classmethod
+    def _institutions(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not name.strip() or len(name) > 64:
+                raise ValueError(f"{name!r} is not an Institution Name: 1 to 64 characters "
+                                 "(LO), as the modality writes it in (0008,0080)")
+        return names
+
+
+ALL_SITES = "*"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class ApiToken(_Model):
+    """A bearer token of the HTTP API, stored as the SHA-256 of the token (``gateway token new``
+    prints a token and this entry): the token itself is never in the configuration. ``role``:
+    ``admin`` may also export everything (``/api/export/all``); ``sites``: the sites whose
+    studies it sees, or ``["*"]`` for every study the gateway holds."""
+
+    name: str = Field(pattern=_NAME)
+    sha256: str = Field(repr=False)
+    role: Literal["admin", "exporter"]
+    sites: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not _SHA256_HEX.fullmatch(value):
+            raise ValueError("should be the SHA-256 of the token, 64 lowercase hex digits "
+                             "(never the token itself); run `gateway token new` for a token "
+                             "and its entry")
+        return value
+
+    @field_validator("sites")
+    @classmethod
+    def _all_alone(cls, sites: tuple[str, ...]) -> tuple[str, ...]:
+        if ALL_SITES in sites and len(sites) > 1:
+            raise ValueError('"*" (every site) stands alone: use ["*"] or a list of site names')
+        return sites
+
+
+class ApiConfig(_Model):
+    """The export HTTP API (gateway.web.api) on the metrics port (``[metrics]`` host and port):
+    ``GET /api/export/study/{uid}``, ``/patient/{id}``, ``/all``; off without tokens.
+    ``export_options``: what its archives hold (``includeImages`` and ``format`` of a request
+    override those two)."""
+
+    tokens: tuple[ApiToken, ...] = ()
+    export_options: ExportOptions = ExportOptions()
+
+
 class MetricsConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -566,6 +635,8 @@ class GatewayConfig(_Model):
     logging: LoggingConfig = LoggingConfig()
     hl7: Hl7Config = Hl7Config()
     jobs: tuple[Job, ...] = ()
+    sites: tuple[SiteConfig, ...] = ()
+    api: ApiConfig = ApiConfig()
 
     @model_validator(mode="after")
     def _unique_jobs(self) -> GatewayConfig:
@@ -574,6 +645,34 @@ class GatewayConfig(_Model):
         if twice:
             raise ValueError(f"job names must be unique: {', '.join(twice)} given twice")
         return self
+
+    @model_validator(mode="after")
+    def _known_sites(self) -> GatewayConfig:
+        """Site names unique; every site a token or an export job names is defined."""
+        names = [s.name for s in self.sites]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"sites: names must be unique: {', '.join(twice)} given twice")
+        for label, values in (("api.tokens", [t.name for t in self.api.tokens]),
+                              ("api.tokens", [t.sha256 for t in self.api.tokens])):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{label}: each token needs its own name and its own sha256 "
+                                 "(run `gateway token new` once per client)")
+        wanted = [(f"api.tokens.{i} ({t.name}).sites", site)
+                  for i, t in enumerate(self.api.tokens) for site in t.sites if site != ALL_SITES]
+        wanted += [(f"jobs.{i} ({j.name}).select.sites", site) for i, j in enumerate(self.jobs)
+                   if isinstance(j, ExportJob) for site in j.select.sites]
+        for where, site in wanted:
+            if site not in names:
+                close = difflib.get_close_matches(site, names, n=1, cutoff=0.6)
+                fix = (f"did you mean {close[0]!r}?" if close else
+                       "define it as [[sites]] with name, calling_aes (and institution_names), "
+                       f"or use one of: {', '.join(names) or '(none defined yet)'}")
+                raise ValueError(f"{where}: {site!r} is not a site; {fix}")
+        return self
+
+    def site(self, name: str) -> SiteConfig:
+        return next(s for s in self.sites if s.name == name)
 
 
 def _env_value(raw: str) -> Any:
@@ -664,7 +763,11 @@ def _describe(err: Mapping[str, Any], origins: dict[str, dict[str, Any]], source
     if err["type"] == "missing":
         return f"{key}: required but missing (in {where}); add it"
     message = _PLAIN_WORDS.get(err["type"]) or str(err["msg"]).removeprefix("Value error, ")
-    shown = "<hidden>" if loc[:2] == ["database", "url"] else repr(bad)
+    if not loc:  # a check across sections: its message names the keys; the input is the
+        return f"{message} (in {where})"  # whole file (database URL and all): never shown
+    # a URL holds a password; a wrong sha256 may be the token itself, pasted by mistake
+    hidden = loc[:2] == ["database", "url"] or loc[:2] == ["api", "tokens"] and loc[-1] == "sha256"
+    shown = "<hidden>" if hidden else repr(bad)
     return f"{key} = {shown} (in {where}): {message}"
 
 

@@ -99,6 +99,9 @@ class Instance(Base):
     # gateway.query.folding.fold_name of the names above: matching compares these, on every database.
     patient_name_folded: Mapped[str | None] = mapped_column(String(324), index=True)
     referring_physician_name_folded: Mapped[str | None] = mapped_column(String(324))
+    # Institution Name (0008,0080) as the instance carries it (remapped): sites (gateway.web.auth,
+    # gateway.export.select.site_scope) recognise a hospital's instances by it.
+    institution_name: Mapped[str | None] = mapped_column(String(64), index=True)
     # Retention (gateway.forward.retention) removed the file once every destination confirmed it.
     spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

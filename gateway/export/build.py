@@ -41,7 +41,7 @@ from gateway.export.behind import Behind
 from gateway.export.frames import number_of_frames as frames_in_head
 from gateway.export.metadata import About, Exported, Missing
 from gateway.export.plan import ArchiveLog, ArchivePlan, ExportPlan, Layout, Progress
-from gateway.export.sinks import MANIFEST, FolderSink, Sink, ZipSink
+from gateway.export.sinks import MANIFEST, FinalHook, FolderSink, Sink, ZipSink
 from gateway.export.sources import MissingInstance, Opened, Sources
 from gateway.export.zipstream import COPY_CHUNK, Entry
 
@@ -96,7 +96,9 @@ class ArchiveBuilder:
     def __init__(self, plan: ExportPlan, archive: ArchivePlan, work: Path,
                  sessions: Callable[[], Session], sources: Sources, deid: Any | None,
                  advance: Callable[[int, int, bool], None], checkpoint_bytes: int,
-                 checkpoint_s: float, generator: str) -> None:
+                 checkpoint_s: float, generator: str,
+                 sites: select.SiteScope | None = None,
+                 on_final: FinalHook | None = None) -> None:
         self._plan = plan
         self._options = plan.options
         self._archive = archive
@@ -107,6 +109,8 @@ class ArchiveBuilder:
         self._checkpoint_bytes = checkpoint_bytes
         self._checkpoint_s = checkpoint_s
         self._generator = generator
+        self._sites = sites
+        self._on_final = on_final  # a ZIP's final bytes, as it grows (gateway.export.sinks)
         # named by number: an archive's name may hold a Patient ID, and a path in an error
         # message would carry it into the log
         self.part = work / f"archive-{archive.number}.part"
@@ -123,7 +127,12 @@ class ArchiveBuilder:
             remove(self.part)
             remove(self._staging)
             with self._sessions() as session:
-                found = select.items(session, self._archive.studies)
+                found = select.items(session, self._archive.studies, self._sites)
+            gone = set(self._archive.studies) - {i.study_instance_uid for i in found}
+            if self._sites is not None and gone:
+                raise ExportFailed(f"{self._archive.label}: study {min(gone)} is no "
+                                   "longer wholly of the sites asked for (an instance of "
+                                   "another site arrived); it is left out of this export")
             self._check_sources(found)
             layout = self._layout(found) if self._images and self._options.dicomdir else None
             self.log.start(found, layout)
@@ -135,7 +144,8 @@ class ArchiveBuilder:
             return self._json_only(state)
         sink: Sink
         if self._options.format == "zip":
-            sink = ZipSink(self.part, self._plan.created_at, state.entries, self._plan.force_zip64)
+            sink = ZipSink(self.part, self._plan.created_at, state.entries, self._plan.force_zip64,
+                           self._on_final)
         else:
             sink = FolderSink(self.part)
         behind = Behind()

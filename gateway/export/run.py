@@ -81,6 +81,8 @@ class ExportRequest:
     since: datetime | None = None
     then_plan_again: bool = False
     force_zip64: bool = False
+    # only studies every instance of which is in this scope (the API's token, a job's sites)
+    sites: select.SiteScope | None = None
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,19 @@ class ExportReport:
                 "resumed": self.resumed}
 
 
+# ``on_final(archive, part, final, finished)``: the ZIP being built for ``archive`` (at ``part``,
+# its temporary name) holds final bytes up to ``final`` (``gateway.export.sinks.FinalHook``);
+# called on the export's thread. The export API streams them (gateway.web.stream).
+ArchiveHook = Callable[[ArchivePlan, Path, int, bool], None]
+
+
 class Exporter:
     def __init__(self, sessions: Callable[[], Session], sources: Sources,
                  reporter: Reporter, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  metrics: ExportMetrics | None = None,
                  checkpoint_bytes: int = CHECKPOINT_BYTES,
-                 checkpoint_s: float = CHECKPOINT_S) -> None:
+                 checkpoint_s: float = CHECKPOINT_S,
+                 on_final: ArchiveHook | None = None) -> None:
         self._sessions = sessions
         self._sources = sources
         self._reporter = reporter
@@ -127,6 +136,7 @@ class Exporter:
         self._metrics = metrics
         self._checkpoint_bytes = checkpoint_bytes
         self._checkpoint_s = checkpoint_s
+        self._on_final = on_final
 
     def run(self, request: ExportRequest) -> ExportReport:
         """Continue the request's interrupted export, if any, then (the first time, or for a
@@ -142,7 +152,7 @@ class Exporter:
                 else:
                     log.info("export %s: continuing an interrupted export", request.key)
                     report.resumed += 1
-                    self._execute(pending, work, request.destination, report)
+                    self._execute(pending, work, request.destination, report, request.sites)
                 if pending is None or request.then_plan_again:
                     # a study the continued export just wrote is not written again by this run
                     just_done = {uid for a in report.archives if a.outcome == "success"
@@ -150,7 +160,8 @@ class Exporter:
                     plan = self.plan(request, exclude=just_done)
                     if plan.archives:
                         write_plan(work, plan)
-                        self._execute(plan, work, request.destination, report)
+                        self._execute(plan, work, request.destination, report,
+                                      request.sites)
             except BaseException:
                 if not any(work.iterdir()):
                     work.rmdir()  # nothing to continue from
@@ -164,9 +175,11 @@ class Exporter:
         now = self._clock()
         today = now.astimezone().date()
         with self._sessions() as session:
-            uids = select.study_uids(session, request.selector, today, request.since)
+            uids = select.study_uids(session, request.selector, today, request.since,
+                                     request.sites)
             if request.per == "patient" and (request.since or request.selector.study_date):
-                uids = self._whole_patients(session, request.selector, today, uids)
+                uids = self._whole_patients(session, request.selector, today, uids,
+                                            request.sites)
             uids = [uid for uid in uids if uid not in (exclude or set())]
             studies = select.summaries(session, uids)
         secret = secrets.token_hex(32) if request.options.deidentify else None
@@ -198,7 +211,7 @@ class Exporter:
 
     @staticmethod
     def _whole_patients(session: Session, selector: ExportSelector, today: date,
-                        uids: list[str]) -> list[str]:
+                        uids: list[str], sites: select.SiteScope | None) -> list[str]:
         """Patient archives are replaced whole: the time criteria (``study_date``,
         ``new_since_last_run``) pick the patients, and each one's archive holds every study of
         theirs that the other criteria select, so that today's archive does not lose the
@@ -208,10 +221,10 @@ class Exporter:
         if not known:
             return uids
         wider = selector.model_copy(update={"study_date": None, "patients": known})
-        return sorted(set(uids) | set(select.study_uids(session, wider, today, None)))
+        return sorted(set(uids) | set(select.study_uids(session, wider, today, None, sites)))
 
     def _execute(self, plan: ExportPlan, work: Path, destination: Path,
-                 report: ExportReport) -> None:
+                 report: ExportReport, sites: select.SiteScope | None = None) -> None:
         self._reporter.begin(len(plan.archives), sum(a.instances for a in plan.archives),
                              sum(a.bytes for a in plan.archives))
         try:
@@ -224,7 +237,8 @@ class Exporter:
             for archive in plan.archives:
                 self._reporter.archive(archive)
                 try:
-                    report.archives.append(self._one(plan, archive, work, destination, deid))
+                    report.archives.append(self._one(plan, archive, work, destination, deid,
+                                                     sites))
                 except OSError as exc:  # the message would name paths: Patient IDs
                     raise ExportStopped(
                         f"{archive.label}: {exc.strerror or type(exc).__name__} (errno "
@@ -234,11 +248,14 @@ class Exporter:
         clear(work)
 
     def _one(self, plan: ExportPlan, archive: ArchivePlan, work: Path, destination: Path,
-             deid: Any | None) -> ArchiveOutcome:
+             deid: Any | None, sites: select.SiteScope | None) -> ArchiveOutcome:
         started = time.monotonic()
-        builder = ArchiveBuilder(plan, archive, work, self._sessions, self._sources, deid,
-                                 self._reporter.advance, self._checkpoint_bytes,
-                                 self._checkpoint_s, f"gateway {__version__}")
+        hook = self._on_final
+        builder = ArchiveBuilder(
+            plan, archive, work, self._sessions, self._sources, deid, self._reporter.advance,
+            self._checkpoint_bytes, self._checkpoint_s, f"gateway {__version__}", sites,
+            None if hook is None else lambda final, finished: hook(archive, builder.part, final,
+                                                                    finished))
         state = builder.log.read()
         final = destination / archive.name
         if state is not None and state.finished is not None:  # built before the interruption

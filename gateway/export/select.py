@@ -2,7 +2,10 @@
 instances with where their bytes are (the spool, or an Orthanc destination that confirmed them).
 
 Every criterion selects studies, and a study is always exported whole: an archive of half a study
-is a trap for whoever receives it. Instances are listed in a fixed order (series, then instance
+is a trap for whoever receives it. Sites are the one exception to "any instance matches": a study
+belongs to a site only when EVERY instance of it does (``within``), so that a study holding one
+instance of another hospital is never shown to the first one (whole, it would leak that
+instance). The export API and export jobs select by site through this one function. Instances are listed in a fixed order (series, then instance
 number, then UID), which is what makes an archive's bytes the same on every run.
 """
 
@@ -13,10 +16,10 @@ from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, and_, false, func, not_, or_, select
+from sqlalchemy.orm import Session, aliased
 
-from gateway.config import ExportSelector
+from gateway.config import ExportSelector, SiteConfig
 from gateway.db.models import ForwardJob, Instance
 
 IN_CHUNK = 500  # values per IN (...) list: well inside every database's limit on parameters
@@ -91,10 +94,50 @@ def date_range(value: str | None, today: date) -> tuple[str | None, str | None]:
     return first or None, last or None
 
 
+@dataclass(frozen=True)
+class SiteScope:
+    """What a token or a job may see: instances sent by one of ``calling_aes`` or carrying one
+    of ``institution_names`` (the union of the sites it names)."""
+
+    calling_aes: frozenset[str]
+    institution_names: frozenset[str]
+
+
+def site_scope(sites: Iterable[SiteConfig]) -> SiteScope:
+    listed = list(sites)
+    return SiteScope(frozenset(ae for s in listed for ae in s.calling_aes),
+                     frozenset(n for s in listed for n in s.institution_names))
+
+
+def _member(table: Any, scope: SiteScope) -> ColumnElement[bool]:
+    """The instance (a row of ``table``) belongs to ``scope``. Never NULL: an instance without
+    Institution Name is a member by its calling AE or not at all (a NULL here would make the
+    NOT of it NULL too, and ``within`` would miss a foreign instance)."""
+    found: ColumnElement[bool] = (table.calling_ae.in_(sorted(scope.calling_aes))
+                                  if scope.calling_aes else false())
+    if scope.institution_names:
+        found = or_(found, func.coalesce(table.institution_name, "").in_(
+            sorted(scope.institution_names)))
+    return found
+
+
+def within(scope: SiteScope) -> ColumnElement[bool]:
+    """For a row of ``instances``: it is in scope, and so is every other instance of its study."""
+    other = aliased(Instance)
+    foreign = select(other.study_instance_uid).where(not_(_member(other, scope)))
+    return and_(_member(Instance, scope), Instance.study_instance_uid.not_in(foreign))
+
+
 def study_uids(session: Session, selector: ExportSelector, today: date,
-               since: datetime | None = None) -> list[str]:
-    """Studies with at least one instance matching every criterion of ``selector``."""
+               since: datetime | None = None, sites: SiteScope | None = None) -> list[str]:
+    """Studies with at least one instance matching every criterion of ``selector``, and, with
+    ``sites``, every instance of which is in that scope. A selector naming sites needs their
+    definitions (``site_scope``): without them this refuses rather than select too much."""
+    if selector.sites and sites is None:
+        raise ValueError("the selector names sites: pass their scope (select.site_scope)")
     statement = select(Instance.study_instance_uid).distinct()
+    if sites is not None:
+        statement = statement.where(within(sites))
     if selector.patients:
         statement = statement.where(Instance.patient_id.in_(selector.patients))
     if selector.studies:
@@ -138,13 +181,18 @@ def summaries(session: Session, studies: Sequence[str]) -> list[StudySummary]:
                                                  s.study_instance_uid))
 
 
-def items(session: Session, studies: Sequence[str]) -> list[Item]:
+def items(session: Session, studies: Sequence[str],
+          sites: SiteScope | None = None) -> list[Item]:
     """Every instance of ``studies``, study by study in the order given, each study's in the
-    order the archive lists them; with the confirmed copies of each."""
+    order the archive lists them; with the confirmed copies of each. With ``sites``: only
+    studies still wholly in scope (an instance of another site that arrived after the plan
+    drops its study here, rather than leak)."""
     rows: list[Instance] = []
     for chunk in _chunks(studies):
-        rows.extend(session.execute(select(Instance).where(
-            Instance.study_instance_uid.in_(chunk))).scalars())
+        statement = select(Instance).where(Instance.study_instance_uid.in_(chunk))
+        if sites is not None:
+            statement = statement.where(within(sites))
+        rows.extend(session.execute(statement).scalars())
     copies: dict[int, list[tuple[str, str]]] = {}
     for chunk in _chunks([r.id for r in rows]):
         for instance_id, destination, remote_id in session.execute(

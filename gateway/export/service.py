@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from gateway.config import ExportJob, GatewayConfig, OrthancDestination
 from gateway.db.models import JobRun
+from gateway.export import select as select_sites
 from gateway.export.build import ExportFailed
 from gateway.export.progress import CountsReporter, LineReporter, Reporter, Reporters
 from gateway.export.run import (
@@ -59,10 +60,12 @@ def run_job(config: GatewayConfig, job: ExportJob, sessions: Callable[[], Sessio
                           CountsReporter(running_counts(sessions, job.name, node))])
     exporter = Exporter(sessions, make_sources(config), reporter, clock, metrics,
                         checkpoint_bytes=job.checkpoint_mb * MIB)
+    sites = (select_sites.site_scope(config.site(name) for name in job.select.sites)
+             if job.select.sites else None)
     report = exporter.run(ExportRequest(
         key=f"job-{job.name}", actor=f"job:{job.name}", what="job", selector=job.select,
         per=job.per, options=job.options, destination=job.destination, job=job.name,
-        since=since, then_plan_again=True))
+        since=since, then_plan_again=True, sites=sites))
     counts = report.counts()
     if job.keep_days is not None:
         counts["expired"] = expire(job.destination, job.keep_days, clock())

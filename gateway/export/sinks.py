@@ -52,30 +52,46 @@ def _check(name: str) -> None:
         raise ValueError("an archive entry name would leave the archive's folder")
 
 
+# ``on_final(final, finished)``: the archive file's bytes before ``final`` will not change any
+# more (``finished``: the archive is complete, ``final`` is its size). Called on the writer's
+# thread after each entry; the export API streams those bytes to its client while the archive
+# is built (gateway.web.stream). An exception raised by it stops the build.
+FinalHook = Callable[[int, bool], None]
+
+
 class ZipSink:
-    """The ZIP, and its SHA-256 computed behind the writer (``gateway.export.behind``)."""
+    """The ZIP, and its SHA-256 computed behind the writer (``gateway.export.behind``).
+
+    Every byte before the entry being written is final (``gateway.export.zipstream`` patches a
+    CRC inside the current entry only); ``on_final`` is told as that point moves."""
 
     def __init__(self, path: Path, when: datetime, done: Sequence[Entry],
-                 force_zip64: bool = False) -> None:
+                 force_zip64: bool = False, on_final: FinalHook | None = None) -> None:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self._file: BinaryIO = os.fdopen(descriptor, "r+b", buffering=0)
         self._writer = ZipWriter(self._file, when, done, force_zip64)
         self._hasher = Hasher(path)
-        self._hasher.final_upto(self._writer.position)
+        self._on_final = on_final
+        self._final(self._writer.position)
 
     def add_file(self, name: str, source: BinaryIO, size: int) -> Entry:
         """The entry's SHA-256 is computed by the hasher, from the archive, behind the writer."""
         _check(name)
         entry = self._writer.add_file(name, source, size)
         self._hasher.watch(name, entry.end - entry.size, entry.end)
-        self._hasher.final_upto(entry.end)
+        self._final(entry.end)
         return entry
 
     def add_bytes(self, name: str, data: bytes) -> Entry:
         _check(name)
         entry = self._writer.add_bytes(name, data)
-        self._hasher.final_upto(entry.end)
+        self._final(entry.end)
         return replace(entry, sha256=hashlib.sha256(data).hexdigest())
+
+    def _final(self, offset: int, finished: bool = False) -> None:
+        self._hasher.final_upto(offset)
+        if self._on_final is not None:
+            self._on_final(offset, finished)
 
     def resolve(self, entry: Entry) -> Entry:
         if entry.sha256:
@@ -89,7 +105,10 @@ class ZipSink:
     def finish(self) -> str:
         size = self._writer.finish()
         os.fsync(self._file.fileno())
-        return self._hasher.result(size)
+        digest = self._hasher.result(size)
+        if self._on_final is not None:
+            self._on_final(size, True)
+        return digest
 
     def close(self) -> None:
         self._hasher.close()

@@ -43,6 +43,8 @@ _BY_LEVEL: dict[Level, dict[str, InstrumentedAttribute[Any]]] = {
         "SeriesNumber": Instance.series_number,
         "SeriesDescription": Instance.series_description,
         "BodyPartExamined": Instance.body_part_examined,
+        # PS3.3 C.7.5.1 General Equipment: the equipment's, so constant within a series
+        "InstitutionName": Instance.institution_name,
     },
     "IMAGE": {
         "SOPInstanceUID": Instance.sop_instance_uid,
