@@ -6,7 +6,7 @@ the C-STORE handler, and the modality waits for work that is not its own. In a c
 stage uses the other core; the two share only the database, where the stage's work queue lives
 anyway (the outbox, the pending rewrites).
 
-The parent wakes the child after each recorded instance (a multiprocessing Event; many wakes
+Every receiver process wakes the child after each recorded instance (a ``Doorbell``; many wakes
 coalesce into one) and receives its metric updates over a queue (it owns ``/metrics``). The child
 is forked before any thread of the parent starts, dies with the parent (``PR_SET_PDEATHSIG``), and
 is started again if it dies alone: its queue is in the database, so nothing is lost.
@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import select
 import signal
 import threading
 from collections.abc import Callable
@@ -28,6 +29,35 @@ from gateway.lifetime import die_with_parent
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
 GATHER_S = 0.1
+
+
+class Doorbell:
+    """A wake-up that any process forked after it may ring: one byte into a non-blocking pipe.
+    A write takes no lock, so a receiver process killed while ringing leaves nothing held (a
+    multiprocessing Event's lock would stay held, stalling every other receiver and the stage);
+    a full pipe means it is rung already."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout_s: float) -> bool:
+        ready, _, _ = select.select([self._read], [], [], timeout_s)
+        return bool(ready)
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
 
 class Stage(Protocol):
@@ -58,7 +88,7 @@ class StageProcess:
         self._niceness = niceness
         self._stop_timeout_s = stop_timeout_s
         self._on_message = on_message
-        self._wake = self._ctx.Event()
+        self._wake = Doorbell()
         self._stop = self._ctx.Event()
         self._messages: Any = self._ctx.Queue()
         self._process: Any = None
