@@ -222,6 +222,7 @@ class ReceiverWorkers:
             daemon=False,  # stopped by us, or by the kernel when we die (PR_SET_PDEATHSIG)
         )
         process.start()
+        log.info("receiver process %d started (slot %d)", process.pid, slot)
         theirs.close()  # only the worker holds its end: what is queued there dies with it
         with self._lock:
             old, self._channels[slot] = self._channels[slot], ours
