@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from gateway.lifetime import die_with_parent
+from gateway.lifetime import die_with_parent, name_process
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
@@ -124,7 +124,7 @@ class StageProcess:
     def _spawn(self) -> None:
         self._process = self._ctx.Process(
             target=_child_main,
-            args=(self._build, self._niceness, self._stop_timeout_s, self._stop, self._wake,
+            args=(self._name, self._build, self._niceness, self._stop_timeout_s, self._stop, self._wake,
                   self._messages),
             name=f"gateway-{self._name}",
             daemon=False,  # it may have children of its own (the rewrite pool); it dies with us
@@ -151,9 +151,10 @@ class StageProcess:
             self._on_message(message)
 
 
-def _child_main(build: StageFactory, niceness: int, stop_timeout_s: float, stop: Any, wake: Any,
-                messages: Any) -> None:
+def _child_main(name: str, build: StageFactory, niceness: int, stop_timeout_s: float, stop: Any,
+                wake: Any, messages: Any) -> None:
     die_with_parent()
+    name_process(f"gw-{name}")
     os.nice(niceness)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the parent to handle
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

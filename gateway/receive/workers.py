@@ -44,7 +44,7 @@ from typing import Any, Protocol, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from gateway.lifetime import die_with_parent
+from gateway.lifetime import die_with_parent, name_process
 
 log = logging.getLogger(__name__)
 ACCEPT_POLL_S = 0.2
@@ -282,6 +282,7 @@ class ReceiverWorkers:
 def _worker_main(build: WorkerFactory, slot: int, channel: socket.socket, listener_fd: int,
                  grace_s: float) -> None:
     die_with_parent()
+    name_process(f"gw-receiver-{slot}")
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the supervisor
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
