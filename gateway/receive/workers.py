@@ -238,7 +238,8 @@ class ReceiverWorkers:
                     continue
                 log.error("receiver process %d (slot %d) exited (code %s); its associations "
                           "ended with it; starting another", process.pid, slot, process.exitcode)
-                self._board.forget(slot)
+                with self._lock:  # not while the acceptor counts a connection handed to it
+                    self._board.forget(slot)
                 self._on_exit(process.pid)
                 self.restarts += 1
                 self._spawn(slot)
