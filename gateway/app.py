@@ -1,18 +1,28 @@
 """Composition root: builds every part from the configuration, starts and stops them in order.
 
 Nothing else in the package constructs collaborators; everything gets them through ``__init__``.
+
+One process, or a supervisor and ``dicom.workers`` receiver processes (``gateway.receive.workers``):
+the supervisor accepts connections and hands each to a worker, runs the forward and remap stages
+(as child processes, as in one process), the HTTP endpoint, the scheduled jobs and HL7 intake;
+each worker builds its own receiving half (``_receiving``: spool view, database engines, C-STORE,
+query, worklist and MPPS services) after it forks.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import socket
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from pydicom import config as pydicom_config
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.busy import ReceiverLoad
@@ -30,7 +40,7 @@ from gateway.jobs.ledger import RunLedger
 from gateway.jobs.runner import JobRunner
 from gateway.jobs.scheduler import JobScheduler
 from gateway.logs import quiet_pynetdicom
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, process_ended, use_multiprocess
 from gateway.query.retrieve import Loader
 from gateway.query.service import QueryService
 from gateway.receive import fastpath
@@ -38,7 +48,8 @@ from gateway.receive.associations import AssociationLedger
 from gateway.receive.ingest import Ingest, is_recorded
 from gateway.receive.scp import Receiver
 from gateway.receive.spool import Spool
-from gateway.remap.rules import load_rules
+from gateway.receive.workers import Admissions, ReceiverWorkers, WorkerBoard
+from gateway.remap.rules import RuleSet, load_rules
 from gateway.remap.stage import Remapper
 from gateway.remap.worker import remap_stage
 from gateway.stage_process import StageProcess
@@ -57,18 +68,37 @@ FORWARD_NICENESS = 5
 REMAP_NICENESS = 5
 
 
+@dataclass
+class _Receiving:
+    """The receiving half: what one process needs to answer associations."""
+
+    receiver: Receiver
+    query: QueryService
+    worklist: WorklistService
+
+    def close(self) -> None:
+        self.query.close()
+        self.worklist.close()
+
+
 class Gateway:
     def __init__(
         self,
         config: GatewayConfig,
         registry: CollectorRegistry | None = None,
         free_bytes: Callable[[Path], int] | None = None,
+        processes: bool = False,
     ) -> None:
+        """``processes``: honour ``dicom.workers`` (fork that many receiver processes; metrics
+        in multiprocess mode, which is process-wide). Only for the caller that owns the process,
+        ``gateway serve``; without it the gateway is one process whatever ``workers`` says."""
         fastpath.check_version()
         quiet_pynetdicom()
         # Values that break VR rules (vendors send plenty) must not fail storage; structure must.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         self.config = config
+        self._free_bytes = free_bytes
+        workers = config.dicom.workers if processes else 1
         self.engine = make_engine(config.database.url, config.database.busy_timeout_s)
         upgrade(self.engine)
         self.sessions = make_sessions(self.engine)
@@ -82,61 +112,54 @@ class Gateway:
         if removed:
             log.warning("removed %d unacknowledged partial files left by a previous stop", removed)
         fastpath.receive_datasets_into(self.spool.incoming)
-        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self._metrics_dir: Path | None = None
+        if workers > 1:
+            self._metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+            use_multiprocess(self._metrics_dir)
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry(),
+                               self._metrics_dir)
         self.metrics.watch_spool(self.spool.free_bytes, self.spool.min_free_bytes)
-        # How busy the receiver is, read by the background stages' processes (gateway.busy)
+        # How busy the receivers are, read by the background stages' processes (gateway.busy)
         self.load: ReceiverLoad | None = None
         if config.remap.rules_file is not None or config.forward.destinations:
-            self.load = ReceiverLoad()
-        self.remapper: Remapper | None = None
+            self.load = ReceiverLoad(slots=workers)
+        self._rules: RuleSet | None = None
         self.remap_worker: StageProcess | None = None
         if config.remap.rules_file is not None:
-            self.remapper = Remapper(load_rules(config.remap.rules_file), config.remap, self.engine)
+            self._rules = load_rules(config.remap.rules_file)
             self.remap_worker = StageProcess(
                 "remap", remap_stage(config, self.spool.root, self.load), REMAP_NICENESS,
                 config.dicom.shutdown_grace_s,
             )
         self.forwarder: StageProcess | None = None
-        router: Router | None = None
+        self._router: Router | None = None
         # Built here too, so a missing password stops `serve` before it listens; the Orthanc
         # ones fetch back, for C-MOVE and C-GET, what retention removed from the spool.
         destinations = [build_destination(d, config.dicom.ae_title)
                         for d in config.forward.destinations]
-        orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
+        self._orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
         if destinations:
             counters = PrometheusCounters(self.metrics)
             self.forwarder = StageProcess(
                 "forward", forward_stage(config, self.spool, self.load), FORWARD_NICENESS,
                 config.dicom.shutdown_grace_s, lambda message: apply(counters, message),
             )
-            router = Router(config.forward)
+            self._router = Router(config.forward)
             names = [d.name for d in destinations]
             self.metrics.watch_queue(lambda: queue_stats(self.engine, names))
-        self.query = query = QueryService(
-            self.engine, config.query, config.dicom.ae_title, config.security.peers,
-            Loader(self.spool.root, orthancs), self.metrics,
-        )
-        self.worklist = WorklistService(self.engine, config.worklist,
-                                        config.query.case_insensitive_names, self.metrics)
-        self.receiver = Receiver(
-            config.dicom,
-            PeerPolicy(config.security, config.dicom.ae_title),
-            Ingest(
-                self.spool,
-                self.engine,
-                config.storage.duplicate_policy,
-                remapper=self.remapper,
-                on_pending=self.remap_worker.notify if self.remap_worker else lambda _: None,
-                router=router,
-                on_queued=self.forwarder.notify if self.forwarder else lambda: None,
-            ),
-            AssociationLedger(self.ledger_engine),
-            self.metrics,
-            query,
-            self.load,
-            performed=PerformedStepService(self.engine, self.metrics),
-            worklist=self.worklist,
-        )
+        self.receiver: Receiver | None = None
+        self._receiving: _Receiving | None = None
+        self.workers: ReceiverWorkers | None = None
+        if workers == 1:
+            self._receiving = self._receiving_half(self.engine, self.ledger_engine, self.spool)
+            self.receiver = self._receiving.receiver
+        else:
+            self._board = WorkerBoard(workers)
+            self.workers = ReceiverWorkers(
+                workers, self._receiver_process, self._board,
+                (config.dicom.bind_host, config.dicom.port), config.dicom.shutdown_grace_s,
+                self._receiver_process_ended,
+            )
         node = config.forward.node_name
         runs = RunLedger(self.engine, node)
         self.jobs = JobScheduler(
@@ -161,6 +184,70 @@ class Gateway:
             self.http = WebServer(config.metrics.host, config.metrics.port,
                                   build_app(self.metrics.registry, self.health, api))
 
+    def _receiving_half(self, engine: Engine, ledger_engine: Engine, spool: Spool,
+                        admissions: Admissions | None = None) -> _Receiving:
+        config = self.config
+        remapper = (Remapper(self._rules, config.remap, engine)
+                    if self._rules is not None else None)
+        query = QueryService(
+            engine, config.query, config.dicom.ae_title, config.security.peers,
+            Loader(spool.root, self._orthancs), self.metrics,
+        )
+        worklist = WorklistService(engine, config.worklist, config.query.case_insensitive_names,
+                                   self.metrics)
+        receiver = Receiver(
+            config.dicom,
+            PeerPolicy(config.security, config.dicom.ae_title),
+            Ingest(
+                spool,
+                engine,
+                config.storage.duplicate_policy,
+                remapper=remapper,
+                on_pending=self.remap_worker.notify if self.remap_worker else lambda _: None,
+                router=self._router,
+                on_queued=self.forwarder.notify if self.forwarder else lambda: None,
+            ),
+            AssociationLedger(ledger_engine),
+            self.metrics,
+            query,
+            self.load,
+            performed=PerformedStepService(engine, self.metrics),
+            worklist=worklist,
+            admissions=admissions,
+        )
+        return _Receiving(receiver, query, worklist)
+
+    def _receiver_process(self, slot: int, handed: socket.socket) -> _ReceiverProcess:
+        """Runs in receiver process ``slot``, just forked: its own spool folders (recovered
+        from its predecessor's crash, if any), its own database engines, its own services."""
+        config = self.config
+        # The supervisor's pools, copied by fork: dropped here without closing its connections
+        self.engine.dispose(close=False)
+        self.ledger_engine.dispose(close=False)
+        if self.load is not None:
+            self.load.use_slot(slot)
+        spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * MIB,
+                      self._free_bytes, worker=slot)
+        engine = make_engine(config.database.url, config.database.busy_timeout_s)
+        ledger_engine = make_engine(config.database.url, config.database.busy_timeout_s,
+                                    durable=False)
+        removed = spool.recover(lambda name: is_recorded(engine, name))
+        if removed:
+            log.warning("receiver process %d: removed %d unacknowledged files its predecessor "
+                        "had named", slot, removed)
+        fastpath.receive_datasets_into(spool.incoming)
+        receiving = self._receiving_half(engine, ledger_engine, spool,
+                                         self._board.admissions(slot, config.dicom.max_associations))
+        return _ReceiverProcess(receiving, handed, (engine, ledger_engine))
+
+    def _receiver_process_ended(self, pid: int) -> None:
+        removed = self.spool.remove_incoming_of(pid)
+        if removed:
+            log.warning("removed %d partly received files of receiver process %d", removed, pid)
+        self.metrics.receiver_restarts.inc()
+        if self._metrics_dir is not None:
+            process_ended(self._metrics_dir, pid)
+
     def health(self) -> dict[str, bool]:
         try:
             with self.engine.connect() as connection:
@@ -169,6 +256,8 @@ class Gateway:
         except SQLAlchemyError:
             database = False
         checks = {"database": database, "spool_free": self.spool.has_room_for(0)}
+        if self.workers is not None:
+            checks["receiving"] = self.workers.alive() > 0
         if self.forwarder is not None:
             checks["forwarding"] = self.forwarder.alive()
         if self.remap_worker is not None:
@@ -181,9 +270,12 @@ class Gateway:
             self.forwarder.start()
         if self.remap_worker is not None:
             self.remap_worker.start()
+        if self.workers is not None:
+            self.workers.start()
         if self.http is not None:
             self.http.start()
-        self.receiver.start()
+        if self.receiver is not None:
+            self.receiver.start()
         if self.hl7 is not None:
             self.hl7.start()
         self.jobs.start()
@@ -192,9 +284,12 @@ class Gateway:
         self.jobs.stop()
         if self.hl7 is not None:
             self.hl7.stop()
-        self.receiver.stop(self.config.dicom.shutdown_grace_s)
-        self.query.close()
-        self.worklist.close()
+        if self.receiver is not None:
+            self.receiver.stop(self.config.dicom.shutdown_grace_s)
+        if self.workers is not None:
+            self.workers.stop()  # each drains its associations within shutdown_grace_s
+        if self._receiving is not None:
+            self._receiving.close()
         if self.remap_worker is not None:
             self.remap_worker.stop()
         if self.forwarder is not None:
@@ -203,6 +298,27 @@ class Gateway:
             self.http.stop()
         self.engine.dispose()
         self.ledger_engine.dispose()
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+
+class _ReceiverProcess:
+    """A worker's receiving half, as ``gateway.receive.workers`` runs it."""
+
+    def __init__(self, receiving: _Receiving, handed: socket.socket,
+                 engines: tuple[Engine, ...]) -> None:
+        self._receiving = receiving
+        self._handed = handed
+        self._engines = engines
+
+    def start(self) -> None:
+        self._receiving.receiver.start(self._handed)
+
+    def stop(self, grace_s: float) -> None:
+        self._receiving.receiver.stop(grace_s)
+        self._receiving.close()
+        for engine in self._engines:
+            engine.dispose()
 
 
 def _now() -> datetime:

@@ -89,31 +89,40 @@ class Stopping(Protocol):
 class ReceiverLoad:
     """Created before the stages' processes fork; the receiver adds, the stages read.
     ``monotonic`` must be the clock the readers' ``BurstHold`` uses (``time.monotonic`` is one
-    clock for all processes; a test passes its own)."""
+    clock for all processes; a test passes its own).
 
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+    With several receiver processes (``dicom.workers``) each adds to its own ``slot`` (set with
+    ``use_slot`` in the worker), so no two processes ever write one number; readers see the sums
+    (and the latest end of any)."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic, slots: int = 1) -> None:
         context = multiprocessing.get_context("fork")
-        self._seconds: Any = context.RawValue("d", 0.0)
-        self._count: Any = context.RawValue("q", 0)
-        self._last: Any = context.RawValue("d", 0.0)
+        self._seconds: Any = context.RawArray("d", slots)
+        self._count: Any = context.RawArray("q", slots)
+        self._last: Any = context.RawArray("d", slots)
+        self._slot = 0
         self._monotonic = monotonic
         self._lock = threading.Lock()  # association threads add concurrently
 
+    def use_slot(self, slot: int) -> None:
+        """In receiver process ``slot`` of several, before it receives."""
+        self._slot = slot
+
     def add(self, seconds: float) -> None:
         with self._lock:
-            self._seconds.value += seconds
-            self._count.value += 1
-            self._last.value = self._monotonic()
+            self._seconds[self._slot] += seconds
+            self._count[self._slot] += 1
+            self._last[self._slot] = self._monotonic()
 
     def seconds(self) -> float:
-        return float(self._seconds.value)
+        return float(sum(self._seconds))
 
     def count(self) -> int:
-        return int(self._count.value)
+        return int(sum(self._count))
 
     def last(self) -> float:
         """When the last C-STORE handler ended, on the ``monotonic`` clock."""
-        return float(self._last.value)
+        return float(max(self._last))
 
 
 _Sample = tuple[float, float, int]  # monotonic time, handler seconds, handler count

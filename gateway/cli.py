@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        gateway = Gateway(config)
+        gateway = Gateway(config, processes=True)
         gateway.start()
     except ConfigError as exc:  # found while building, after the checks: say it the same way
         raise _refuse(args.config, exc.problems)

@@ -50,6 +50,9 @@ class DicomConfig(_Model):
     bind_host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(40, ge=1, le=1000)
+    # Receiver processes of `gateway serve` (gateway.receive.workers): one C-STORE path per core;
+    # 1 is a single process. max_associations holds for all of them together.
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     max_pdu_size: int = Field(4_194_304, ge=0, description="0 means unlimited")
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)

@@ -1,16 +1,33 @@
 """Prometheus metrics, all on a registry passed in, so each test and each app has its own.
 
 Labels carry AE titles, statuses and reasons only: never patient values.
+
+With several receiver processes (``dicom.workers``) the node runs in prometheus-client's
+multiprocess mode (``use_multiprocess``): every process keeps its values in files of its own in a
+fresh folder, and ``/metrics`` sums them with ``MultiProcessCollector`` (a counter counts each
+instance once, whichever worker took it; ``gateway_associations_active`` is the sum over live
+processes). Figures read at scrape time (spool free space, queue depth) are collected by the
+supervisor beside it. Series names and labels are the same in both modes.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    values,
+)
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -28,8 +45,26 @@ class QueueRow(Protocol):
 JOB_BUCKETS_S = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
 
+def use_multiprocess(folder: Path) -> None:
+    """Switch this process, and every process it forks from now on, to multiprocess mode: each
+    metric made after this call keeps its values in ``folder`` (which must be empty: a fresh
+    one per run, or a previous run's counts would be added in). Process-wide, as
+    prometheus-client reads it; ``gateway serve`` calls it, never a test process."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    values.ValueClass = values.MultiProcessValue()
+
+
+def process_ended(folder: Path, pid: int) -> None:
+    """A worker exited: its live gauges (open associations) no longer count; its counters do."""
+    mark_process_dead(pid, str(folder))
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, multiprocess: Path | None = None) -> None:
+        """``multiprocess``: the folder given to ``use_multiprocess``; ``registry`` then serves
+        every process's values, and the metrics themselves are not registered on it."""
+        self._multiprocess = multiprocess
+        own = registry if multiprocess is None else None
         # No ``*_created`` series beside every counter and histogram (prometheus-client's
         # default): a timestamp per series nobody graphs, doubling what each scrape carries.
         # Process-wide in prometheus-client, so it is set here, where the metrics are made.
@@ -39,121 +74,122 @@ class Metrics:
             "gateway_associations",
             "Association requests by result and rejection reason",
             ["result", "reason"],
-            registry=registry,
+            registry=own,
         )
         self.associations_active = Gauge(
-            "gateway_associations_active", "Associations open now", registry=registry
+            "gateway_associations_active", "Associations open now", registry=own,
+            multiprocess_mode="livesum",
         )
         self.instances = Counter(
             "gateway_instances_received",
             "C-STORE requests answered, by calling AE and DIMSE status",
             ["calling_ae", "status"],
-            registry=registry,
+            registry=own,
         )
         self.bytes = Counter(
             "gateway_received_bytes",
             "Bytes of instances kept, by calling AE",
             ["calling_ae"],
-            registry=registry,
+            registry=own,
         )
         self.duplicates = Counter(
             "gateway_duplicates",
             "Instances received again, by outcome (identical, kept_first, replaced, rejected)",
             ["outcome"],
-            registry=registry,
+            registry=own,
+        )
+        self.receiver_restarts = Counter(
+            "gateway_receiver_restarts",
+            "Receiver processes started again after one died (dicom.workers > 1)",
+            registry=own,
         )
         self.store_seconds = Histogram(
             "gateway_store_seconds",
             "Time from a complete C-STORE request to its answer",
             buckets=STORE_BUCKETS_S,
-            registry=registry,
+            registry=own,
         )
-        self.spool_min_free_bytes = Gauge(
-            "gateway_spool_min_free_bytes",
-            "storage.min_free_mb: below this free space every C-STORE is refused", registry=registry
-        )
-        self.spool_free_bytes = Gauge(
-            "gateway_spool_free_bytes", "Free space on the spool's filesystem", registry=registry
-        )
+        if multiprocess is not None:
+            MultiProcessCollector(registry, path=str(multiprocess))
 
         d = ["destination"]
         self.forwarded = Counter("gateway_forwarded", "Instances a destination said it stored",
-                                 d, registry=registry)
+                                 d, registry=own)
         self.forward_failures = Counter(
             "gateway_forward_failures", "Failed sends by destination and kind (retriable, permanent)",
-            d + ["kind"], registry=registry)
+            d + ["kind"], registry=own)
         self.dead_letters = Counter("gateway_forward_dead", "Jobs moved to the dead letters",
-                                    d, registry=registry)
+                                    d, registry=own)
         self.confirmed = Counter("gateway_forward_confirmed",
                                  "Instances the destination was asked about and holds", d,
-                                 registry=registry)
+                                 registry=own)
         self.requeued_missing = Counter(
             "gateway_forward_requeued_missing",
             "Forwarded instances the destination did not hold when verified (sent again)", d,
-            registry=registry)
+            registry=own)
         self.verify_gave_up = Counter(
             "gateway_forward_verify_gave_up",
             "Instances dead-lettered because the destination still lacked them after "
-            "forward.max_verify_misses verifications (it may change UIDs)", d, registry=registry)
+            "forward.max_verify_misses verifications (it may change UIDs)", d, registry=own)
         self.forward_latency = Histogram(
             "gateway_forward_latency_seconds", "From received to confirmed at the destination",
-            d, buckets=LATENCY_BUCKETS_S, registry=registry)
+            d, buckets=LATENCY_BUCKETS_S, registry=own)
         self.forward_batch_seconds = Histogram(
             "gateway_forward_batch_seconds", "Time to send one claimed batch", d,
-            buckets=STORE_BUCKETS_S, registry=registry)
+            buckets=STORE_BUCKETS_S, registry=own)
         self.breaker_open = Gauge("gateway_forward_breaker_open",
                                   "1 while the destination's circuit breaker is open", d,
-                                  registry=registry)
+                                  registry=own, multiprocess_mode="mostrecent")
 
         self.queries = Counter("gateway_queries",
                                "C-FIND, C-MOVE and C-GET requests by kind, calling AE and status",
-                               ["kind", "calling_ae", "status"], registry=registry)
+                               ["kind", "calling_ae", "status"], registry=own)
         self.query_seconds = Histogram("gateway_query_seconds", "C-FIND request to final response",
-                                       buckets=STORE_BUCKETS_S, registry=registry)
+                                       buckets=STORE_BUCKETS_S, registry=own)
         self.suboperations = Counter("gateway_retrieve_suboperations",
                                      "Instances offered to C-MOVE and C-GET sub-operations",
-                                     ["kind"], registry=registry)
+                                     ["kind"], registry=own)
 
         # Modality Worklist (gateway.worklist)
         self.worklist_queries = Counter(
             "gateway_worklist_queries", "Modality Worklist C-FIND requests by calling AE and status",
-            ["calling_ae", "status"], registry=registry)
+            ["calling_ae", "status"], registry=own)
         self.worklist_items_returned = Counter(
             "gateway_worklist_items_returned", "Worklist items answered, by calling AE",
-            ["calling_ae"], registry=registry)
+            ["calling_ae"], registry=own)
         self.worklist_query_seconds = Histogram(
             "gateway_worklist_query_seconds", "Modality Worklist C-FIND request to final response",
-            buckets=STORE_BUCKETS_S, registry=registry)
+            buckets=STORE_BUCKETS_S, registry=own)
 
         # Scheduled jobs (gateway.jobs)
         self.job_runs = Counter("gateway_job_runs", "Job runs by job and outcome",
-                                ["job", "outcome"], registry=registry)
+                                ["job", "outcome"], registry=own)
         self.job_seconds = Histogram("gateway_job_run_seconds", "How long each job run took",
-                                     ["job"], buckets=JOB_BUCKETS_S, registry=registry)
+                                     ["job"], buckets=JOB_BUCKETS_S, registry=own)
         self.job_last_success = Gauge("gateway_job_last_success_timestamp_seconds",
                                       "When each job last ended in success (Unix time)",
-                                      ["job"], registry=registry)
+                                      ["job"], registry=own, multiprocess_mode="max")
 
         # HL7 order intake (gateway.worklist.hl7): message_type is ORM^O01, OMI^O23, "other"
         # (answered AR) or "unknown" (no readable MSH); ack_code AA, AE or AR
         self.hl7_messages = Counter("gateway_hl7_messages", "HL7 messages by type and ACK code",
-                                    ["message_type", "ack_code"], registry=registry)
+                                    ["message_type", "ack_code"], registry=own)
         # Modality Performed Procedure Steps (gateway.worklist.mpps)
         self.mpps_transitions = Counter(
             "gateway_mpps_transitions",
             "MPPS transitions accepted, by the status reached (in_progress, completed, "
-            "discontinued)", ["status"], registry=registry)
+            "discontinued)", ["status"], registry=own)
         # Exports (gateway.export): one per archive
         self.exports = Counter("gateway_exports", "Export archives by outcome (success, failed)",
-                               ["outcome"], registry=registry)
+                               ["outcome"], registry=own)
         self.export_bytes = Counter("gateway_export_bytes", "Bytes of export archives written",
-                                    registry=registry)
+                                    registry=own)
         self.export_seconds = Histogram("gateway_export_seconds",
                                         "Time to build and place one export archive",
-                                        buckets=JOB_BUCKETS_S, registry=registry)
+                                        buckets=JOB_BUCKETS_S, registry=own)
         self.export_previews = Counter("gateway_export_previews",
                                        "Preview images rendered into export archives",
-                                       registry=registry)
+                                       registry=own)
 
     def export_finished(self, outcome: str, bytes: int, seconds: float) -> None:
         self.exports.labels(outcome).inc()
@@ -176,8 +212,24 @@ class Metrics:
     def watch_spool(self, free_bytes: Callable[[], int], min_free_bytes: int) -> None:
         """Read free space at scrape time, so the gauge is never stale; the minimum beside it,
         so an alert compares the two instead of repeating the configured number."""
-        self.spool_free_bytes.set_function(lambda: float(free_bytes()))
-        self.spool_min_free_bytes.set(min_free_bytes)
+        self.registry.register(_SpoolCollector(free_bytes, min_free_bytes))
+
+
+class _SpoolCollector(Collector):
+    def __init__(self, free_bytes: Callable[[], int], min_free_bytes: int) -> None:
+        self._free_bytes = free_bytes
+        self._min_free_bytes = min_free_bytes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "gateway_spool_min_free_bytes",
+            "storage.min_free_mb: below this free space every C-STORE is refused",
+            value=float(self._min_free_bytes))
+        yield GaugeMetricFamily("gateway_spool_free_bytes", "Free space on the spool's filesystem",
+                                value=float(self._free_bytes()))
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())
 
 
 class _QueueCollector(Collector):

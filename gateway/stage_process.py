@@ -6,7 +6,7 @@ the C-STORE handler, and the modality waits for work that is not its own. In a c
 stage uses the other core; the two share only the database, where the stage's work queue lives
 anyway (the outbox, the pending rewrites).
 
-The parent wakes the child after each recorded instance (a multiprocessing Event; many wakes
+Every receiver process wakes the child after each recorded instance (a ``Doorbell``; many wakes
 coalesce into one) and receives its metric updates over a queue (it owns ``/metrics``). The child
 is forked before any thread of the parent starts, dies with the parent (``PR_SET_PDEATHSIG``), and
 is started again if it dies alone: its queue is in the database, so nothing is lost.
@@ -18,16 +18,46 @@ import logging
 import multiprocessing
 import os
 import queue
+import select
 import signal
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from gateway.lifetime import die_with_parent
+from gateway.lifetime import die_with_parent, name_process
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0
 GATHER_S = 0.1
+
+
+class Doorbell:
+    """A wake-up that any process forked after it may ring: one byte into a non-blocking pipe.
+    A write takes no lock, so a receiver process killed while ringing leaves nothing held (a
+    multiprocessing Event's lock would stay held, stalling every other receiver and the stage);
+    a full pipe means it is rung already."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout_s: float) -> bool:
+        ready, _, _ = select.select([self._read], [], [], timeout_s)
+        return bool(ready)
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
 
 class Stage(Protocol):
@@ -58,7 +88,7 @@ class StageProcess:
         self._niceness = niceness
         self._stop_timeout_s = stop_timeout_s
         self._on_message = on_message
-        self._wake = self._ctx.Event()
+        self._wake = Doorbell()
         self._stop = self._ctx.Event()
         self._messages: Any = self._ctx.Queue()
         self._process: Any = None
@@ -94,7 +124,7 @@ class StageProcess:
     def _spawn(self) -> None:
         self._process = self._ctx.Process(
             target=_child_main,
-            args=(self._build, self._niceness, self._stop_timeout_s, self._stop, self._wake,
+            args=(self._name, self._build, self._niceness, self._stop_timeout_s, self._stop, self._wake,
                   self._messages),
             name=f"gateway-{self._name}",
             daemon=False,  # it may have children of its own (the rewrite pool); it dies with us
@@ -121,9 +151,10 @@ class StageProcess:
             self._on_message(message)
 
 
-def _child_main(build: StageFactory, niceness: int, stop_timeout_s: float, stop: Any, wake: Any,
-                messages: Any) -> None:
+def _child_main(name: str, build: StageFactory, niceness: int, stop_timeout_s: float, stop: Any,
+                wake: Any, messages: Any) -> None:
     die_with_parent()
+    name_process(f"gw-{name}")
     os.nice(niceness)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the parent to handle
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

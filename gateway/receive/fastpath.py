@@ -278,6 +278,6 @@ def receive_datasets_into(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
-        tempfile.NamedTemporaryFile, dir=folder
+        tempfile.NamedTemporaryFile, dir=folder, prefix=f"{os.getpid()}-"
     )
     dimse_messages.create_file_meta = file_meta

@@ -8,6 +8,7 @@ to ``Ingest``. Logs carry AE titles, addresses, UIDs, statuses and counts, never
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ from gateway.receive.ingest import Ingest, StoreRequest
 from gateway.receive.streaming import StreamedStore, StreamingDUL
 from gateway.receive.upper_layer import REJECT_INVALID_REQUEST
 from gateway.receive.validate import is_valid_uid
+from gateway.receive.workers import Admissions, handed_server_class
 from gateway.worklist.services import NReply, PerformedSteps, WorklistFinder
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,11 @@ class Receiver:
         load: ReceiverLoad | None = None,
         worklist: WorklistFinder | None = None,
         performed: PerformedSteps | None = None,
+        admissions: Admissions | None = None,
     ) -> None:
+        # In a receiver process of several (``gateway.receive.workers``), the node-wide counts;
+        # alone, ``max_associations`` is checked against this process's open associations.
+        self._admissions = admissions
         self._worklist = worklist
         self._performed = performed
         self._query = query
@@ -108,7 +114,10 @@ class Receiver:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> None:
+    def start(self, handed: socket.socket | None = None) -> None:
+        """Listen on ``dicom.bind_host``/``port``; or, in a receiver process of several, take
+        the connections the supervisor's acceptor sends on ``handed`` (``gateway.receive.workers``).
+        """
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
@@ -125,7 +134,8 @@ class Receiver:
             (self._config.bind_host, self._config.port),
             contexts=scp_contexts(self._config.extra_storage_sop_classes),
             evt_handlers=handlers,
-            server_class=ThreadedAssociationServer,
+            server_class=ThreadedAssociationServer if handed is None else handed_server_class(
+                handed, (self._config.bind_host, self._config.port)),
             request_handler=_handler_class(self),
         )
         thread = threading.Thread(
@@ -136,7 +146,10 @@ class Receiver:
         self.ae._servers.append(server)
         self._server = cast(ThreadedAssociationServer, server)
         host, port = self.address
-        log.info("listening as %s on %s:%d", self._config.ae_title, host, port)
+        if handed is None:
+            log.info("listening as %s on %s:%d", self._config.ae_title, host, port)
+        else:
+            log.info("receiving as %s for %s:%d", self._config.ae_title, host, port)
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let in-flight associations finish for up to ``grace_s``, then abort."""
@@ -170,7 +183,8 @@ class Receiver:
             state = _Open(calling_ae, called_ae, f"{peer[0]}:{peer[1]}", admission.services,
                           AssociationStats(None))
             with self._lock:
-                if len(self._open) >= self._config.max_associations:
+                if (not self._admissions.take() if self._admissions is not None
+                        else len(self._open) >= self._config.max_associations):
                     reject = RejectReason.LOCAL_LIMIT_EXCEEDED
                 else:
                     self._open[id(assoc)] = state
@@ -360,12 +374,16 @@ class Receiver:
         """The association's thread has ended: if no end event came (pynetdicom fired none on
         some failure paths), it is counted out now, so ``associations_active`` cannot leak."""
         self._finish(assoc)
+        if self._admissions is not None:
+            self._admissions.connection_ended()
 
     def _finish(self, assoc: Association) -> None:
         with self._lock:
             state = self._open.pop(id(assoc), None)
         if state is None:
             return
+        if self._admissions is not None:
+            self._admissions.give_back()
         self._metrics.associations_active.dec()
         self._ledger.closed(state.stats, state.end_state)
         log.info("association %s from %s %s: %d stored, %d duplicate, %d bytes",

@@ -148,15 +148,22 @@ class ClaimLog:
 
 class Spool:
     def __init__(
-        self, root: Path, min_free_bytes: int, free_bytes: Callable[[Path], int] | None = None
+        self, root: Path, min_free_bytes: int, free_bytes: Callable[[Path], int] | None = None,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: receiver process ``worker`` of several (``dicom.workers``), with its own
+        ``claims-N.log``, so that the next process in its slot cleans up after its crash
+        (``recover``) while the others receive; ``incoming/`` names start with the pid of the
+        process writing them (``remove_incoming_of``)."""
         self.root = root
+        self._worker = worker
         self.incoming = root / INCOMING
         self.min_free_bytes = min_free_bytes
         self._free_bytes = free_bytes or filesystem_free_bytes
         self._sealer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-seal")
         self.incoming.mkdir(parents=True, exist_ok=True)
-        self.claims = ClaimLog(root / CLAIMS)  # opened on first use: ``gateway status`` builds one
+        # Opened on first use: ``gateway status`` builds one
+        self.claims = ClaimLog(root / (CLAIMS if worker is None else f"claims-{worker}.log"))
 
     def free_bytes(self) -> int:
         return self._free_bytes(self.root)
@@ -247,9 +254,20 @@ class Spool:
         None of them was ever acknowledged with Success, so the sender still holds the image and
         will send it again; keeping them would only leave orphans. A name a row holds is never
         touched, whatever the log says.
+
+        A worker's spool (``worker=N``) recovers only its own claims (its predecessor's incoming
+        files are the supervisor's to remove, ``remove_incoming_of``); the node's (no ``worker``)
+        every claim log and everything else, at start.
         """
         removed = 0
-        for name in self.claims.take_pending():
+        pending = self.claims.take_pending()
+        if self._worker is None:
+            for other in sorted(self.root.glob("claims-*.log")):
+                claims = ClaimLog(other)
+                pending += claims.take_pending()
+                claims._close()
+                other.unlink()
+        for name in pending:
             path = self.root / name
             if Path(name).is_absolute() or ".." in Path(name).parts:
                 continue  # not a name this gateway wrote
@@ -258,16 +276,26 @@ class Spool:
                             name)
                 path.unlink()
                 removed += 1
-        for tmp in self.root.rglob("*.tmp"):
+        for tmp in self.root.rglob("*.tmp") if self._worker is None else ():
             tmp.unlink(missing_ok=True)
             removed += 1
-        if self.incoming.exists():
+        if self.incoming.exists() and self._worker is None:
             for leftover in self.incoming.iterdir():
                 if leftover.is_dir():
                     shutil.rmtree(leftover, ignore_errors=True)
                 else:
                     leftover.unlink(missing_ok=True)
                 removed += 1
+        return removed
+
+
+    def remove_incoming_of(self, pid: int) -> int:
+        """Files a dead receiver process was receiving (never acknowledged: the sender's
+        association died with the process)."""
+        removed = 0
+        for leftover in self.incoming.glob(f"{pid}-*"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
         return removed
 
 

@@ -1,0 +1,162 @@
+"""Several receiver processes (``dicom.workers``) behind one port, driven by DCMTK: every
+acknowledged instance kept once, the node-wide association limit, a killed worker replaced, and
+``/metrics`` summed over the processes (``gateway.receive.workers``, ``gateway.metrics``)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from tests.conftest import Served, rows, running, wait_for
+from tests.factory import write_study
+from tests.peers import dcmtk, require_tool, spool_files
+
+VERIFICATION = "1.2.840.10008.1.1"
+STARTED = re.compile(r"receiver process (\d+) started \(slot (\d+)\)")
+
+
+def _receiver_pids(gateway: Served) -> list[int]:
+    """Every receiver process the supervisor has started so far, in order."""
+    return [int(pid) for pid, _ in STARTED.findall(gateway.log())]
+
+
+def _metrics(gateway: Served) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics") as response:
+        return str(response.read().decode())
+
+
+def _send_all(gateway: Served, studies: list[list[Path]]) -> list[subprocess.CompletedProcess[str]]:
+    results: list[subprocess.CompletedProcess[str]] = [None] * len(studies)  # type: ignore[list-item]
+
+    def send(i: int) -> None:
+        results[i] = dcmtk("storescu", "-aet", f"CT{i}", "-aec", "GATEWAY", "127.0.0.1",
+                           str(gateway.port), *map(str, studies[i]))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(studies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _uids(files: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+
+def _kept_once(gateway: Served) -> set[str]:
+    """The ledger's instances, each once and each with exactly one file on disk."""
+    ledger = [str(r.sop_instance_uid) for r in rows(gateway.db_url, "SELECT * FROM instances")]
+    assert len(ledger) == len(set(ledger)), "an instance recorded twice"
+    on_disk = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+               for p in spool_files(gateway.spool)]
+    assert sorted(on_disk) == sorted(ledger), "ledger and spool disagree"
+    return set(ledger)
+
+
+def test_eight_concurrent_associations_over_two_workers_keep_each_instance_once(
+        served, db_url: str, tmp_path: Path) -> None:
+    gateway = served(db=db_url, dicom={"workers": 2})
+    wait_for(lambda: len(_receiver_pids(gateway)) == 2, 10, "two receiver processes")
+    studies = [write_study(tmp_path / f"s{i}", 6, PatientName="Müller^Jürgen") for i in range(8)]
+    results = _send_all(gateway, studies)
+    assert [r.returncode for r in results] == [0] * 8, [r.stderr for r in results]
+    sent = set().union(*map(_uids, studies))
+    assert _kept_once(gateway) == sent
+    wait_for(lambda: "gateway_associations_active 0.0" in _metrics(gateway), 10,
+             "every association counted out")
+    metrics = _metrics(gateway)
+    # Each instance counted once, whichever process took it; the series as with one process
+    for i in range(8):
+        assert f'gateway_instances_received_total{{calling_ae="CT{i}",status="0x0000"}} 6.0' \
+            in metrics
+    assert 'gateway_associations_total{reason="",result="accepted"} 8.0' in metrics
+    assert "gateway_spool_free_bytes" in metrics
+    # One family per name: the collectors of the processes are merged, not listed side by side
+    types = re.findall(r"^# TYPE (\S+)", metrics, re.MULTILINE)
+    assert len(types) == len(set(types)) and "gateway_instances_received_total" in types
+    assert gateway.stop() == 0
+
+
+def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
+        served, tmp_path: Path) -> None:
+    gateway = served(dicom={"workers": 2})
+    first = wait_for(lambda: _receiver_pids(gateway)[:2] if len(_receiver_pids(gateway)) == 2
+                     else None, 10, "two receiver processes")
+    studies = [write_study(tmp_path / f"s{i}", 60) for i in range(4)]
+    senders = [subprocess.Popen(
+        [require_tool("storescu"), "-aet", f"CT{i}", "-aec", "GATEWAY", "127.0.0.1",
+         str(gateway.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}) for i, files in
+        enumerate(studies)]
+    wait_for(lambda: len(rows(gateway.db_url, "SELECT id FROM instances")) >= 8, 30,
+             "the senders to be under way")
+    victim = first[0]
+    subprocess.run(["kill", "-KILL", str(victim)], check=True)
+    for sender in senders:
+        sender.communicate(timeout=120)
+    codes = [s.returncode for s in senders]
+    assert 0 in codes, "every association failed: the other worker should have gone on"
+    assert any(codes), "no association failed: the killed worker held none"
+    kept = _kept_once(gateway)
+    for files, code in zip(studies, codes, strict=True):
+        if code == 0:  # storescu saw Success for every image
+            assert _uids(files) <= kept
+    assert kept <= set().union(*map(_uids, studies))
+
+    wait_for(lambda: len(_receiver_pids(gateway)) == 3, 15, "the supervisor to start another")
+    assert "exited (code -9)" in gateway.log()
+    replacement = _receiver_pids(gateway)[-1]
+    assert replacement not in first and running(replacement)
+    assert not running(victim)
+    # The node serves on: enough new associations to reach the new process too
+    again = [write_study(tmp_path / f"again{i}", 3) for i in range(4)]
+    assert [r.returncode for r in _send_all(gateway, again)] == [0] * 4
+    assert set().union(*map(_uids, again)) <= _kept_once(gateway)
+    assert "gateway_receiver_restarts_total 1.0" in _metrics(gateway)
+    assert not [p for p in (gateway.spool / "incoming").iterdir() if p.name.startswith(
+        f"{victim}-")], "the killed process's partial files stayed"
+    assert gateway.stop(signal.SIGTERM) == 0
+    assert not any(running(pid) for pid in _receiver_pids(gateway))
+
+
+def test_max_associations_holds_across_workers(served) -> None:
+    gateway = served(dicom={"workers": 2, "max_associations": 2})
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(VERIFICATION)
+    held = [ae.associate("127.0.0.1", gateway.port, ae_title="GATEWAY") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = dcmtk("echoscu", "-aet", "THIRD", "-aec", "GATEWAY", "127.0.0.1",
+                      str(gateway.port))
+        assert third.returncode != 0
+        assert "Local Limit Exceeded" in third.stderr + third.stdout, third.stderr
+    finally:
+        held[0].release()
+    # A slot given back on either worker is free for the next caller, whichever worker takes it
+    wait_for(lambda: dcmtk("echoscu", "-aet", "FOURTH", "-aec", "GATEWAY", "127.0.0.1",
+                           str(gateway.port)).returncode == 0, 10, "the freed slot to be taken")
+    held[1].release()
+    metrics = _metrics(gateway)
+    assert 'gateway_associations_total{reason="local_limit_exceeded",result="rejected"} 1.0' \
+        in metrics
+    assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_drains_and_exits_0(served, tmp_path: Path, workers: int) -> None:
+    gateway = served(dicom={"workers": workers})
+    files = write_study(tmp_path / "s", 5)
+    assert dcmtk("storescu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port),
+                 *map(str, files)).returncode == 0
+    assert len(_receiver_pids(gateway)) == (workers if workers > 1 else 0)
+    assert gateway.stop(signal.SIGTERM) == 0
+    assert _kept_once(gateway) == _uids(files)
