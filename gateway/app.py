@@ -119,6 +119,7 @@ class Gateway:
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry(),
                                self._metrics_dir)
         self.metrics.watch_spool(self.spool.free_bytes, self.spool.min_free_bytes)
+        self.metrics.start_at_zero([d.name for d in config.forward.destinations])
         # How busy the receivers are, read by the background stages' processes (gateway.busy)
         self.load: ReceiverLoad | None = None
         if config.remap.rules_file is not None or config.forward.destinations:

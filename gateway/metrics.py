@@ -191,6 +191,20 @@ class Metrics:
                                        "Preview images rendered into export archives",
                                        registry=own)
 
+    def start_at_zero(self, destinations: Sequence[str]) -> None:
+        """Every series whose labels are known at start, at 0: a dashboard or alert then reads
+        0, not "no data", before the first event (Prometheus' advice for labelled metrics), and
+        in multiprocess mode a family nobody has written yet would not even be listed."""
+        for outcome in ("identical", "kept_first", "replaced", "rejected"):
+            self.duplicates.labels(outcome)
+        for kind in ("move", "get"):
+            self.suboperations.labels(kind)
+        for name in destinations:
+            for metric in (self.forwarded, self.dead_letters, self.confirmed,
+                           self.requeued_missing, self.verify_gave_up, self.forward_latency,
+                           self.forward_batch_seconds):
+                metric.labels(name)
+
     def export_finished(self, outcome: str, bytes: int, seconds: float) -> None:
         self.exports.labels(outcome).inc()
         self.export_bytes.inc(bytes)

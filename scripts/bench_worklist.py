@@ -309,7 +309,7 @@ def database_url(kind: str, workdir: Path) -> tuple[str, str | None]:
     if kind == "sqlite":
         return f"sqlite:///{workdir / 'gateway.db'}", None
     server = make_url(postgres_server_url())
-    name = f"gateway_bench_worklist_{int(time.time())}"
+    name = f"gateway_bench_worklist_{time.time_ns()}"  # fresh databases come within a second
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
