@@ -42,6 +42,7 @@ from gateway.query.service import QueryService
 from gateway.receive.associations import AssociationLedger, AssociationStats
 from gateway.receive.fastpath import FastSocket, file_meta
 from gateway.receive.ingest import Ingest, StoreRequest
+from gateway.receive.server import ReceiverServer
 from gateway.receive.streaming import StreamedStore, StreamingDUL
 from gateway.receive.upper_layer import REJECT_INVALID_REQUEST
 from gateway.receive.validate import is_valid_uid
@@ -134,7 +135,7 @@ class Receiver:
             (self._config.bind_host, self._config.port),
             contexts=scp_contexts(self._config.extra_storage_sop_classes),
             evt_handlers=handlers,
-            server_class=ThreadedAssociationServer if handed is None else handed_server_class(
+            server_class=ReceiverServer if handed is None else handed_server_class(
                 handed, (self._config.bind_host, self._config.port)),
             request_handler=_handler_class(self),
         )

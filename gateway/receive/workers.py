@@ -45,6 +45,7 @@ from typing import Any, Protocol, cast
 from pynetdicom.transport import ThreadedAssociationServer
 
 from gateway.lifetime import die_with_parent, name_process
+from gateway.receive.server import ReceiverServer
 
 log = logging.getLogger(__name__)
 ACCEPT_POLL_S = 0.2
@@ -312,7 +313,7 @@ def handed_server_class(channel: socket.socket,
     listening socket: ``serve_forever`` waits on the Unix socket, ``get_request`` receives the
     descriptor the acceptor sent (``SCM_RIGHTS``)."""
 
-    class HandedServer(ThreadedAssociationServer):
+    class HandedServer(ReceiverServer):
         def server_bind(self) -> None:
             cast(socket.socket, self.socket).close()
             self.socket = channel

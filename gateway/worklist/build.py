@@ -387,9 +387,20 @@ def apply_plans(connection: Connection, plans: Mapping[int, OrderPlan], now: dat
                            .values(status=bindparam("status"),
                                    updated_at=bindparam("updated_at")), updates)
     if inserts:
-        created = connection.execute(
-            insert(items).returning(items.c.id, items.c.order_id, items.c.step_id),
-            inserts).all()  # in any order: each row names its step (the order kept: 10x slower)
+        # A plain executemany, then the new ids read back: with RETURNING, SQLAlchemy sends
+        # one INSERT of 1,000 rows' placeholders at a time, which psycopg re-parses without its
+        # cache (4.3 s of a 9 s build of 10,000 orders on PostgreSQL); without, psycopg
+        # prepares the statement once and pipelines the rows.
+        connection.execute(insert(items), inserts)
+        new_keys = set(station_rows)
+        created = [
+            (item_id, order_id, step_id)
+            for first in range(0, len(ids), CHUNK)
+            for item_id, order_id, step_id in connection.execute(
+                select(items.c.id, items.c.order_id, items.c.step_id).where(
+                    items.c.order_id.in_(ids[first:first + CHUNK])))
+            if (order_id, step_id) in new_keys and (order_id, step_id) not in existing
+        ]
         connection.execute(insert(STATIONS), [
             {"item_id": item_id, "station_ae": ae}
             for item_id, order_id, step_id in created
