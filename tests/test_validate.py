@@ -6,12 +6,26 @@ from __future__ import annotations
 
 import logging
 import struct
+import warnings
 from io import BytesIO
+from pathlib import Path
 
+import pydicom.data
 import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from gateway.dicom.status import Status
-from gateway.receive.validate import Refused, is_valid_uid, read_header
+from gateway.receive.structure import Malformed, TopElement, check_structure
+from gateway.receive.validate import (
+    DEFER_SIZE,
+    Refused,
+    _transfer_syntax,
+    dataset_offset,
+    header_from_walk,
+    is_valid_uid,
+    read_header,
+)
 from tests.factory import make_dataset
 from tests.objects import (
     LARGE,
@@ -161,3 +175,65 @@ def test_a_uid_longer_than_any_uid_is_refused_unread() -> None:
     refused = _refusal(part10(ds, data, "explicit"), ds.SOPClassUID, ds.SOPInstanceUID)
     assert refused is not None and refused.status == Status.INVALID_UID
     assert refused.reason == "StudyInstanceUID (0020,000D) is not a valid UID (PS3.5 9.1)"
+
+
+# --- the header read from the structure walk is the header pydicom reads ----------------------
+
+def _headers(file: bytes) -> tuple[Dataset | None, Dataset]:
+    """(the walk's header, or None where it leaves the file to pydicom; pydicom's header)."""
+    fp = BytesIO(file)
+    offset = dataset_offset(fp)
+    syntax = _transfer_syntax(fp, offset)
+    top: list[TopElement] = []
+    implicit = check_structure(fp, offset, len(file), syntax.is_implicit_VR,
+                               syntax.is_little_endian, top)
+    ours = header_from_walk(fp, top, implicit, syntax.is_little_endian)
+    return ours, dcmread(BytesIO(file), defer_size=DEFER_SIZE, stop_before_pixels=True)
+
+
+def _values(ds: Dataset) -> dict[int, tuple[str, object]]:
+    """Every element as the application sees it: VR and converted value (sequences recursed)."""
+    found: dict[int, tuple[str, object]] = {}
+    for element in ds:
+        value = ([_values(item) for item in element.value] if element.VR == "SQ"
+                 else element.value)
+        found[int(element.tag)] = (str(element.VR), value)
+    return found
+
+
+@pytest.mark.parametrize("large", [True, False], ids=["large", "small"])
+@pytest.mark.parametrize("syntax", LAID_OUT)
+def test_the_header_read_from_the_walk_is_pydicoms(syntax: str, large: bool) -> None:
+    """Sequences (defined and undefined lengths), private elements, non-ASCII names, both byte
+    orders: the same elements with the same values; a value over DEFER_SIZE goes to pydicom."""
+    ds, data = encoded(syntax, large)
+    ours, theirs = _headers(part10(ds, data, syntax))
+    if ours is None:
+        assert any(len(e.value or b"") > DEFER_SIZE for e in theirs if isinstance(e.value, bytes))
+        return
+    assert _values(ours) == _values(theirs)
+    assert str(ours.PatientName) == str(theirs.PatientName)
+
+
+def test_the_header_read_from_the_walk_is_pydicoms_for_pydicoms_own_test_files() -> None:
+    """pydicom's test files: every character set it ships, implicit and explicit VR, big endian,
+    retired and private elements, odd writers. Files whose meta the gateway would not write
+    (no group length) or deflated ones are not this reader's business."""
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    compared = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's notes on its deliberately odd files
+        for path in sorted(folder.rglob("*.dcm")):
+            file = path.read_bytes()
+            try:
+                offset = dataset_offset(BytesIO(file))
+                if _transfer_syntax(BytesIO(file), offset).is_deflated:
+                    continue
+                ours, theirs = _headers(file)
+            except (Refused, Malformed):
+                continue
+            if ours is None:
+                continue
+            assert _values(ours) == _values(theirs), path.name
+            compared += 1
+    assert compared >= 50, compared

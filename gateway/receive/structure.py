@@ -36,9 +36,14 @@ _LONG_VRS = frozenset(
     vr.encode()
     for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV")
 )
-_SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 _WINDOW = 8 * 1024  # a CT header in one read; a fragment header costs no more than this
 MAX_DEPTH = 64  # nested sequences; real objects use a handful, and recursion must stay bounded
+
+
+# A top-level element as walked: tag, VR bytes (None: implicit), length (UNDEFINED_LENGTH or
+# the value's), where its value starts, where the element ends (after a delimiter, if any).
+TopElement = tuple[int, bytes | None, int, int, int]
 
 
 class Malformed(ValueError):
@@ -78,6 +83,8 @@ class _Walker:
         self._short = struct.Struct(f"{endian}HH2sH")
         self._long = struct.Struct(f"{endian}I")
         self._path: list[str] = []
+        # The top-level elements, when asked for (``check_structure``'s ``top``)
+        self.top: list[TopElement] | None = None
 
     def _at(self, position: int) -> int:
         """The buffer's offset of ``position``, with 12 bytes (or all up to the end) behind it."""
@@ -113,6 +120,7 @@ class _Walker:
         may run to ``limit`` at most; otherwise the data set fills ``limit`` exactly.
         """
         short, tag_length, long = self._short, self._tag_length, self._long
+        top = self.top if depth == 0 else None
         while True:
             if not delimited and position == limit:
                 return position
@@ -146,12 +154,16 @@ class _Walker:
             value = position + header
             if length == UNDEFINED_LENGTH:
                 position = self._undefined(tag, vr, value, limit, implicit, depth)
+                if top is not None:
+                    top.append((tag, vr, length, value, position))
                 continue
             position = value + length
             if position > limit:
                 raise self.fail(tag, f"length {length} runs past its {container}")
-            if vr == b"SQ" or (vr is None and tag in _SEQUENCE_TAGS):
+            if vr == b"SQ" or (vr is None and tag in SEQUENCE_TAGS):
                 self._sequence(tag, value, position, implicit, False, depth)
+            if top is not None:
+                top.append((tag, vr, length, value, position))
 
     def _undefined(self, tag: int, vr: bytes | None, value: int, limit: int, implicit: bool,
                    depth: int) -> int:
@@ -218,13 +230,18 @@ class _Walker:
             position += 8 + length
 
 
-def check_structure(fp: BinaryIO, start: int, end: int, implicit: bool, little: bool) -> None:
+def check_structure(fp: BinaryIO, start: int, end: int, implicit: bool, little: bool,
+                    top: list[TopElement] | None = None) -> bool:
     """Walk the data set in ``fp`` from ``start`` to ``end``; raise ``Malformed`` where it breaks.
 
     ``implicit`` is the transfer syntax's; like pydicom, the first element decides when the
-    two disagree (a sender that negotiated explicit VR and wrote implicit).
+    two disagree (a sender that negotiated explicit VR and wrote implicit): the one used is
+    returned. ``top`` receives every top-level element, in order (``TopElement``), so that the
+    header can be read from the walk instead of parsing it a second time.
     """
     walker = _Walker(fp, end, little)
+    walker.top = top
     if start + 6 <= end:
         implicit = walker.looks_implicit(start, end)
     walker.data_set(start, end, implicit, False, 0, "data set")
+    return implicit
