@@ -95,7 +95,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     config = _load_or_exit(args.config)
     engine = make_engine(config.database.url, config.database.busy_timeout_s)
-    upgrade(engine)
+    upgrade(engine, node_name=config.forward.node_name)
     engine.dispose()
     print("database schema is current")
     return 0
@@ -143,7 +143,7 @@ class _Database:
         self.engine = make_engine(url, config.database.busy_timeout_s)
         self.sessions = make_sessions(self.engine)
         if not read_only:
-            upgrade(self.engine)
+            upgrade(self.engine, node_name=config.forward.node_name)
             return
         found = current(self.engine)
         if found != head():
