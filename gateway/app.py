@@ -26,7 +26,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.busy import ReceiverLoad
-from gateway.cluster.nodes import Heartbeat, NodeRegistry
+from gateway.cluster.internal import internal_app
+from gateway.cluster.nodes import Heartbeat, NodeRegistry, NodeState, list_nodes
+from gateway.cluster.peers import make_peers
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine, make_sessions
 from gateway.db.migrate import upgrade
@@ -183,8 +185,13 @@ class Gateway:
                 from gateway.web.api import ExportApi
 
                 api = ExportApi(config, self.sessions, self.metrics, _now).app()
+            internal = None
+            if config.cluster.secret_sha256 is not None:
+                internal = internal_app(self.engine, self.spool.root, node,
+                                        config.cluster.secret_sha256)
             self.http = WebServer(config.metrics.host, config.metrics.port,
-                                  build_app(self.metrics.registry, self.health, api))
+                                  build_app(self.metrics.registry, self.health, api, internal,
+                                            self.node_states))
         url = (config.cluster.url_of(config.metrics.host, self.http.port)
                if self.http is not None else None)
         self.nodes = NodeRegistry(self.engine, node, url, config.cluster.heartbeat_s)
@@ -197,7 +204,9 @@ class Gateway:
                     if self._rules is not None else None)
         query = QueryService(
             engine, config.query, config.dicom.ae_title, config.security.peers,
-            Loader(spool.root, self._orthancs), self.metrics,
+            Loader(spool.root, self._orthancs, config.forward.node_name,
+                   make_peers(config, engine)),
+            self.metrics,
         )
         worklist = WorklistService(engine, config.worklist, config.query.case_insensitive_names,
                                    self.metrics)
@@ -271,6 +280,14 @@ class Gateway:
         if self.remap_worker is not None:
             checks["rewriting"] = self.remap_worker.alive()
         return checks
+
+    def node_states(self) -> list[NodeState]:
+        """Every node of the cluster (this one too), for ``/healthz``; a database that does not
+        answer lists none (the ``database`` check says so)."""
+        try:
+            return list_nodes(self.engine)
+        except SQLAlchemyError:
+            return []
 
     def start(self) -> None:
         # First: these fork, and no other thread of this process should exist yet.

@@ -6,19 +6,35 @@ tests/test_cluster.py; here, the parts in one process on both databases."""
 
 from __future__ import annotations
 
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pydicom
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from pydicom.uid import generate_uid
 
+from gateway.app import Gateway
 from gateway.cluster.nodes import NodeRegistry, list_nodes, waiting_on
 from gateway.db.engine import make_engine
 from gateway.db.migrate import MIGRATIONS, upgrade
 from gateway.db.models import ForwardJob, Instance
 from gateway.forward.outbox import Outbox, new_jobs
+from gateway.web.auth import token_sha256
+from tests.conftest import rows
+from tests.factory import make_dataset, write_file
+from tests.peers import dcmtk
+from tests.test_forward import start_storescp
+from tests.test_retrieve import COMPRESSED, NAME, _after_meta, _final_get, _final_move, _identifier
+
+SECRET = "cluster-secret-for-tests-only"
 
 T0 = datetime(2026, 12, 14, 9, 0, tzinfo=UTC)
 
@@ -143,3 +159,150 @@ def downgrade(engine: sa.Engine, revision: str) -> None:
         command.downgrade(config, revision)
 
 
+
+
+@pytest.fixture
+def two_nodes(make_gateway: Callable[..., Gateway], tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], tuple[Gateway, Gateway]]]:
+    """Nodes ``a`` and ``b`` in this process: own spools, one database, one cluster secret,
+    and a storescp (``ANY``, keeps the bytes as received) as a move destination."""
+    monkeypatch.setenv("GATEWAY_CLUSTER_SECRET", SECRET)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(db: str) -> tuple[Gateway, Gateway]:
+        process, port = start_storescp(tmp_path / "any", "+xa", "+B")
+        started.append(process)
+        peers = [{"ae_title": "VIEWER", "services": ["echo", "find", "move", "get"]},
+                 {"ae_title": "MODALITY", "services": ["store"]},
+                 {"ae_title": "ANY", "host": "127.0.0.1", "port": port}]
+        nodes = tuple(
+            make_gateway(db=db, storage={"spool_dir": str(tmp_path / f"spool-{n}")},
+                         forward={"node_name": n}, security={"peers": peers},
+                         cluster={"secret_sha256": token_sha256(SECRET), "heartbeat_s": 1.0})
+            for n in ("a", "b"))
+        return nodes[0], nodes[1]
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
+
+
+def send_study(app: Gateway, folder: Path) -> list[Path]:
+    """Compressed and plain instances of one study, non-ASCII name, sent with dcmsend."""
+    from pydicom.data import get_testdata_file
+
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i, name in enumerate(COMPRESSED[:2]):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SpecificCharacterSet, ds.PatientName, ds.PatientID = "ISO_IR 192", NAME, "NODE-1"
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / f"c{i}.dcm", enforce_file_format=True)
+        files.append(folder / f"c{i}.dcm")
+    for i in range(2):
+        ds = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, PatientID="NODE-1",
+                          PatientName=NAME, SpecificCharacterSet="ISO_IR 192")
+        files.append(write_file(ds, folder / f"p{i}.dcm"))
+    sent = dcmtk("dcmsend", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                 str(app.config.dicom.port), *map(str, files))
+    assert sent.returncode == 0, sent.stderr
+    return files
+
+
+def _uids(path: Path) -> tuple[str, str, str]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def test_a_retrieve_on_one_node_fetches_what_another_node_holds(
+    two_nodes: Any, tmp_path: Path, db_url: str,
+) -> None:
+    a, b = two_nodes(db_url)
+    files = send_study(b, tmp_path / "sent")
+    sent = {_uids(f) for f in files}
+    study = next(iter(sent))[0]
+    held = {r.sop_instance_uid: (r.node_name, b.config.storage.spool_dir / r.spool_path)
+            for r in rows(db_url, "SELECT sop_instance_uid, node_name, spool_path FROM instances")}
+    assert {node for node, _ in held.values()} == {"b"}
+
+    status, _ = _final_move(a, _identifier("STUDY", StudyInstanceUID=study), "ANY")
+    assert status.Status == 0x0000
+    arrived = {_uids(f): f for f in (tmp_path / "any").iterdir()}
+    assert set(arrived) == sent  # the same UIDs, each once
+    for uids, path in arrived.items():  # the bytes node b kept
+        assert _after_meta(path) == _after_meta(held[uids[2]][1]), uids
+
+    status, _, stored = _final_get(a, _identifier("STUDY", StudyInstanceUID=study))
+    assert status.Status == 0x0000 and sorted(stored) == sorted(u[2] for u in sent)
+
+
+def test_bytes_that_do_not_match_the_ledger_are_a_failed_sub_operation(
+    two_nodes: Any, tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = two_nodes(db_url)
+    files = send_study(b, tmp_path / "sent")
+    (changed,) = rows(db_url, "SELECT sop_instance_uid, spool_path, study_instance_uid "
+                              "FROM instances ORDER BY id LIMIT 1")
+    with open(b.config.storage.spool_dir / changed.spool_path, "r+b") as fp:  # one byte flipped
+        fp.seek(-1, 2)
+        last = fp.read(1)
+        fp.seek(-1, 2)
+        fp.write(bytes([last[0] ^ 0xFF]))
+    status, failed = _final_move(a, _identifier("STUDY", StudyInstanceUID=changed.study_instance_uid),
+                                 "ANY")
+    assert status.Status == 0xB000  # PS3.4 C.4.2.1.5: one sub-operation failed
+    assert failed is not None and failed.FailedSOPInstanceUIDList == changed.sop_instance_uid
+    assert status.NumberOfCompletedSuboperations == len(files) - 1
+    assert any(changed.sop_instance_uid in r.getMessage() and "SHA-256" in r.getMessage()
+               for r in caplog.records)
+
+
+def _get(app: Gateway, path: str, secret: str | None) -> tuple[int, bytes, Any]:
+    assert app.http is not None
+    request = urllib.request.Request(f"http://127.0.0.1:{app.http.port}{path}")
+    if secret is not None:
+        request.add_header("Authorization", f"Bearer {secret}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers
+
+
+@pytest.mark.parametrize("asked", [
+    "../gateway.db", "..%2Fgateway.db", "%2E%2E/%2E%2E/etc/passwd", "1.2/../../gateway.db",
+    "%2Fetc%2Fpasswd", "1.2.3.dcm", "incoming", "1." + "2" * 70, "1..2", "",
+])
+def test_the_internal_endpoint_serves_uids_never_paths(
+    two_nodes: Any, tmp_path: Path, sqlite_url: str, asked: str,
+) -> None:
+    a, _ = two_nodes(sqlite_url)
+    (tmp_path / "spool-a" / "1.2.3.dcm").write_bytes(b"not for anyone")
+    code, body, _ = _get(a, f"/internal/instances/{asked}", SECRET)
+    assert code == 404, body
+    assert b"not for anyone" not in body and b"SQLite" not in body
+
+
+def test_the_internal_endpoint_needs_the_cluster_secret(
+    two_nodes: Any, tmp_path: Path, sqlite_url: str,
+) -> None:
+    a, _ = two_nodes(sqlite_url)
+    send_study(a, tmp_path / "sent")
+    (uid, path, sha256) = rows(sqlite_url, "SELECT sop_instance_uid, spool_path, sha256 "
+                                           "FROM instances ORDER BY id LIMIT 1")[0]
+    url = f"/internal/instances/{uid}"
+    for secret, error in ((None, b"needs the cluster secret"), ("wrong", b"secret is wrong"),
+                          (SECRET[:-1], b"secret is wrong"), (token_sha256(SECRET), b"wrong")):
+        code, body, headers = _get(a, url, secret)
+        assert code == 401 and error in body, (secret, body)
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert SECRET.encode() not in body
+    code, body, headers = _get(a, url, SECRET)
+    assert code == 200
+    assert body == (tmp_path / "spool-a" / path).read_bytes()
+    assert headers["x-gateway-sha256"] == sha256
+    healthz = _get(a, "/healthz", None)
+    assert healthz[0] == 200
