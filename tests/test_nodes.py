@@ -195,7 +195,7 @@ def send_study(app: Gateway, folder: Path) -> list[Path]:
     study, series = generate_uid(), generate_uid()
     files = []
     for i, name in enumerate(COMPRESSED[:2]):
-        ds = pydicom.dcmread(get_testdata_file(name))
+        ds = pydicom.dcmread(str(get_testdata_file(name)))
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.SpecificCharacterSet, ds.PatientName, ds.PatientID = "ISO_IR 192", NAME, "NODE-1"
@@ -203,9 +203,10 @@ def send_study(app: Gateway, folder: Path) -> list[Path]:
         ds.save_as(folder / f"c{i}.dcm", enforce_file_format=True)
         files.append(folder / f"c{i}.dcm")
     for i in range(2):
-        ds = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, PatientID="NODE-1",
-                          PatientName=NAME, SpecificCharacterSet="ISO_IR 192")
-        files.append(write_file(ds, folder / f"p{i}.dcm"))
+        plain = make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series,
+                             PatientID="NODE-1", PatientName=NAME,
+                             SpecificCharacterSet="ISO_IR 192")
+        files.append(write_file(plain, folder / f"p{i}.dcm"))
     sent = dcmtk("dcmsend", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
                  str(app.config.dicom.port), *map(str, files))
     assert sent.returncode == 0, sent.stderr
