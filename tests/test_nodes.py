@@ -307,3 +307,28 @@ def test_the_internal_endpoint_needs_the_cluster_secret(
     assert headers["x-gateway-sha256"] == sha256
     healthz = _get(a, "/healthz", None)
     assert healthz[0] == 200
+
+
+def test_retention_removes_only_the_files_this_node_holds(db_url: str, tmp_path: Path) -> None:
+    """Node a's retention must not mark node b's instances removed: the files are on b's disk,
+    and b's retrieves would then look for them at Orthanc only."""
+    from gateway.config import RetentionConfig
+    from gateway.forward.retention import Retention
+    from gateway.receive.spool import Spool
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    try:
+        on_a = {add_instance(engine, "a") for _ in range(2)}
+        on_b = {add_instance(engine, "b") for _ in range(2)}
+        with engine.begin() as c:
+            c.execute(sa.update(ForwardJob).values(state="confirmed", confirmed_at=T0))
+        spool = Spool(tmp_path / "spool-a", 0)
+        later = T0 + timedelta(days=30)
+        assert Retention(engine, spool, RetentionConfig(keep_days=1), lambda: later,
+                         node="a").run_once() == 2
+        removed = {r.sop_instance_uid for r in rows(
+            db_url, "SELECT sop_instance_uid FROM instances WHERE spool_removed_at IS NOT NULL")}
+        assert removed == on_a and not removed & on_b
+    finally:
+        engine.dispose()
