@@ -332,3 +332,28 @@ def test_retention_removes_only_the_files_this_node_holds(db_url: str, tmp_path:
         assert removed == on_a and not removed & on_b
     finally:
         engine.dispose()
+
+
+def test_an_export_on_one_node_reads_what_another_node_holds(
+    two_nodes: Any, tmp_path: Path, sqlite_url: str,
+) -> None:
+    from gateway.db.engine import make_sessions
+    from gateway.export import select as export_select
+    from gateway.export.service import make_sources
+
+    a, b = two_nodes(sqlite_url)
+    files = send_study(b, tmp_path / "sent")
+    study = _uids(files[0])[0]
+    sources = make_sources(a.config)
+    with make_sessions(a.engine)() as session:
+        items = export_select.items(session, [study])
+    assert len(items) == len(files) and {i.node_name for i in items} == {"b"}
+    for item in items:
+        assert sources.problem(item) is None
+        assert item.spool_path is not None
+        with sources.open(item) as opened:
+            assert opened.path is None  # not a file of a's spool
+            got = opened.file.read()
+        assert len(got) == opened.size
+        assert got == (b.config.storage.spool_dir / item.spool_path).read_bytes()
+    sources.loader.close()
