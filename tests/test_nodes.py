@@ -357,3 +357,22 @@ def test_an_export_on_one_node_reads_what_another_node_holds(
         assert len(got) == opened.size
         assert got == (b.config.storage.spool_dir / item.spool_path).read_bytes()
     sources.loader.close()
+
+
+def test_healthz_reports_a_stale_peer_and_stays_200(two_nodes: Any, sqlite_url: str) -> None:
+    import json
+
+    from tests.conftest import wait_for
+
+    a, b = two_nodes(sqlite_url)
+
+    def nodes() -> dict[str, Any]:
+        code, body, _ = _get(a, "/healthz", None)
+        assert code == 200, body  # this node's own health, whatever its peers do
+        return {n["name"]: n for n in json.loads(body)["nodes"]}
+
+    assert set(nodes()) == {"a", "b"} and not any(n["stale"] for n in nodes().values())
+    b.heartbeat.stop()  # b falls silent (heartbeat_s = 1: stale after 3 s)
+    wait_for(lambda: nodes()["b"]["stale"], 10, "node b reported stale")
+    assert not nodes()["a"]["stale"]
+    assert nodes()["b"]["url"].startswith("http://127.0.0.1:")
