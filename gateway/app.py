@@ -26,6 +26,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.busy import ReceiverLoad
+from gateway.cluster.internal import internal_app
+from gateway.cluster.nodes import Heartbeat, NodeRegistry, NodeState, list_nodes
+from gateway.cluster.peers import make_peers
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine, make_sessions
 from gateway.db.migrate import upgrade
@@ -100,7 +103,7 @@ class Gateway:
         self._free_bytes = free_bytes
         workers = config.dicom.workers if processes else 1
         self.engine = make_engine(config.database.url, config.database.busy_timeout_s)
-        upgrade(self.engine)
+        upgrade(self.engine, node_name=config.forward.node_name)
         self.sessions = make_sessions(self.engine)
         # The association ledger is written while the peer waits for A-ASSOCIATE-AC; its rows
         # need not be on disk before the answer (SQLite: no fsync; the next instance's durable
@@ -108,7 +111,8 @@ class Gateway:
         self.ledger_engine = make_engine(config.database.url, config.database.busy_timeout_s,
                                          durable=False)
         self.spool = Spool(config.storage.spool_dir, config.storage.min_free_mb * MIB, free_bytes)
-        removed = self.spool.recover(lambda name: is_recorded(self.engine, name))
+        node = config.forward.node_name
+        removed = self.spool.recover(lambda name: is_recorded(self.engine, name, node))
         if removed:
             log.warning("removed %d unacknowledged partial files left by a previous stop", removed)
         fastpath.receive_datasets_into(self.spool.incoming)
@@ -161,7 +165,6 @@ class Gateway:
                 (config.dicom.bind_host, config.dicom.port), config.dicom.shutdown_grace_s,
                 self._receiver_process_ended,
             )
-        node = config.forward.node_name
         runs = RunLedger(self.engine, node)
         self.jobs = JobScheduler(
             config.jobs,
@@ -182,17 +185,28 @@ class Gateway:
                 from gateway.web.api import ExportApi
 
                 api = ExportApi(config, self.sessions, self.metrics, _now).app()
+            internal = None
+            if config.cluster.secret_sha256 is not None:
+                internal = internal_app(self.engine, self.spool.root, node,
+                                        config.cluster.secret_sha256)
             self.http = WebServer(config.metrics.host, config.metrics.port,
-                                  build_app(self.metrics.registry, self.health, api))
+                                  build_app(self.metrics.registry, self.health, api, internal,
+                                            self.node_states))
+        url = (config.cluster.url_of(config.metrics.host, self.http.port)
+               if self.http is not None else None)
+        self.nodes = NodeRegistry(self.engine, node, url, config.cluster.heartbeat_s)
+        self.heartbeat = Heartbeat(self.nodes, config.cluster.heartbeat_s)
 
     def _receiving_half(self, engine: Engine, ledger_engine: Engine, spool: Spool,
                         admissions: Admissions | None = None) -> _Receiving:
         config = self.config
-        remapper = (Remapper(self._rules, config.remap, engine)
+        remapper = (Remapper(self._rules, config.remap, engine, node=config.forward.node_name)
                     if self._rules is not None else None)
         query = QueryService(
             engine, config.query, config.dicom.ae_title, config.security.peers,
-            Loader(spool.root, self._orthancs), self.metrics,
+            Loader(spool.root, self._orthancs, config.forward.node_name,
+                   make_peers(config, engine)),
+            self.metrics,
         )
         worklist = WorklistService(engine, config.worklist, config.query.case_insensitive_names,
                                    self.metrics)
@@ -207,6 +221,7 @@ class Gateway:
                 on_pending=self.remap_worker.notify if self.remap_worker else lambda _: None,
                 router=self._router,
                 on_queued=self.forwarder.notify if self.forwarder else lambda: None,
+                node_name=config.forward.node_name,
             ),
             AssociationLedger(ledger_engine),
             self.metrics,
@@ -232,7 +247,8 @@ class Gateway:
         engine = make_engine(config.database.url, config.database.busy_timeout_s)
         ledger_engine = make_engine(config.database.url, config.database.busy_timeout_s,
                                     durable=False)
-        removed = spool.recover(lambda name: is_recorded(engine, name))
+        removed = spool.recover(
+            lambda name: is_recorded(engine, name, config.forward.node_name))
         if removed:
             log.warning("receiver process %d: removed %d unacknowledged files its predecessor "
                         "had named", slot, removed)
@@ -265,6 +281,14 @@ class Gateway:
             checks["rewriting"] = self.remap_worker.alive()
         return checks
 
+    def node_states(self) -> list[NodeState]:
+        """Every node of the cluster (this one too), for ``/healthz``; a database that does not
+        answer lists none (the ``database`` check says so)."""
+        try:
+            return list_nodes(self.engine)
+        except SQLAlchemyError:
+            return []
+
     def start(self) -> None:
         # First: these fork, and no other thread of this process should exist yet.
         if self.forwarder is not None:
@@ -280,8 +304,10 @@ class Gateway:
         if self.hl7 is not None:
             self.hl7.start()
         self.jobs.start()
+        self.heartbeat.start()
 
     def stop(self) -> None:
+        self.heartbeat.stop()
         self.jobs.stop()
         if self.hl7 is not None:
             self.hl7.stop()

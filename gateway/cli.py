@@ -95,7 +95,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
     config = _load_or_exit(args.config)
     engine = make_engine(config.database.url, config.database.busy_timeout_s)
-    upgrade(engine)
+    upgrade(engine, node_name=config.forward.node_name)
     engine.dispose()
     print("database schema is current")
     return 0
@@ -109,7 +109,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with db.sessions() as session:
             print(status_report(session, config.storage.spool_dir,
-                                config.storage.min_free_mb * 1024 * 1024))
+                                config.storage.min_free_mb * 1024 * 1024,
+                                waiting_uids=args.waiting))
     finally:
         db.close()
     return 0
@@ -143,7 +144,7 @@ class _Database:
         self.engine = make_engine(url, config.database.busy_timeout_s)
         self.sessions = make_sessions(self.engine)
         if not read_only:
-            upgrade(self.engine)
+            upgrade(self.engine, node_name=config.forward.node_name)
             return
         found = current(self.engine)
         if found != head():
@@ -549,8 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
             ).set_defaults(func=cmd_serve)
     command("check-config", "validate a configuration file; print ok or every problem"
             ).set_defaults(func=cmd_check_config)
-    command("status", "instances received today, spool use, last associations"
-            ).set_defaults(func=cmd_status)
+    status = command("status", "instances received today, spool use, the cluster's nodes, "
+                     "last associations")
+    status.add_argument("--waiting", type=int, default=0, metavar="N",
+                        help="also list up to N SOP Instance UIDs waiting on each node (their "
+                        "forwarding can only be done by the node that holds their file)")
+    status.set_defaults(func=cmd_status)
     db = commands.add_parser("db", help="database maintenance", description="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     upgrade = db_commands.add_parser("upgrade", help="apply schema migrations up to the latest")

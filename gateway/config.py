@@ -620,6 +620,66 @@ class MetricsConfig(_Model):
     port: int = Field(9110, ge=0, le=65535)
 
 
+class ClusterConfig(_Model):
+    """Several nodes on one PostgreSQL (gateway.cluster). The node's name stays
+    ``forward.node_name`` (where it always was: one name per node, also for job runs).
+
+    ``internal_url``: this node's HTTP application as the other nodes reach it
+    (``http://host:port``), written to the ``nodes`` table with every heartbeat; by default
+    ``http://<metrics.host or this host's name>:<metrics.port>``. ``secret_sha256``: the SHA-256
+    of the shared cluster secret that ``/internal/instances/{uid}`` demands (``gateway token new``
+    makes one and prints its hash); the secret itself, which this node sends to its peers, is read
+    from ``secret_env`` or ``secret_file`` when the gateway starts, never from this file. Without
+    ``secret_sha256`` the endpoint is off and nothing is fetched from peers (a single node)."""
+
+    heartbeat_s: float = Field(5.0, gt=0, le=300, description="how often this node says it lives; "
+                               "a node silent for three of these is stale")
+    internal_url: str | None = Field(None, pattern=r"^https?://[^/\s]+$")
+    secret_sha256: str | None = Field(None, repr=False)
+    secret_env: str = "GATEWAY_CLUSTER_SECRET"
+    secret_file: Path | None = None
+    fetch_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("secret_sha256")
+    @classmethod
+    def _digest(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_HEX.fullmatch(value):
+            raise ValueError("should be the SHA-256 of the cluster secret, 64 lowercase hex "
+                             "digits (never the secret itself); `gateway token new` prints both")
+        return value
+
+    def secret(self, environ: Mapping[str, str]) -> str | None:
+        """The shared secret, read when the gateway starts; it must hash to ``secret_sha256``."""
+        if self.secret_sha256 is None:
+            return None
+        if self.secret_file is not None:
+            try:
+                value = self.secret_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError([(f"cluster: cannot read secret_file {self.secret_file} "
+                                    f"({exc.strerror}); fix the path or its permissions")]) from None
+        elif self.secret_env in environ:
+            value = environ[self.secret_env].strip()
+        else:
+            raise ConfigError([(f"cluster: secret_sha256 is set but environment variable "
+                                f"{self.secret_env} is not; export the cluster secret there or "
+                                "set cluster.secret_file")])
+        from gateway.web.auth import token_sha256
+
+        if token_sha256(value) != self.secret_sha256:
+            raise ConfigError([("cluster: the secret does not hash to cluster.secret_sha256; "
+                                "every node needs the same secret and the same hash")])
+        return value
+
+    def url_of(self, host: str, port: int) -> str:
+        """This node's internal URL, given where its HTTP application listens."""
+        if self.internal_url is not None:
+            return self.internal_url
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
 class LoggingConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -640,6 +700,7 @@ class GatewayConfig(_Model):
     jobs: tuple[Job, ...] = ()
     sites: tuple[SiteConfig, ...] = ()
     api: ApiConfig = ApiConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _unique_jobs(self) -> GatewayConfig:

@@ -8,9 +8,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, time
 from pathlib import Path
 
-from sqlalchemy import func, select, union
+from sqlalchemy import Engine, func, select, union
 from sqlalchemy.orm import Session
 
+from gateway.cluster.nodes import STALE_BEATS, list_nodes, waiting_on
 from gateway.db.models import (
     AssociationRecord,
     Instance,
@@ -36,8 +37,9 @@ def _size(n: int | None) -> str:
 
 
 def status_report(session: Session, spool_root: Path, min_free_bytes: int,
-                  now: datetime | None = None) -> str:
-    """Read-only: the spool folder is measured where it is (or would be), never created."""
+                  now: datetime | None = None, waiting_uids: int = 0) -> str:
+    """Read-only: the spool folder is measured where it is (or would be), never created.
+    ``waiting_uids``: list up to that many UIDs waiting on each node (``--waiting``)."""
     now = now or datetime.now(UTC)
     midnight = datetime.combine(now.date(), time.min, tzinfo=UTC)
     lines = [f"Received today (since {midnight:%Y-%m-%d %H:%M} UTC), by calling AE:"]
@@ -62,6 +64,8 @@ def status_report(session: Session, spool_root: Path, min_free_bytes: int,
                  f"(other versions {_size(versions)}); free "
                  f"{_size(filesystem_free_bytes(measured))}, minimum {_size(min_free_bytes)}")
     lines.append("")
+    lines.extend(nodes_report(session, now, waiting_uids))
+    lines.append("")
     lines.extend(worklist_today(session, now))
     lines.append("")
     lines.append("Last associations:")
@@ -78,6 +82,31 @@ def status_report(session: Session, spool_root: Path, min_free_bytes: int,
         lines.append(f"  #{a.id} {a.started_at:%Y-%m-%d %H:%M:%S} {a.calling_ae:<16} "
                      f"{a.peer_host}:{a.peer_port} {a.result}/{state} {detail}")
     return "\n".join(lines)
+
+
+def nodes_report(session: Session, now: datetime, waiting_uids: int = 0) -> list[str]:
+    """Every node of the cluster: last heartbeat, stale or not, and the instances whose
+    forwarding waits on it (only the node holding a file forwards it: gateway.forward.outbox).
+    Instances waiting on a stale node are flagged: they leave when it returns."""
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    nodes = list_nodes(engine, now)
+    lines = [f"Nodes ({len(nodes)}; stale after {STALE_BEATS} missed heartbeats):"]
+    if not nodes:
+        lines.append("  (none has started with this database yet)")
+    for node in nodes:
+        age = (now - node.last_heartbeat).total_seconds()
+        count, uids = waiting_on(engine, node.name, waiting_uids)
+        flag = "STALE" if node.stale else "alive"
+        waiting = f"{count} instances waiting on it" + (
+            " (they leave when it returns)" if node.stale and count else "")
+        lines.append(f"  {node.name:<20} {flag:<5} last heartbeat "
+                     f"{node.last_heartbeat:%Y-%m-%d %H:%M:%S} UTC ({age:.0f} s ago), "
+                     f"{node.url or '-'}, {waiting}")
+        lines.extend(f"    waiting: {uid}" for uid in uids)
+        if len(uids) < count and uids:
+            lines.append(f"    ... and {count - len(uids)} more")
+    return lines
 
 
 def worklist_today(session: Session, now: datetime) -> list[str]:

@@ -11,11 +11,14 @@ from sqlalchemy import Engine
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head", node_name: str | None = None) -> None:
+    """``node_name``: the node running the upgrade, which 0012 names as the holder of the files
+    already in the ledger (they are on its disk: before 0012 a ledger had one spool)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
+        config.attributes["node_name"] = node_name
         command.upgrade(config, revision)
 
 

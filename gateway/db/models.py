@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -104,6 +105,10 @@ class Instance(Base):
     institution_name: Mapped[str | None] = mapped_column(String(64), index=True)
     # Retention (gateway.forward.retention) removed the file once every destination confirmed it.
     spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The node whose spool holds the file (``forward.node_name`` of the node that received it;
+    # gateway.cluster). NULL: written before nodes were recorded and by no node since: whichever
+    # node reads it, as when there was only one.
+    node_name: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class InstanceVersion(Base):
@@ -408,3 +413,17 @@ class JobLease(Base):
     node: Mapped[str] = mapped_column(String(64))
     run_id: Mapped[int | None] = mapped_column(Integer)
     lease_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Node(Base):
+    """A gateway node sharing this database (gateway.cluster): its heartbeat, and where the
+    others fetch its files (``url``: its HTTP application)."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    url: Mapped[str | None] = mapped_column(String(300))
+    version: Mapped[str] = mapped_column(String(32))
+    heartbeat_s: Mapped[float] = mapped_column(Float)

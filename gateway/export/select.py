@@ -51,6 +51,7 @@ class Item:
     remap_state: str
     spool_path: str | None  # relative to the spool; None once retention removed the file
     copies: tuple[tuple[str, str], ...]  # (destination, remote id) that confirmed it
+    node_name: str | None = None  # the node whose spool holds it (gateway.cluster)
 
     def to_json(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in _ITEM_FIELDS}
@@ -212,7 +213,7 @@ def items(session: Session, studies: Sequence[str],
              r.patient_name, r.patient_birth_date, r.patient_sex, r.accession_number,
              r.study_date, r.study_time, r.study_description, r.modality, int(r.size_bytes),
              r.sha256, r.remap_state, None if r.spool_removed_at is not None else r.spool_path,
-             tuple(copies.get(r.id, ())))
+             tuple(copies.get(r.id, ())), r.node_name)
         for r in rows
     ]
 

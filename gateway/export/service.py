@@ -13,6 +13,7 @@ from typing import IO
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from gateway.cluster.peers import make_peers
 from gateway.config import ExportJob, GatewayConfig, OrthancDestination
 from gateway.db.models import JobRun
 from gateway.export import select as select_sites
@@ -41,7 +42,8 @@ def make_sources(config: GatewayConfig) -> Sources:
 
         orthancs = {d.name: Orthanc(d) for d in config.forward.destinations
                     if isinstance(d, OrthancDestination)}
-        return Loader(config.storage.spool_dir, orthancs)
+        return Loader(config.storage.spool_dir, orthancs, config.forward.node_name,
+                      make_peers(config))
 
     return Sources(config.storage.spool_dir, loader)
 

@@ -1,5 +1,6 @@
-"""Where an exported instance's bytes come from: the spool, or, once retention removed the file,
-the Orthanc destination that confirmed it (``gateway.query.retrieve.Loader``, as C-MOVE does).
+"""Where an exported instance's bytes come from: the spool, the node of the cluster that holds it,
+or, once retention removed the file (or its node cannot give it), the Orthanc destination that
+confirmed it (``gateway.query.retrieve.Loader``, as C-MOVE does).
 
 An instance that can be had from neither is *missing*, with a reason an operator can act on; so is
 one whose file is not final yet (its remap is pending or held for an operator), because exporting
@@ -65,7 +66,10 @@ class Sources:
         """Why ``item`` cannot be exported, found without reading it; None when it looks fine."""
         if item.remap_state in NOT_FINAL:
             return NOT_FINAL[item.remap_state]
-        if item.spool_path is not None and (self._root / item.spool_path).is_file():
+        if self.loader.can_fetch_from_holder(_stored(item)):
+            return None
+        if (item.spool_path is not None and not self.loader.elsewhere(_stored(item))
+                and (self._root / item.spool_path).is_file()):
             return None
         if self.loader.can_fetch_back(_stored(item)):
             return None
@@ -79,7 +83,16 @@ class Sources:
         problem = NOT_FINAL.get(item.remap_state)
         if problem:
             raise MissingInstance(problem)
-        if item.spool_path is not None:
+        stored = _stored(item)
+        if self.loader.elsewhere(stored):
+            held = self.loader.fetch_from_holder(stored)  # None: try an Orthanc copy below
+            if held is not None:
+                with held:
+                    size = held.seek(0, os.SEEK_END)
+                    held.seek(0)
+                    yield Opened(held, size, None)
+                return
+        elif item.spool_path is not None:
             path = self._root / item.spool_path
             file = _open_or_none(path)  # None: removed meanwhile; an Orthanc copy may still do
             if file is not None:
@@ -104,4 +117,6 @@ def _open_or_none(path: Path) -> BinaryIO | None:
 
 
 def _stored(item: Item) -> Stored:
-    return Stored(item.sop_instance_uid, item.sop_class_uid, "", None, item.copies)
+    return Stored(item.sop_instance_uid, item.sop_class_uid, "",
+                  Path(item.spool_path) if item.spool_path is not None else None, item.copies,
+                  item.node_name, item.sha256, item.remap_state == "done")

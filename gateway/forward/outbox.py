@@ -24,6 +24,7 @@ from sqlalchemy import Engine, and_, case, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from gateway.cluster.holder import held_by
 from gateway.db.models import DestinationState, ForwardJob, Instance
 
 SETTLED_REMAP = ("none", "done")
@@ -150,6 +151,16 @@ class Outbox:
     # -- sending -----------------------------------------------------------------------------
 
     def claim(self, destination: str, limit: int) -> list[Outgoing]:
+        """The oldest ready jobs of one study whose files this node holds.
+
+        Why the holder sends, rather than any node fetching the file from the holder over HTTP
+        (``gateway.cluster.peers``): a job then needs nothing but the local disk and the
+        destination, as on a single node; a fetch would put a second node's disk, network and
+        CPU on every forwarded byte (the file crosses the network twice), and a holder that is
+        down could not serve the fetch anyway, so its jobs could not move either way. What the
+        holder acknowledged stays on its disk (the one rule) and leaves when it returns, which
+        ``gateway status`` says meanwhile (``gateway.cluster.nodes.waiting_on``). Receiving
+        spreads over the nodes (the balancer), so forwarding does too."""
         with self._claiming:
             return self._claim(destination, limit)
 
@@ -160,6 +171,7 @@ class Outbox:
             ForwardJob.state == "queued",
             ForwardJob.next_attempt_at <= now,
             Instance.remap_state.in_(SETTLED_REMAP),
+            held_by(self._node),
         )
         with self._engine.begin() as c:
             study = c.scalar(

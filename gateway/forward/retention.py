@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, exists, select, update
 
+from gateway.cluster.holder import held_by
 from gateway.config import RetentionConfig
 from gateway.db.models import ForwardJob, Instance
 from gateway.receive.spool import Spool
@@ -33,7 +34,10 @@ class Retention:
         spool: Spool,
         config: RetentionConfig,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        node: str | None = None,
     ) -> None:
+        """``node``: only files this node holds are removed (another node's are on its disk)."""
+        self._node = node
         self._engine = engine
         self._spool = spool
         self._config = config
@@ -60,7 +64,8 @@ class Retention:
         any_job = exists().where(ForwardJob.instance_id == Instance.id)
         query = (
             select(Instance.id, Instance.spool_path)
-            .where(Instance.spool_removed_at.is_(None), any_job, ~unconfirmed)
+            .where(Instance.spool_removed_at.is_(None), any_job, ~unconfirmed,
+                   held_by(self._node))
             .order_by(Instance.received_at)
             .limit(BATCH)
         )

@@ -133,7 +133,8 @@ def forward_stage(
     def build(messages: Any) -> Forwarder:
         url, busy = config.database.url, config.database.busy_timeout_s
         outbox = Outbox(make_engine(url, busy, durable=False), spool.root, config.forward.node_name)
-        retention = Retention(make_engine(url, busy), spool, config.retention)
+        retention = Retention(make_engine(url, busy), spool, config.retention,
+                              node=config.forward.node_name)
         hold = None
         if load is not None:
             hold = BurstHold(load, config.forward.burst_hold_s, lambda: datetime.now(UTC))

@@ -135,7 +135,7 @@ class QueryService:
             yield peer.host, peer.port, options
             query = parse(event.identifier, model, self._dialect, self._config)
             level = query.level
-            found = lookup(self._engine, query)  # precheck() refused what lookup would refuse
+            found = lookup(self._engine, query, self._loader.node)  # precheck() refused what lookup would refuse
             options["contexts"] = _contexts_for(found)
             yield len(found)
             cancelled = False
@@ -165,7 +165,7 @@ class QueryService:
         try:
             query = parse(event.identifier, model, self._dialect, self._config)
             level = query.level
-            found = lookup(self._engine, query)  # precheck() refused what lookup would refuse
+            found = lookup(self._engine, query, self._loader.node)  # precheck() refused what lookup would refuse
             yield len(found)
             accepted = _accepted_for_sending(event.assoc)
             event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)

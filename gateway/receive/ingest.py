@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert, select, true
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from gateway.cluster.holder import held_by
 from gateway.config import DuplicatePolicy
 from gateway.db.engine import make_sessions
 from gateway.db.models import ForwardJob, Instance, InstanceVersion
@@ -91,7 +92,10 @@ class Ingest:
         on_pending: Callable[[int], None] = lambda instance_id: None,
         router: Router | None = None,
         on_queued: Callable[[], None] = lambda: None,
+        node_name: str | None = None,
     ) -> None:
+        """``node_name``: recorded as the holder of every file kept here (gateway.cluster)."""
+        self._node_name = node_name
         self._router = router
         self._on_queued = on_queued
         self._remapper = remapper
@@ -362,20 +366,24 @@ class Ingest:
             transfer_syntax_uid=request.transfer_syntax,
             received_at=self._clock(),
             association_id=request.association_id,
+            node_name=self._node_name,
         )
 
 
-def is_recorded(engine: Engine, spool_path: str) -> bool:
+def is_recorded(engine: Engine, spool_path: str, node: str | None = None) -> bool:
     """Whether a ledger row (the current copy or another version) names this spool file: what
     ``Spool.recover`` asks of each name left in its claim log. By SOP Instance UID, which is
-    indexed; the file's name is ``<uid>.dcm`` or ``<uid>.<sha256[:16]>.dcm``."""
+    indexed; the file's name is ``<uid>.dcm`` or ``<uid>.<sha256[:16]>.dcm``. ``node``: only a
+    row naming this node as the holder counts for the current copy (another node may hold a copy
+    of the same UID under the same relative path on its own disk)."""
     stem = spool_path.rsplit("/", 1)[-1].removesuffix(".dcm")
     uids = {stem, stem.rsplit(".", 1)[0]}
     with engine.connect() as connection:
         for table in (Instance, InstanceVersion):
             found = connection.execute(
                 select(table.id)
-                .where(table.sop_instance_uid.in_(uids), table.spool_path == spool_path)
+                .where(table.sop_instance_uid.in_(uids), table.spool_path == spool_path,
+                       held_by(node) if table is Instance else true())
                 .limit(1)
             ).first()
             if found is not None:

@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway import audit
+from gateway.cluster.holder import held_by
 from gateway.config import RemapConfig
 from gateway.db.engine import make_sessions
 from gateway.db.models import AssociationRecord, Instance, StudyDecision
@@ -99,7 +100,11 @@ class Remapper:
         config: RemapConfig,
         engine: Engine,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        node: str | None = None,
     ) -> None:
+        """``node``: rewrites (and held releases, which read the file) take only the instances
+        this node holds; None (operators' commands) takes every one."""
+        self._node = node
         self.rules = rules
         self.config = config
         self.settings = Settings(config.issuer_of_patient_id, config.uid_root)
@@ -206,7 +211,8 @@ class Remapper:
             query = (
                 select(Instance, StudyDecision)
                 .join(StudyDecision, StudyDecision.study_instance_uid == Instance.study_instance_uid)
-                .where(Instance.remap_state == "held", StudyDecision.state == "ready")
+                .where(Instance.remap_state == "held", StudyDecision.state == "ready",
+                       held_by(self._node))
             )
             if study is not None:
                 query = query.where(Instance.study_instance_uid == study)
@@ -231,7 +237,8 @@ class Remapper:
         with self._sessions() as session, session.begin():
             taken = session.execute(
                 update(Instance)
-                .where(Instance.id.in_(instance_ids), Instance.remap_state == "pending")
+                .where(Instance.id.in_(instance_ids), Instance.remap_state == "pending",
+                       held_by(self._node))
                 .values(remap_state="rewriting")
                 .returning(Instance.id, Instance.spool_path, Instance.remap_plan, Instance.calling_ae)
             ).all()
@@ -279,7 +286,7 @@ class Remapper:
             return list(
                 session.scalars(
                     select(Instance.id)
-                    .where(Instance.remap_state == "pending")
+                    .where(Instance.remap_state == "pending", held_by(self._node))
                     .order_by(Instance.id)
                     .limit(limit)
                 )

@@ -204,7 +204,8 @@ def remap_stage(
     def build(messages: Any) -> RemapWorker:
         assert config.remap.rules_file is not None
         engine = make_engine(config.database.url, config.database.busy_timeout_s, durable=False)
-        remapper = Remapper(load_rules(config.remap.rules_file), config.remap, engine)
+        remapper = Remapper(load_rules(config.remap.rules_file), config.remap, engine,
+                            node=config.forward.node_name)
         hold = None
         if load is not None:
             hold = BurstHold(load, config.remap.max_defer_s, lambda: datetime.now(UTC))

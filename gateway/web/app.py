@@ -2,7 +2,10 @@
 (``gateway.web.api``) when tokens are configured.
 
 ``/healthz`` answers 200 only when the database answers and the spool has its minimum free
-space, i.e. when a C-STORE would succeed; otherwise 503 with the failing check named.
+space, i.e. when a C-STORE would succeed; otherwise 503 with the failing check named. It also
+lists every node of the cluster with its last heartbeat and whether it is stale; a stale peer
+never makes this node's answer 503. ``/internal`` (gateway.cluster.internal): the nodes' own
+endpoint, behind the cluster secret, when one is configured.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.cluster.nodes import NodeState
 
 HealthCheck = Callable[[], dict[str, bool]]
 
@@ -32,11 +37,15 @@ class _Asgi:
 
 
 def build_app(registry: CollectorRegistry, health: HealthCheck,
-              api: ASGIApp | None = None) -> Starlette:
+              api: ASGIApp | None = None, internal: ASGIApp | None = None,
+              nodes: Callable[[], list[NodeState]] = list) -> Starlette:
     def healthz(request: Request) -> Response:  # sync: Starlette runs it in its thread pool
         checks = health()
         ok = all(checks.values())
-        body = json.dumps({"status": "ok" if ok else "failing", "checks": checks})
+        # Every node with its heartbeat: a stale peer is reported here, not a failure of this
+        # node (the balancer asks each node about itself)
+        body = json.dumps({"status": "ok" if ok else "failing", "checks": checks,
+                           "nodes": [n.as_json() for n in nodes()]})
         return Response(body, 200 if ok else 503, media_type="application/json")
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -48,6 +57,8 @@ def build_app(registry: CollectorRegistry, health: HealthCheck,
     ]
     if api is not None:
         routes.append(Mount("/api", app=api))
+    if internal is not None:
+        routes.append(Mount("/internal", app=internal))
     app = Starlette(routes=routes, exception_handlers={404: not_found})
     app.router.redirect_slashes = False
     return app

@@ -54,11 +54,8 @@ class Tokens:
     def grant(self, authorization: str | None) -> Grant | None:
         """The grant of an ``Authorization: Bearer <token>`` header; None when it is missing,
         not Bearer, or names no configured token."""
-        if not authorization:
-            return None
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(authorization)
+        if token is None:
             return None
         digest = token_sha256(token)
         found = None
@@ -68,8 +65,61 @@ class Tokens:
         return found
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (RFC 6750 2.1), or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _authorization(scope: Scope) -> str | None:
+    headers = [v for k, v in scope["headers"] if k == b"authorization"]
+    return headers[0].decode("latin-1") if len(headers) == 1 else None
+
+
+async def _unauthorized(send: Send, given: bool, error: str, fix: str) -> None:
+    """401 with ``WWW-Authenticate: Bearer`` (RFC 6750 3.1: ``invalid_token`` when one was
+    given) and a JSON body saying what to do; never the token back."""
+    challenge = 'Bearer realm="gateway"' + (', error="invalid_token"' if given else "")
+    body = json.dumps({"error": error, "fix": fix}).encode()
+    await send({"type": "http.response.start", "status": 401, "headers": [
+        (b"content-type", b"application/json"),
+        (b"www-authenticate", challenge.encode()),
+        (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class SharedSecretAuth:
+    """ASGI middleware for the nodes' internal endpoint (gateway.cluster.internal): the caller
+    must send ``Authorization: Bearer <cluster secret>``, whose SHA-256 is compared with
+    ``cluster.secret_sha256`` the way tokens are (``hmac.compare_digest`` over the hashes)."""
+
+    def __init__(self, app: ASGIApp, sha256: str) -> None:
+        self._app = app
+        self._sha256 = sha256
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        given = _authorization(scope)
+        token = bearer_token(given)
+        if token is None or not hmac.compare_digest(token_sha256(token), self._sha256):
+            await _unauthorized(
+                send, bool(given),
+                "the cluster secret is wrong" if given else "this endpoint needs the cluster secret",
+                "every node sends 'Authorization: Bearer <secret>' with the secret whose sha256 "
+                "is cluster.secret_sha256 (the same on every node)")
+            return
+        await self._app(scope, receive, send)
 
 
 def new_token() -> str:
@@ -97,22 +147,15 @@ class BearerAuth:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        headers = [v for k, v in scope["headers"] if k == b"authorization"]
-        given = headers[0].decode("latin-1") if len(headers) == 1 else None
+        given = _authorization(scope)
         grant = self._tokens.grant(given)
         if grant is None:
-            challenge = 'Bearer realm="gateway"' + (', error="invalid_token"' if given else "")
-            body = json.dumps({
-                "error": ("the bearer token is not one this gateway knows" if given else
-                          "this API needs a bearer token"),
-                "fix": ("send the header 'Authorization: Bearer <token>' with a token made by "
-                        "`gateway token new` and listed (as its sha256) under [[api.tokens]]"),
-            }).encode()
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"),
-                (b"www-authenticate", challenge.encode()),
-                (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _unauthorized(
+                send, bool(given),
+                ("the bearer token is not one this gateway knows" if given else
+                 "this API needs a bearer token"),
+                ("send the header 'Authorization: Bearer <token>' with a token made by "
+                 "`gateway token new` and listed (as its sha256) under [[api.tokens]]"))
             return
         scope[GRANT] = grant
         await self._app(scope, receive, send)
