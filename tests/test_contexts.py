@@ -3,6 +3,7 @@ and the private ones listed in ``dicom.extra_storage_sop_classes``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from gateway.app import Gateway
 from gateway.config import load
 from gateway.dicom.contexts import MAX_REQUESTED, scp_contexts, storage_sop_classes
 from gateway.dicom.status import Status
@@ -57,15 +59,17 @@ def _accepted(port: int, sop_classes: list[str]) -> set[str]:
     return accepted
 
 
-def test_every_storage_sop_class_is_accepted_at_association(make_gateway) -> None:
+def test_every_storage_sop_class_is_accepted_at_association(make_gateway: Callable[..., Gateway]) -> None:
     app = make_gateway()
+    assert app.receiver is not None
     everything = sorted(storage_sop_classes())
     assert _accepted(app.receiver.address[1], everything) == set(everything)
 
 
-def test_retired_ultrasound_image_is_stored_with_dcmsend(make_gateway, tmp_path: Path) -> None:
+def test_retired_ultrasound_image_is_stored_with_dcmsend(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     """What older ultrasound devices still send; DCMTK's storescp keeps it."""
     app = make_gateway()
+    assert app.receiver is not None
     ds = make_dataset(SOPClassUID=RETIRED_ULTRASOUND_IMAGE_STORAGE, Modality="US")
     source = write_file(ds, tmp_path / "us.dcm")
     result = dcmtk("dcmsend", "-aet", "OLD_US", "-aec", "GATEWAY", "127.0.0.1",
@@ -87,10 +91,11 @@ def test_configured_private_storage_classes_are_added_to_the_contexts() -> None:
     assert PRIVATE_STORAGE not in {cx.abstract_syntax for cx in scp_contexts()}
 
 
-def test_configured_private_storage_class_is_accepted_and_stored(make_gateway) -> None:
+def test_configured_private_storage_class_is_accepted_and_stored(make_gateway: Callable[..., Gateway]) -> None:
     from tests.peers import store
 
     app = make_gateway(dicom={"extra_storage_sop_classes": [PRIVATE_STORAGE]})
+    assert app.receiver is not None
     assert _accepted(app.receiver.address[1], [PRIVATE_STORAGE]) == {PRIVATE_STORAGE}
     assert store(app.receiver.address[1], make_dataset(SOPClassUID=PRIVATE_STORAGE)) == (
         Status.SUCCESS)

@@ -15,6 +15,7 @@ import re
 import subprocess
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pydicom.data import get_charset_files, get_testdata_files
 
 from gateway.dicom.status import Status
 from gateway.receive.validate import dataset_offset
-from tests.conftest import free_port, port_open, wait_for
+from tests.conftest import Served, free_port, port_open, wait_for
 from tests.peers import dcmtk, require_tool
 
 # Refused by policy, and why (README "Send a study"). storescp keeps them.
@@ -89,7 +90,7 @@ def _kept_by_gateway(spool: Path, sop_instance: str) -> set[bytes]:
     return {_data_set(p) for p in _spooled(spool) if p.name.startswith(sop_instance + ".")}
 
 
-def test_the_gateway_keeps_what_storescp_keeps_byte_identical(served, tmp_path: Path) -> None:
+def test_the_gateway_keeps_what_storescp_keeps_byte_identical(served: Callable[..., Served], tmp_path: Path) -> None:
     gateway = served()
     received = tmp_path / "storescp"
     received.mkdir()

@@ -4,11 +4,12 @@ and the gateway recovers by itself when the database is back."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
 
+from gateway.app import Gateway
 from gateway.dicom.status import Status
 from tests.conftest import POSTGRES_URL, rows
 from tests.factory import make_dataset
@@ -43,8 +44,9 @@ def database_unavailable(db_url: str) -> Iterator[None]:
         admin.dispose()
 
 
-def test_database_outage_answers_a700_then_recovers(make_gateway, db_url: str) -> None:
+def test_database_outage_answers_a700_then_recovers(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     port = app.receiver.address[1]
     assert store(port, make_dataset()) == Status.SUCCESS
 

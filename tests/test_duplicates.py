@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pydicom
 import pytest
 
+from gateway.app import Gateway
 from gateway.dicom.status import Status
 from tests.conftest import rows
 from tests.factory import make_dataset
 from tests.peers import spool_files, store
 
 
-def _metric(app, outcome: str) -> float:
+def _metric(app: Gateway, outcome: str) -> float:
     return app.metrics.registry.get_sample_value("gateway_duplicates_total", {"outcome": outcome})
 
 
@@ -25,8 +27,9 @@ def _two_versions():
 
 
 @pytest.mark.parametrize("policy", ["keep_first", "replace", "reject"])
-def test_identical_copy_is_success_without_a_new_row(make_gateway, db_url: str, policy: str) -> None:
+def test_identical_copy_is_success_without_a_new_row(make_gateway: Callable[..., Gateway], db_url: str, policy: str) -> None:
     app = make_gateway(db=db_url, storage={"duplicate_policy": policy})
+    assert app.receiver is not None
     port = app.receiver.address[1]
     ds = make_dataset()
     assert store(port, ds) == Status.SUCCESS
@@ -42,9 +45,10 @@ def test_identical_copy_is_success_without_a_new_row(make_gateway, db_url: str, 
 
 
 def test_keep_first_keeps_the_first_current_and_the_second_as_a_version(
-    make_gateway, db_url: str
+    make_gateway: Callable[..., Gateway], db_url: str
 ) -> None:
     app = make_gateway(db=db_url, storage={"duplicate_policy": "keep_first"})
+    assert app.receiver is not None
     first, second = _two_versions()
     port = app.receiver.address[1]
     assert store(port, first) == Status.SUCCESS
@@ -61,9 +65,10 @@ def test_keep_first_keeps_the_first_current_and_the_second_as_a_version(
 
 
 def test_replace_makes_the_second_current_and_keeps_the_first_as_prior_version(
-    make_gateway, db_url: str
+    make_gateway: Callable[..., Gateway], db_url: str
 ) -> None:
     app = make_gateway(db=db_url, storage={"duplicate_policy": "replace"})
+    assert app.receiver is not None
     first, second = _two_versions()
     port = app.receiver.address[1]
     assert store(port, first) == Status.SUCCESS
@@ -81,8 +86,9 @@ def test_replace_makes_the_second_current_and_keeps_the_first_as_prior_version(
     assert _metric(app, "replaced") == 1
 
 
-def test_reject_answers_0111_and_keeps_nothing_of_the_second(make_gateway, db_url: str) -> None:
+def test_reject_answers_0111_and_keeps_nothing_of_the_second(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     app = make_gateway(db=db_url, storage={"duplicate_policy": "reject"})
+    assert app.receiver is not None
     first, second = _two_versions()
     port = app.receiver.address[1]
     assert store(port, first) == Status.SUCCESS
@@ -96,10 +102,11 @@ def test_reject_answers_0111_and_keeps_nothing_of_the_second(make_gateway, db_ur
     assert _metric(app, "rejected") == 1
 
 
-def test_a_file_left_without_its_row_is_replaced_by_the_next_copy(make_gateway, db_url: str) -> None:
+def test_a_file_left_without_its_row_is_replaced_by_the_next_copy(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     """A crash between naming a file and committing its row leaves an unacknowledged file; the
     sender's retry must be stored over it, not refused or counted as a duplicate."""
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     ds = make_dataset(PatientName="RETRIED^COPY")
     orphan = app.spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
     orphan.parent.mkdir(parents=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -10,6 +11,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
+from tests.conftest import Served
 from tests.factory import make_dataset, write_file
 from tests.peers import dcmtk, spool_files
 
@@ -53,7 +55,7 @@ def big_encapsulated(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("make", [big_native, big_encapsulated])
-def test_large_multiframe_is_received_in_bounded_memory(served, tmp_path: Path, make) -> None:
+def test_large_multiframe_is_received_in_bounded_memory(served: Callable[..., Served], tmp_path: Path, make: Callable[[Path], Path]) -> None:
     gateway = served()
     source = make(tmp_path / "big.dcm")
     baseline = rss_mb(gateway.process.pid)

@@ -31,6 +31,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as encode_command
 from sqlalchemy.exc import OperationalError
 
+from gateway.app import Gateway
 from gateway.dicom.status import Status
 from tests.conftest import rows, wait_for
 from tests.factory import CT_IMAGE_STORAGE, make_dataset, write_file
@@ -296,10 +297,11 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_malformed_pdu_or_association_ends_in_order(
-    case: Case, make_gateway, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    case: Case, make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     caplog.set_level(logging.WARNING)
     app = make_gateway(dicom={"max_pdu_size": MAX_PDU})
+    assert app.receiver is not None
     peer = RawPeer(app.receiver.address[1])
     if case.associate:
         peer.associate()
@@ -314,12 +316,13 @@ def test_a_malformed_pdu_or_association_ends_in_order(
 
 
 def test_a_pdu_over_the_maximum_is_refused_while_the_peer_is_still_sending_it(
-    make_gateway, caplog: pytest.LogCaptureFixture, tmp_path: Path
+    make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """A 5 MB P-DATA-TF against a 4 MB maximum, sent whole: the gateway aborts at the header and
     drops the rest, so the sender finishes sending and then reads the A-ABORT."""
     caplog.set_level(logging.WARNING)
     app = make_gateway(dicom={"max_pdu_size": MAX_PDU})
+    assert app.receiver is not None
     peer = RawPeer(app.receiver.address[1]).associate()
     body = pdv(1, 0x00, bytes((5 << 20) - 6))
     sender = threading.Thread(target=peer.send, args=(pdu(0x04, body),), daemon=True)
@@ -332,12 +335,13 @@ def test_a_pdu_over_the_maximum_is_refused_while_the_peer_is_still_sending_it(
 
 
 def test_random_command_sets_end_with_an_answer_or_an_abort(
-    make_gateway, caplog: pytest.LogCaptureFixture
+    make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Any bytes as a command set: a DIMSE answer if they happen to make a request, else an
     A-ABORT; either way the association is counted out and incoming/ stays empty."""
     caplog.set_level(logging.WARNING)
     app = make_gateway()
+    assert app.receiver is not None
     port = app.receiver.address[1]
     elements = st.lists(st.tuples(st.sampled_from([0x0000, 0x0002, 0x0100, 0x0110, 0x0120, 0x0700,
                                                    0x0800, 0x0900, 0x1000, 0x1234]),
@@ -386,9 +390,10 @@ def _status(received: Received | None) -> tuple[int, str | None]:
 
 
 def test_no_data_set_said_but_one_sent_is_refused_and_the_association_goes_on(
-    make_gateway, sqlite_url: str
+    make_gateway: Callable[..., Gateway], sqlite_url: str
 ) -> None:
     app = make_gateway()
+    assert app.receiver is not None
     ds = make_dataset()
     peer = RawPeer(app.receiver.address[1]).associate()
     peer.send(p_data(pdv(1, 0x03, c_store_rq(1, CT_IMAGE_STORAGE, ds.SOPInstanceUID, False))),
@@ -415,12 +420,13 @@ NOT_STORAGE = ["31", "1.2.3.4", "abc", "", " ", "1.2.840.10008.1.1", "1.2.840.10
 
 
 def test_a_c_store_of_a_sop_class_that_is_no_storage_class_is_refused_and_the_association_goes_on(
-    make_gateway, sqlite_url: str
+    make_gateway: Callable[..., Gateway], sqlite_url: str
 ) -> None:
     """The class of Affected SOP Class UIDs pynetdicom could not serve (it aborted): invalid
     ones, unknown ones (DCMTK's "31"), known non-storage ones; a table, then Hypothesis, all on
     one association, which must still store a good image at the end."""
     app = make_gateway()
+    assert app.receiver is not None
     ds = make_dataset()
     data = encode(ds)
     peer = RawPeer(app.receiver.address[1]).associate()
@@ -456,8 +462,9 @@ def test_a_c_store_of_a_sop_class_that_is_no_storage_class_is_refused_and_the_as
     wait_for(lambda: not list(app.spool.incoming.iterdir()), 10, "incoming/ is not empty")
 
 
-def test_an_invalid_affected_sop_instance_uid_is_refused_with_c001(make_gateway) -> None:
+def test_an_invalid_affected_sop_instance_uid_is_refused_with_c001(make_gateway: Callable[..., Gateway]) -> None:
     app = make_gateway()
+    assert app.receiver is not None
     ds = make_dataset()
     peer = RawPeer(app.receiver.address[1]).associate()
     for sop_instance in ["", "1.2.abc", "1." + "2" * 70]:
@@ -471,7 +478,7 @@ def test_an_invalid_affected_sop_instance_uid_is_refused_with_c001(make_gateway)
 
 
 def test_dcmsend_of_rt_doses_encoded_as_un_is_refused_per_image_not_aborted(
-    make_gateway, tmp_path: Path
+    make_gateway: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     """pydicom's RLE RT Dose files carry their UIDs with VR UN; DCMTK reads "31" from those bytes
     (the hex of their first character) and proposes RT Dose Storage, then sends C-STORE-RQs
@@ -479,6 +486,7 @@ def test_dcmsend_of_rt_doses_encoded_as_un_is_refused_per_image_not_aborted(
     an Error Comment (which ``dcmsend -d`` prints), and the next file on the association is
     stored."""
     app = make_gateway()
+    assert app.receiver is not None
     ct = write_file(make_dataset(), tmp_path / "ct.dcm")
     doses = [get_testdata_file(name) for name in ("rtdose_rle.dcm", "rtdose_rle_1frame.dcm")]
     result = dcmtk("dcmsend", "-d", "-aet", "DCMSEND", "-aec", "GATEWAY", "127.0.0.1",
@@ -494,10 +502,11 @@ def test_dcmsend_of_rt_doses_encoded_as_un_is_refused_per_image_not_aborted(
     wait_for(lambda: active(app) == 0, 10, "the association was never counted out")
 
 
-def test_a_c_store_on_another_storage_class_context_is_still_taken(make_gateway) -> None:
+def test_a_c_store_on_another_storage_class_context_is_still_taken(make_gateway: Callable[..., Gateway]) -> None:
     """An MR image on the CT context: pynetdicom took it (SOP Class Common Extended Negotiation
     allows related classes, PS3.7 D.3.11), and so does the streamed path."""
     app = make_gateway()
+    assert app.receiver is not None
     ds = make_dataset(SOPClassUID=MR_IMAGE_STORAGE, Modality="MR")
     peer = RawPeer(app.receiver.address[1]).associate()
     peer.send(p_data(pdv(1, 0x03, c_store_rq(1, MR_IMAGE_STORAGE, ds.SOPInstanceUID)),
@@ -509,11 +518,12 @@ def test_a_c_store_on_another_storage_class_context_is_still_taken(make_gateway)
 
 
 def test_a_peer_that_sends_nothing_after_the_abort_is_closed_and_its_thread_ends(
-    make_gateway,
+    make_gateway: Callable[..., Gateway],
 ) -> None:
     """After the A-ABORT the gateway closes the connection itself (no reset loses the A-ABORT)
     and no thread of the association outlives it."""
     app = make_gateway()
+    assert app.receiver is not None
     before = threading.active_count()
     peer = RawPeer(app.receiver.address[1]).associate()
     peer.send(pdu(0x09, bytes(4)))
@@ -534,12 +544,13 @@ def test_a_peer_that_sends_nothing_after_the_abort_is_closed_and_its_thread_ends
      Status.OUT_OF_RESOURCES),
 ], ids=["ValueError", "KeyError", "AttributeError", "OSError", "OperationalError"])
 def test_a_fault_of_ours_is_answered_retry_later_only_when_retrying_can_help(
-    make_gateway, monkeypatch: pytest.MonkeyPatch, error: Exception, expected: Status
+    make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch, error: Exception, expected: Status
 ) -> None:
     """An exception ingest did not classify: 0xA700 ("retry later") for a disk, memory or
     database failure; anything else would meet every retry again, so 0xC000. Both say why, and
     the association goes on."""
     app = make_gateway()
+    assert app.receiver is not None
     ingest = app.receiver._ingest
     real = ingest.store
     monkeypatch.setattr(ingest, "store", lambda request: (_ for _ in ()).throw(error))

@@ -179,6 +179,7 @@ class Modality:
 
 @contextmanager
 def modality(app: Gateway, calling_ae: str = "CT1") -> Iterator[Modality]:
+    assert app.receiver is not None
     scu = Modality(app.receiver.address[1], calling_ae)
     try:
         yield scu
@@ -424,6 +425,7 @@ def test_database_away_is_answered_0x0213_so_the_modality_sends_again(
     """Not 0x0110 "may no longer be updated" (the modality would give up) nor an exception."""
     _, study = schedule(app.engine)
     broken = create_engine(f"sqlite:///{tmp_path / 'missing' / 'folder' / 'gateway.db'}")
+    assert app.receiver is not None
     service = app.receiver._performed
     assert isinstance(service, PerformedStepService)
     service._engine = broken

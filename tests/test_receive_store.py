@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
+from gateway.app import Gateway
 from gateway.dicom.status import Status
 from gateway.receive.validate import dataset_offset
 from tests.conftest import rows
@@ -19,8 +21,9 @@ from tests.objects import PRIVATE, SYNTAXES, cut_offsets, encoded, layout, priva
 from tests.peers import encode, raw_c_store, spool_files, store
 
 
-def test_stored_instance_is_on_disk_and_in_the_ledger(make_gateway, db_url: str) -> None:
+def test_stored_instance_is_on_disk_and_in_the_ledger(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     ds = make_dataset(PatientName="DOE^JANE", PatientID="PID-42", AccessionNumber="A-77")
 
     assert store(app.receiver.address[1], ds, calling_ae="CT_ROOM1") == Status.SUCCESS
@@ -49,7 +52,7 @@ def test_stored_instance_is_on_disk_and_in_the_ledger(make_gateway, db_url: str)
     assert not list(app.spool.incoming.iterdir())
 
 
-def _assert_nothing_kept(app, db_url: str) -> None:
+def _assert_nothing_kept(app: Gateway, db_url: str) -> None:
     assert spool_files(app.spool.root) == []
     assert rows(db_url, "SELECT * FROM instances") == []
     assert not list(app.spool.incoming.iterdir())
@@ -57,17 +60,19 @@ def _assert_nothing_kept(app, db_url: str) -> None:
 
 
 def test_dataset_uids_differing_from_the_request_are_refused_with_a900(
-    make_gateway, db_url: str
+    make_gateway: Callable[..., Gateway], db_url: str
 ) -> None:
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     ds = make_dataset()
     status = raw_c_store(app.receiver.address[1], encode(ds), CT_IMAGE_STORAGE, generate_uid())
     assert status == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     _assert_nothing_kept(app, db_url)
 
 
-def test_undecodable_dataset_is_refused_with_c000(make_gateway, db_url: str) -> None:
+def test_undecodable_dataset_is_refused_with_c000(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     ds = make_dataset()
     # A valid start, then an element claiming 0x7FFFFFF0 bytes that never come.
     garbage = encode(ds)[:40] + b"\x10\x00\x10\x00PN\xf0\xff" + b"\x01" * 7
@@ -76,8 +81,9 @@ def test_undecodable_dataset_is_refused_with_c000(make_gateway, db_url: str) -> 
     _assert_nothing_kept(app, db_url)
 
 
-def test_invalid_uid_is_refused_with_c001(make_gateway, db_url: str) -> None:
+def test_invalid_uid_is_refused_with_c001(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     ds = make_dataset(SeriesInstanceUID="1.2.3/../../etc")
     status = raw_c_store(app.receiver.address[1], encode(ds), CT_IMAGE_STORAGE, ds.SOPInstanceUID)
     assert status == Status.INVALID_UID
@@ -87,10 +93,11 @@ def test_invalid_uid_is_refused_with_c001(make_gateway, db_url: str) -> None:
     _assert_nothing_kept(app, db_url)
 
 
-def test_uid_with_a_trailing_newline_is_refused_with_c001(make_gateway, db_url: str) -> None:
+def test_uid_with_a_trailing_newline_is_refused_with_c001(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     """PS3.5 9.1: digits and dots only. A newline after them is not padding (pydicom strips
     only NUL and space), and accepting it put a UID in the ledger that no file holds."""
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
         ds = make_dataset(**{keyword: "1.2.826.0.1.3680043.2.1143.77"})  # odd: NUL-padded
         payload = encode(ds).replace(b"1.2.826.0.1.3680043.2.1143.77\0",
@@ -115,11 +122,12 @@ def _part10_data_set(path: Path) -> bytes:
 
 
 def test_objects_rich_in_structure_are_kept_byte_identical_in_every_syntax(
-    make_gateway, db_url: str
+    make_gateway: Callable[..., Gateway], db_url: str
 ) -> None:
     """Nested sequences of both length kinds, private blocks with odd lengths, UN and a private
     sequence, values over the defer size before and after the pixel data, non-ASCII names."""
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     for syntax, transfer_syntax in SYNTAXES.items():
         ds, data, _ = _rich(syntax, True)
         status = raw_c_store(app.receiver.address[1], data, ds.SOPClassUID, ds.SOPInstanceUID,
@@ -132,12 +140,13 @@ def test_objects_rich_in_structure_are_kept_byte_identical_in_every_syntax(
 
 
 def test_secondary_capture_with_private_elements_of_any_vr_and_length_is_kept(
-    make_gateway, db_url: str
+    make_gateway: Callable[..., Gateway], db_url: str
 ) -> None:
     """Unknown VRs in implicit VR, odd lengths of numeric VRs, values over the defer size
     before and after the pixel data: a header decode that converted them refused these with
     0xC000 "dataset could not be decoded (AttributeError)" (or BytesLengthException)."""
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     for syntax in ("implicit", "explicit"):
         for private in PRIVATE:
             ds, data = private_object(*private, syntax=syntax)
@@ -162,9 +171,10 @@ CUT_INSIDE = {
 
 
 def test_data_sets_cut_inside_a_value_are_refused_with_c000_and_nothing_kept(
-    make_gateway, db_url: str
+    make_gateway: Callable[..., Gateway], db_url: str
 ) -> None:
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     for syntax in ("explicit", "implicit", "jpeg"):
         ds, data, _ = _rich(syntax, True)
         lengths = layout(data, syntax == "implicit", True)
@@ -178,12 +188,13 @@ def test_data_sets_cut_inside_a_value_are_refused_with_c000_and_nothing_kept(
 
 
 def test_truncated_or_overlong_data_sets_are_refused_with_c000_and_nothing_kept(
-    make_gateway, db_url: str
+    make_gateway: Callable[..., Gateway], db_url: str
 ) -> None:
     """The class of data sets whose declared lengths run past what arrives: cut inside any
     element, item or fragment at any depth (or inside the deflate stream), or with any length
     made to reach past the end, in every syntax, with values over the defer size or not."""
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
     port = app.receiver.address[1]
 
     @settings(max_examples=100, deadline=None, database=None,
@@ -214,10 +225,11 @@ def test_truncated_or_overlong_data_sets_are_refused_with_c000_and_nothing_kept(
     check()
 
 
-def test_low_disk_answers_a700_and_recovers_when_space_returns(make_gateway, db_url: str) -> None:
+def test_low_disk_answers_a700_and_recovers_when_space_returns(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     free = {"bytes": 10 * 1024 * 1024}  # below the 64 MiB minimum configured here
     app = make_gateway(db=db_url, free_bytes=lambda _p: free["bytes"],
                        storage={"min_free_mb": 64})
+    assert app.receiver is not None
     port = app.receiver.address[1]
     refused = make_dataset()
     assert store(port, refused) == Status.OUT_OF_RESOURCES
@@ -230,13 +242,14 @@ def test_low_disk_answers_a700_and_recovers_when_space_returns(make_gateway, db_
     assert app.health() == {"database": True, "spool_free": True}
 
 
-def test_unauthorised_service_is_refused_with_0124(make_gateway) -> None:
+def test_unauthorised_service_is_refused_with_0124(make_gateway: Callable[..., Gateway]) -> None:
     app = make_gateway(security={"unknown_callers": ["echo"]})
+    assert app.receiver is not None
     assert store(app.receiver.address[1], make_dataset()) == Status.NOT_AUTHORIZED
     assert spool_files(app.spool.root) == []
 
 
-def test_restart_removes_unacknowledged_leftovers(make_gateway, tmp_path: Path) -> None:
+def test_restart_removes_unacknowledged_leftovers(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     (spool / "incoming").mkdir(parents=True)
     (spool / "incoming" / "tmpabc.dcm").write_bytes(b"partial")
@@ -247,7 +260,7 @@ def test_restart_removes_unacknowledged_leftovers(make_gateway, tmp_path: Path) 
     assert not list(app.spool.incoming.iterdir())
 
 
-def test_every_refusal_says_why_in_its_error_comment(make_gateway, db_url: str) -> None:
+def test_every_refusal_says_why_in_its_error_comment(make_gateway: Callable[..., Gateway], db_url: str) -> None:
     """Each non-success C-STORE-RSP (and C-ECHO-RSP) carries Error Comment (0000,0902): the only
     "why" a sender sees (``storescu`` shows it with -v). At most 64 characters (LO), and 0xA700
     only where retrying later can help."""
@@ -265,6 +278,7 @@ def test_every_refusal_says_why_in_its_error_comment(make_gateway, db_url: str) 
                   "peers": [{"ae_title": "ECHO_ONLY_MODAL1", "services": ["echo"]},
                             {"ae_title": "STORE_ONLY", "services": ["store"]}]},
     )
+    assert app.receiver is not None
     port = app.receiver.address[1]
 
     def answer(payload: bytes, sop_instance: str, calling_ae: str = "RAWSCU") -> tuple[int, str]:

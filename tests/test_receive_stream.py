@@ -12,16 +12,20 @@ import errno
 import os
 import struct
 import time
+from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode as encode_command
 from pynetdicom.sop_class import Verification
 
+from gateway.app import Gateway
 from gateway.dicom.status import Status
 from gateway.receive import streaming
 from tests.conftest import rows, wait_for
@@ -90,9 +94,10 @@ class RawAssociation:
 
 
 def test_any_legal_framing_is_kept_byte_for_byte_and_other_messages_go_through(
-    make_gateway, sqlite_url: str
+    make_gateway: Callable[..., Gateway], sqlite_url: str
 ) -> None:
     app = make_gateway()
+    assert app.receiver is not None
     first, second = make_dataset(rows=64, columns=64), make_dataset(rows=32, columns=32)
     raw = RawAssociation(app.receiver.address[1])
     ct, echo = raw.contexts[CT_IMAGE_STORAGE], raw.contexts[Verification]
@@ -132,9 +137,10 @@ def test_any_legal_framing_is_kept_byte_for_byte_and_other_messages_go_through(
 
 
 def test_an_abort_inside_a_data_set_leaves_nothing_and_the_next_sender_is_served(
-    make_gateway, sqlite_url: str
+    make_gateway: Callable[..., Gateway], sqlite_url: str
 ) -> None:
     app = make_gateway()
+    assert app.receiver is not None
     ds = make_dataset(rows=64, columns=64)
     raw = RawAssociation(app.receiver.address[1])
     ct = raw.contexts[CT_IMAGE_STORAGE]
@@ -153,9 +159,10 @@ def test_an_abort_inside_a_data_set_leaves_nothing_and_the_next_sender_is_served
 
 
 def test_a_new_command_inside_a_data_set_aborts_the_association(
-    make_gateway, sqlite_url: str
+    make_gateway: Callable[..., Gateway], sqlite_url: str
 ) -> None:
     app = make_gateway()
+    assert app.receiver is not None
     ds = make_dataset()
     raw = RawAssociation(app.receiver.address[1])
     ct = raw.contexts[CT_IMAGE_STORAGE]
@@ -175,9 +182,10 @@ def test_a_new_command_inside_a_data_set_aborts_the_association(
     assert association.end_state in ("aborted", "closed")
 
 
-def test_storescu_with_a_small_maximum_pdu_is_kept_byte_for_byte(make_gateway, tmp_path) -> None:
+def test_storescu_with_a_small_maximum_pdu_is_kept_byte_for_byte(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     """The gateway offers 4 KiB PDUs, so each image arrives in dozens of fragments."""
     app = make_gateway(dicom={"max_pdu_size": 4096})
+    assert app.receiver is not None
     ds = make_dataset(rows=128, columns=128)
     source = write_file(ds, tmp_path / "ct.dcm")
     result = dcmtk("storescu", "-aet", "SMALLPDU", "-aec", "GATEWAY", "127.0.0.1",
@@ -189,11 +197,12 @@ def test_storescu_with_a_small_maximum_pdu_is_kept_byte_for_byte(make_gateway, t
 
 
 def test_a_disk_full_while_writing_answers_a700_and_leaves_nothing(
-    make_gateway, sqlite_url: str, monkeypatch
+    make_gateway: Callable[..., Gateway], sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ENOSPC half-way through a data set: the rest is read and dropped, the sender is told to
     retry (0xA700), the association stays usable, and nothing half-written is kept."""
     app = make_gateway()
+    assert app.receiver is not None
     real_write = os.write
     full = {"on": True}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from gateway.app import Gateway
 from gateway.dicom.status import Status
-from tests.conftest import GATEWAY_BIN, rows, saturated, wait_for
+from tests.conftest import GATEWAY_BIN, Served, rows, saturated, wait_for
 from tests.factory import make_dataset, write_file, write_study
 from tests.peers import dcmtk, spool_files, store
 
@@ -80,7 +82,7 @@ def wait_remapped(db: str, count: int, state: str = "done") -> list[Any]:
 
 
 def test_identity_and_unique_order_applied_with_originals_kept(
-    remap_gateway, tmp_path: Path, db_url: str
+    remap_gateway: Callable[..., Served], tmp_path: Path, db_url: str
 ) -> None:
     server = remap_gateway(db=db_url)
     files = write_study(tmp_path / "study", 3, PatientID="DEV-42", AccessionNumber=None,
@@ -121,7 +123,7 @@ def test_identity_and_unique_order_applied_with_originals_kept(
 
 
 def test_one_study_one_decision_across_associations_and_table_changes(
-    remap_gateway, tmp_path: Path, db_url: str
+    remap_gateway: Callable[..., Served], tmp_path: Path, db_url: str
 ) -> None:
     server = remap_gateway(db=db_url)
     files = write_study(tmp_path / "study", 3, PatientID="DEV-42", AccessionNumber=None)
@@ -140,7 +142,7 @@ def test_one_study_one_decision_across_associations_and_table_changes(
 
 
 def test_ambiguous_study_is_held_listed_and_released_by_assign(
-    remap_gateway, tmp_path: Path, db_url: str
+    remap_gateway: Callable[..., Served], tmp_path: Path, db_url: str
 ) -> None:
     server = remap_gateway(db=db_url)
     files = write_study(tmp_path / "study", 2, PatientID="DEV-77", AccessionNumber=None,
@@ -181,7 +183,7 @@ def test_ambiguous_study_is_held_listed_and_released_by_assign(
     assert refused.returncode == 1 and "is not held" in refused.stderr
 
 
-def test_unknown_patient_passes_unchanged_when_the_rule_says_pass(remap_gateway, tmp_path: Path) -> None:
+def test_unknown_patient_passes_unchanged_when_the_rule_says_pass(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
     rules = RULES.replace('type = "map_identity", unmatched = "hold"', 'type = "map_identity", unmatched = "pass"')
     rules = rules.replace('type = "reconcile_order", unmatched = "hold"', 'type = "reconcile_order", unmatched = "pass"')
     server = remap_gateway(rules)
@@ -192,21 +194,23 @@ def test_unknown_patient_passes_unchanged_when_the_rule_says_pass(remap_gateway,
     assert pydicom.dcmread(spool_files(server.spool)[0]).InstitutionName == "General Hospital"
 
 
-def test_coerced_status_is_configurable(make_gateway, tmp_path: Path) -> None:
+def test_coerced_status_is_configurable(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = "InstitutionName", '
                      'value = "General Hospital" }]\n')
     warning = make_gateway(remap={"rules_file": str(rules), "coerced_status": "warning"})
+    assert warning.receiver is not None
     assert store(warning.receiver.address[1], make_dataset()) == Status.COERCION_OF_DATA_ELEMENTS
     unchanged = make_dataset(InstitutionName="General Hospital")
     assert store(warning.receiver.address[1], unchanged) == Status.SUCCESS
 
 
-def test_regenerated_uids_are_consistent_and_under_the_root(make_gateway, tmp_path: Path) -> None:
+def test_regenerated_uids_are_consistent_and_under_the_root(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rules]]\nname = "new uids"\nactions = [{ type = "regenerate_uid", tag = '
                      '"StudyInstanceUID" }, { type = "regenerate_uid", tag = "SOPInstanceUID" }]\n')
     app = make_gateway(remap={"rules_file": str(rules), "uid_root": "1.2.826.0.1.3680043.9.7"})
+    assert app.receiver is not None
     study = generate_uid()
     first, second = make_dataset(StudyInstanceUID=study), make_dataset(StudyInstanceUID=study)
     for ds in (first, second):
@@ -239,7 +243,7 @@ def test_bad_rules_are_reported_with_rule_key_and_fix(tmp_path: Path) -> None:
     assert "rule #3 'uid'" in result.stderr and "use an action of type regenerate_uid" in result.stderr
 
 
-def test_remap_test_prints_changes_and_writes_nothing(remap_gateway, tmp_path: Path) -> None:
+def test_remap_test_prints_changes_and_writes_nothing(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
     server = remap_gateway()
     [path] = write_study(tmp_path / "sample", 1, PatientID="DEV-42", AccessionNumber=None)
     before = path.read_bytes()
@@ -252,7 +256,7 @@ def test_remap_test_prints_changes_and_writes_nothing(remap_gateway, tmp_path: P
     assert rows(server.db_url, "SELECT id FROM study_decisions") == []
 
 
-def test_remap_replay_summarises_what_candidate_rules_would_change(remap_gateway, tmp_path: Path) -> None:
+def test_remap_replay_summarises_what_candidate_rules_would_change(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
     server = remap_gateway()
     send(server.port, write_study(tmp_path / "study", 2, PatientID="DEV-42", AccessionNumber=None))
     wait_remapped(server.db_url, 2)
@@ -281,7 +285,7 @@ CHARSET_CASES = [
 ]
 
 
-def test_new_names_round_trip_in_every_character_set(remap_gateway, tmp_path: Path) -> None:
+def test_new_names_round_trip_in_every_character_set(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
     from pydicom import config as pydicom_config
     from pydicom.data import get_charset_files
     from pydicom.filebase import DicomBytesIO
@@ -333,7 +337,7 @@ def _dciodvfy_findings(path: Path) -> set[str]:
             if line.startswith(("Error", "Warning"))}
 
 
-def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(remap_gateway, tmp_path: Path) -> None:
+def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 
     server = remap_gateway()
@@ -351,12 +355,13 @@ def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(remap_gateway, tmp_
 
 
 def test_rewrite_interrupted_by_a_stop_is_finished_once_after_restart(
-    make_gateway, tmp_path: Path, sqlite_url: str
+    make_gateway: Callable[..., Gateway], tmp_path: Path, sqlite_url: str
 ) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = "InstitutionName", '
                      'value = "General Hospital" }]\n')
     first = make_gateway(remap={"rules_file": str(rules)})
+    assert first.receiver is not None
     assert store(first.receiver.address[1], make_dataset()) == Status.SUCCESS
     wait_remapped(sqlite_url, 1)
     first.stop()
@@ -377,7 +382,7 @@ def test_rewrite_interrupted_by_a_stop_is_finished_once_after_restart(
 
 
 def test_rewrites_yield_to_a_saturated_receiver_but_are_never_starved(
-    make_gateway, tmp_path: Path
+    make_gateway: Callable[..., Gateway], tmp_path: Path
 ) -> None:
     """While the receiver is saturated nothing is rewritten until the oldest waiting instance has
     waited max_defer_s; then all are, the receiver still saturated. Out of a burst an instance is
@@ -390,6 +395,7 @@ def test_rewrites_yield_to_a_saturated_receiver_but_are_never_starved(
     rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = "InstitutionName", '
                      'value = "General Hospital" }]\n')
     app = make_gateway(remap={"rules_file": str(rules), "max_defer_s": max_defer_s})
+    assert app.receiver is not None
     db = f"sqlite:///{app.config.database.url.removeprefix('sqlite:///')}"
     port = app.receiver.address[1]
     # The remap process is up and reading the receiver (its hold needs two whole windows of

@@ -9,6 +9,7 @@ import subprocess
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from tests.conftest import GATEWAY_BIN, rows, wait_for
+from tests.conftest import GATEWAY_BIN, Served, rows, wait_for
 from tests.factory import write_study
 from tests.peers import dcmtk, require_tool, spool_files
 
@@ -36,14 +37,14 @@ AS_RECEIVED = [
 ]
 
 
-def test_echoscu_is_answered(served) -> None:
+def test_echoscu_is_answered(served: Callable[..., Served]) -> None:
     gateway = served()
     result = dcmtk("echoscu", "-aet", "MONITOR", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port))
     assert result.returncode == 0, result.stderr
     assert gateway.stop() == 0
 
 
-def test_storescu_study_is_stored_recorded_and_counted(served, tmp_path: Path) -> None:
+def test_storescu_study_is_stored_recorded_and_counted(served: Callable[..., Served], tmp_path: Path) -> None:
     gateway = served()
     files = write_study(tmp_path / "study", 12)
     result = dcmtk("storescu", "-aet", "CT_ROOM1", "-aec", "GATEWAY", "127.0.0.1",
@@ -86,7 +87,7 @@ def test_storescu_study_is_stored_recorded_and_counted(served, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("name", AS_RECEIVED)
-def test_each_transfer_syntax_is_stored_as_received(served, name: str) -> None:
+def test_each_transfer_syntax_is_stored_as_received(served: Callable[..., Served], name: str) -> None:
     """dcmsend proposes each file's own transfer syntax; the gateway keeps it, no transcoding."""
     gateway = served()
     source = Path(get_testdata_file(name))
@@ -110,7 +111,7 @@ def _rejected(result: subprocess.CompletedProcess[str], reason: str) -> bool:
     return result.returncode != 0 and reason in (result.stderr + result.stdout)
 
 
-def test_unknown_caller_is_rejected_when_the_allow_list_is_closed(served) -> None:
+def test_unknown_caller_is_rejected_when_the_allow_list_is_closed(served: Callable[..., Served]) -> None:
     gateway = served(security={"unknown_callers": [], "peers": [
         {"ae_title": "CT_ROOM1", "services": ["echo", "store"]},
         {"ae_title": "FAR_AWAY", "host": "10.9.9.9", "services": ["echo"]},
@@ -131,13 +132,13 @@ def test_unknown_caller_is_rejected_when_the_allow_list_is_closed(served) -> Non
     ]
 
 
-def test_wrong_called_ae_is_rejected(served) -> None:
+def test_wrong_called_ae_is_rejected(served: Callable[..., Served]) -> None:
     gateway = served()
     result = dcmtk("echoscu", "-aet", "CT_ROOM1", "-aec", "NOT_US", "127.0.0.1", str(gateway.port))
     assert _rejected(result, "Called AE Title Not Recognized"), result.stderr
 
 
-def test_associations_beyond_the_maximum_are_rejected_transiently(served) -> None:
+def test_associations_beyond_the_maximum_are_rejected_transiently(served: Callable[..., Served]) -> None:
     gateway = served(dicom={"max_associations": 1})
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -208,7 +209,7 @@ def _when(value: datetime | str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
-def test_sigterm_lets_the_sending_association_finish_then_exits_0(served, tmp_path: Path) -> None:
+def test_sigterm_lets_the_sending_association_finish_then_exits_0(served: Callable[..., Served], tmp_path: Path) -> None:
     """The signal lands while storescu's association is established and half sent: the relay
     holds the rest back until the gateway has logged the signal, then lets it through."""
     gateway = served(dicom={"shutdown_grace_s": 30.0})
@@ -248,7 +249,7 @@ def test_sigterm_lets_the_sending_association_finish_then_exits_0(served, tmp_pa
     assert refused.returncode != 0
 
 
-def test_sigkill_after_storescu_returns_loses_nothing(served, tmp_path: Path) -> None:
+def test_sigkill_after_storescu_returns_loses_nothing(served: Callable[..., Served], tmp_path: Path) -> None:
     gateway = served()
     files = write_study(tmp_path / "study", 30)
     result = dcmtk("storescu", "-aet", "CT_ROOM1", "-aec", "GATEWAY", "127.0.0.1",
@@ -267,7 +268,7 @@ def test_sigkill_after_storescu_returns_loses_nothing(served, tmp_path: Path) ->
     assert restarted.stop() == 0
 
 
-def test_metrics_endpoint_answers_404_elsewhere(served) -> None:
+def test_metrics_endpoint_answers_404_elsewhere(served: Callable[..., Served]) -> None:
     gateway = served()
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/nothing")
@@ -275,7 +276,7 @@ def test_metrics_endpoint_answers_404_elsewhere(served) -> None:
     error.value.close()
 
 
-def test_parallel_senders_are_all_stored(served, tmp_path: Path) -> None:
+def test_parallel_senders_are_all_stored(served: Callable[..., Served], tmp_path: Path) -> None:
     gateway = served()
     studies = [write_study(tmp_path / f"s{i}", 10) for i in range(4)]
     results: list[int] = []
@@ -294,7 +295,7 @@ def test_parallel_senders_are_all_stored(served, tmp_path: Path) -> None:
     assert len(rows(gateway.db_url, "SELECT id FROM instances")) == 40
 
 
-def test_associations_do_not_leak_file_descriptors(served, tmp_path: Path) -> None:
+def test_associations_do_not_leak_file_descriptors(served: Callable[..., Served], tmp_path: Path) -> None:
     gateway = served()
     fds = Path(f"/proc/{gateway.process.pid}/fd")
     assert dcmtk("echoscu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port)).returncode == 0

@@ -11,11 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from gateway.app import Gateway
 from gateway.dicom.status import Status
 from gateway.receive.spool import CLAIMS, ClaimLog
 from tests.conftest import config_dict, free_port, port_open, rows, wait_for
@@ -50,7 +52,7 @@ def _final(spool: Path, ds: object) -> Path:
 
 
 def test_a_kill_between_link_and_commit_leaves_nothing_after_restart(
-    make_gateway, db_url: str, tmp_path: Path
+    make_gateway: Callable[..., Gateway], db_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
     config = config_dict(tmp_path, db_url, port)
@@ -104,7 +106,7 @@ def test_a_kill_between_link_and_commit_leaves_nothing_after_restart(
 
 
 def test_only_pending_names_without_a_row_are_removed_and_versions_are_rows_too(
-    make_gateway, db_url: str, tmp_path: Path
+    make_gateway: Callable[..., Gateway], db_url: str, tmp_path: Path
 ) -> None:
     """Written directly: every kind of name the log can hold, and which survive a restart."""
     app = make_gateway(db=db_url, storage={"duplicate_policy": "replace"})

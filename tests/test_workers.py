@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -63,7 +64,7 @@ def _kept_once(gateway: Served) -> set[str]:
 
 
 def test_eight_concurrent_associations_over_two_workers_keep_each_instance_once(
-        served, db_url: str, tmp_path: Path) -> None:
+        served: Callable[..., Served], db_url: str, tmp_path: Path) -> None:
     gateway = served(db=db_url, dicom={"workers": 2})
     wait_for(lambda: len(_receiver_pids(gateway)) == 2, 10, "two receiver processes")
     studies = [write_study(tmp_path / f"s{i}", 6, PatientName="Müller^Jürgen") for i in range(8)]
@@ -87,7 +88,7 @@ def test_eight_concurrent_associations_over_two_workers_keep_each_instance_once(
 
 
 def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
-        served, tmp_path: Path) -> None:
+        served: Callable[..., Served], tmp_path: Path) -> None:
     gateway = served(dicom={"workers": 2})
     first = wait_for(lambda: _receiver_pids(gateway)[:2] if len(_receiver_pids(gateway)) == 2
                      else None, 10, "two receiver processes")
@@ -128,7 +129,7 @@ def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(
     assert not any(running(pid) for pid in _receiver_pids(gateway))
 
 
-def test_max_associations_holds_across_workers(served) -> None:
+def test_max_associations_holds_across_workers(served: Callable[..., Served]) -> None:
     gateway = served(dicom={"workers": 2, "max_associations": 2})
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(VERIFICATION)
@@ -152,7 +153,7 @@ def test_max_associations_holds_across_workers(served) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_drains_and_exits_0(served, tmp_path: Path, workers: int) -> None:
+def test_sigterm_drains_and_exits_0(served: Callable[..., Served], tmp_path: Path, workers: int) -> None:
     gateway = served(dicom={"workers": workers})
     files = write_study(tmp_path / "s", 5)
     assert dcmtk("storescu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port),
