@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 CANARY_NAME = "CANARY^ZEBEDIAH^QUUX"
@@ -59,7 +59,7 @@ def write_file(ds: Dataset, path: Path, transfer_syntax: str = ExplicitVRLittleE
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -27,7 +27,9 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         message = f"{name} not found: install it (scripts/test does, with apt)"
-        pytest.fail(message) if IN_CI else pytest.skip(message)
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 
@@ -80,9 +82,11 @@ def raw_c_store(
         request.AffectedSOPInstanceUID = sop_instance
         request.Priority = 2
         request.DataSet = BytesIO(payload)
+        assert context.context_id is not None
         assoc.dimse.send_msg(request, context.context_id)
         _, response = assoc.dimse.get_msg(block=True)
         assert response is not None, "no C-STORE response"
+        assert response.Status is not None
         return int(response.Status)
     finally:
         assoc._reactor_checkpoint.set()

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ def test_an_unknown_key_suggests_the_known_one_and_lists_read_as_lists(tmp_path:
     assert "should be a list" in result.stderr and "valid tuple" not in result.stderr
 
 
-def test_metrics_carry_no_created_series(served: Served) -> None:
+def test_metrics_carry_no_created_series(served: Callable[..., Served]) -> None:
     server = served()
     assert dcmtk("echoscu", "-aec", "GATEWAY", "127.0.0.1", str(server.port)).returncode == 0
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as response:

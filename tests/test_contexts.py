@@ -10,7 +10,7 @@ import pytest
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 
 from gateway.app import Gateway
 from gateway.config import load
@@ -83,7 +83,7 @@ def test_retired_ultrasound_image_is_stored_with_dcmsend(make_gateway: Callable[
 
 def test_configured_private_storage_classes_are_added_to_the_contexts() -> None:
     contexts = scp_contexts([PRIVATE_STORAGE, RETIRED_ULTRASOUND_IMAGE_STORAGE])
-    syntaxes = {cx.abstract_syntax: cx for cx in contexts}
+    syntaxes: dict[str | None, PresentationContext] = {cx.abstract_syntax: cx for cx in contexts}
     assert len(syntaxes) == len(contexts)  # a standard class listed again is not doubled
     private = syntaxes[PRIVATE_STORAGE]
     assert private.transfer_syntax == syntaxes[RETIRED_ULTRASOUND_IMAGE_STORAGE].transfer_syntax

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
 from gateway.app import Gateway
 from gateway.dicom.status import Status
@@ -15,11 +16,11 @@ from tests.factory import make_dataset
 from tests.peers import spool_files, store
 
 
-def _metric(app: Gateway, outcome: str) -> float:
+def _metric(app: Gateway, outcome: str) -> float | None:
     return app.metrics.registry.get_sample_value("gateway_duplicates_total", {"outcome": outcome})
 
 
-def _two_versions():
+def _two_versions() -> tuple[Dataset, Dataset]:
     first = make_dataset(PatientName="FIRST^COPY")
     second = copy.deepcopy(first)
     second.PatientName = "SECOND^COPY"

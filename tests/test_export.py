@@ -33,7 +33,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import UID, RLELossless, generate_uid
 
 from gateway.app import Gateway
 from gateway.config import ExportOptions, ExportSelector
@@ -86,9 +86,10 @@ class Site:
 def ct_study(folder: Path) -> list[Path]:
     """Four CT instances in two series: a 3-frame one and an RLE-compressed one among them."""
     study, series = generate_uid(), [generate_uid(), generate_uid()]
-    common = {"StudyInstanceUID": study, "PatientID": PATIENT, "PatientName": NAME,
-              "SpecificCharacterSet": "ISO_IR 192", "StudyDate": "20261101",
-              "AccessionNumber": "ACC-CT", "StudyDescription": "CT THORAX"}
+    common: dict[str, Any] = {
+        "StudyInstanceUID": study, "PatientID": PATIENT, "PatientName": NAME,
+        "SpecificCharacterSet": "ISO_IR 192", "StudyDate": "20261101",
+        "AccessionNumber": "ACC-CT", "StudyDescription": "CT THORAX"}
     files = []
     for i in range(4):
         ds = make_dataset(SeriesInstanceUID=series[i % 2], SeriesNumber=i % 2 + 1,
@@ -874,7 +875,7 @@ def part10_bytes(ds: pydicom.Dataset, syntax: str) -> bytes:
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

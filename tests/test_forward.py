@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy
 import pydicom
@@ -369,7 +369,7 @@ def jpeg_file(path: Path) -> Path:
     image = Image.new("RGB", (64, 48))
     image.putdata([(x * 4, y * 5, (x + y) % 256) for y in range(48) for x in range(64)])
     buffer = pydicom.filebase.DicomBytesIO()
-    image.save(buffer, format="JPEG", quality=90)
+    image.save(cast(IO[bytes], buffer), format="JPEG", quality=90)
     ds = make_dataset(rows=48, columns=64, SOPClassUID="1.2.840.10008.5.1.4.1.1.7",
                       Modality="OT")
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0

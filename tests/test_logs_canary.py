@@ -17,6 +17,7 @@ import copy
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -136,8 +137,9 @@ def test_canary_patient_never_reaches_the_log_on_any_path(
     assert imported.returncode == 0, imported.stderr
     port = str(gateway.port)
 
-    canary = {"PatientName": NAME, "PatientID": PATIENT_ID, "PatientBirthDate": BIRTH_DATE,
-              "AccessionNumber": ACCESSION, "SpecificCharacterSet": "ISO_IR 192"}
+    canary: dict[str, Any] = {
+        "PatientName": NAME, "PatientID": PATIENT_ID, "PatientBirthDate": BIRTH_DATE,
+        "AccessionNumber": ACCESSION, "SpecificCharacterSet": "ISO_IR 192"}
     study = generate_uid()
     files = [write_file(make_dataset(StudyInstanceUID=study, InstanceNumber=n, **canary),
                         tmp_path / "study" / f"{n}.dcm") for n in (1, 2)]

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as encode_command
@@ -83,10 +84,14 @@ def command(**elements: Any) -> bytes:
     ds = Dataset()
     for keyword, value in elements.items():
         setattr(ds, keyword, value)
-    body = bytes(encode_command(ds, True, True))
+    encoded = encode_command(ds, True, True)
+    assert encoded is not None
+    body = bytes(encoded)
     length = Dataset()
     length.CommandGroupLength = len(body)
-    return bytes(encode_command(length, True, True)) + body
+    header = encode_command(length, True, True)
+    assert header is not None
+    return bytes(header) + body
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -556,7 +561,7 @@ def test_a_fault_of_ours_is_answered_retry_later_only_when_retrying_can_help(
     monkeypatch.setattr(ingest, "store", lambda request: (_ for _ in ()).throw(error))
     ds = make_dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
     assoc = ae.associate("127.0.0.1", app.receiver.address[1], ae_title="GATEWAY")

@@ -6,6 +6,7 @@ import functools
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from hypothesis import HealthCheck, given, settings
@@ -99,7 +100,8 @@ def test_uid_with_a_trailing_newline_is_refused_with_c001(make_gateway: Callable
     app = make_gateway(db=db_url)
     assert app.receiver is not None
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        ds = make_dataset(**{keyword: "1.2.826.0.1.3680043.2.1143.77"})  # odd: NUL-padded
+        overrides: dict[str, Any] = {keyword: "1.2.826.0.1.3680043.2.1143.77"}  # odd: NUL-padded
+        ds = make_dataset(**overrides)
         payload = encode(ds).replace(b"1.2.826.0.1.3680043.2.1143.77\0",
                                      b"1.2.826.0.1.3680043.2.1143.77\n")
         status = raw_c_store(app.receiver.address[1], payload, CT_IMAGE_STORAGE,
@@ -295,9 +297,12 @@ def test_every_refusal_says_why_in_its_error_comment(make_gateway: Callable[...,
             request.AffectedSOPClassUID = CT_IMAGE_STORAGE
             request.AffectedSOPInstanceUID = sop_instance
             request.DataSet = BytesIO(payload)
-            assoc.dimse.send_msg(request, assoc.accepted_contexts[0].context_id)
+            context_id = assoc.accepted_contexts[0].context_id
+            assert context_id is not None
+            assoc.dimse.send_msg(request, context_id)
             _, response = assoc.dimse.get_msg(block=True)
             assert response is not None
+            assert response.Status is not None
             return int(response.Status), str(response.ErrorComment or "")
         finally:
             assoc._reactor_checkpoint.set()

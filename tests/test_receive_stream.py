@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import pytest
@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode as encode_command
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from gateway.app import Gateway
 from gateway.dicom.status import Status
@@ -53,7 +53,9 @@ def _store_command(message_id: int, sop_instance: str) -> bytes:
     request.DataSet = BytesIO(b"\0")  # marks a data set as present
     message = C_STORE_RQ()
     message.primitive_to_message(request)
-    return bytes(encode_command(message.command_set, True, True))
+    encoded = encode_command(message.command_set, True, True)
+    assert encoded is not None
+    return bytes(encoded)
 
 
 def _echo_command(message_id: int) -> bytes:
@@ -62,7 +64,9 @@ def _echo_command(message_id: int) -> bytes:
     request.AffectedSOPClassUID = Verification
     message = C_ECHO_RQ()
     message.primitive_to_message(request)
-    return bytes(encode_command(message.command_set, True, True))
+    encoded = encode_command(message.command_set, True, True)
+    assert encoded is not None
+    return bytes(encoded)
 
 
 class RawAssociation:
@@ -77,7 +81,8 @@ class RawAssociation:
         self.assoc._reactor_checkpoint.clear()
         while not self.assoc._is_paused:
             time.sleep(0.0001)
-        self.contexts = {str(c.abstract_syntax): c.context_id for c in self.assoc.accepted_contexts}
+        self.contexts = {str(c.abstract_syntax): cast(int, c.context_id)
+                                         for c in self.assoc.accepted_contexts}
 
     def send(self, *pdus: bytes) -> None:
         for pdu in pdus:

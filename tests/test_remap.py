@@ -341,7 +341,9 @@ def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(remap_gateway: Call
     from pydicom.data import get_testdata_file
 
     server = remap_gateway()
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    source = get_testdata_file("CT_small.dcm")
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
     ds.PatientID = "DEV-42"
     del ds.AccessionNumber
     ds.StudyDate, ds.StudyTime = "20261123", "101500"

@@ -71,7 +71,9 @@ def holding(make_gateway: Callable[..., Gateway], tmp_path: Path) -> Iterator[An
         study, series = generate_uid(), generate_uid()
         files = []
         for i, name in enumerate(COMPRESSED):
-            ds = pydicom.dcmread(get_testdata_file(name))
+            source = get_testdata_file(name)
+            assert isinstance(source, str)
+            ds: Dataset = pydicom.dcmread(source)
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             ds.SpecificCharacterSet, ds.PatientName, ds.PatientID = "ISO_IR 192", NAME, "RET-1"
@@ -187,8 +189,9 @@ def _final_get(app: Gateway, identifier: Dataset, calling_ae: str = "VIEWER",
 
     ae = _scu(StudyRootQueryRetrieveInformationModelGet)
     ae.ae_title = calling_ae
-    roles = []
+    roles: list[Any] = []  # pynetdicom's ext_neg: a list of its user information items
     for cx in StoragePresentationContexts[:120]:
+        assert cx.abstract_syntax is not None
         ae.add_requested_context(cx.abstract_syntax)
         roles.append(build_role(cx.abstract_syntax, scp_role=True))
     assoc = ae.associate("127.0.0.1", app.config.dicom.port, ae_title="GATEWAY",

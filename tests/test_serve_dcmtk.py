@@ -90,7 +90,9 @@ def test_storescu_study_is_stored_recorded_and_counted(served: Callable[..., Ser
 def test_each_transfer_syntax_is_stored_as_received(served: Callable[..., Served], name: str) -> None:
     """dcmsend proposes each file's own transfer syntax; the gateway keeps it, no transcoding."""
     gateway = served()
-    source = Path(get_testdata_file(name))
+    path = get_testdata_file(name)
+    assert isinstance(path, str)
+    source = Path(path)
     result = dcmtk("dcmsend", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
                    str(gateway.port), str(source))
     assert result.returncode == 0, result.stderr + result.stdout

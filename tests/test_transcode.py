@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data.data_manager import DATA_ROOT
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -142,7 +142,7 @@ def test_every_uid_is_kept_and_the_pixels_decode(path: Path, syntax: UID) -> Non
 
 def test_uncompressed_input_is_left_as_it_is() -> None:
     ds = make_dataset(PatientName="Müller^Zoë")
-    ds.file_meta = Dataset()
+    ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     before = every_uid(ds)
     pixels = ds.PixelData
@@ -191,7 +191,7 @@ def rle_with_references(references: list[str], name: str) -> Dataset:
         item.ReferencedSOPInstanceUID = uid
         series.ReferencedInstanceSequence.append(item)
     ds.ReferencedSeriesSequence = Sequence([series])
-    ds.file_meta = Dataset()
+    ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

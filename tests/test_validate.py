@@ -9,6 +9,7 @@ import struct
 import warnings
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom.data
 import pytest
@@ -155,7 +156,8 @@ def test_uid_bytes_are_checked_less_only_their_padding(keyword: str, value: byte
                                                         kept: bool) -> None:
     """pydicom strips any whitespace around a UID; the bytes kept would then differ from the
     ledger's UID."""
-    ds = make_dataset(**{keyword: UID_BYTES})
+    overrides: dict[str, Any] = {keyword: UID_BYTES}
+    ds = make_dataset(**overrides)
     data = encode(ds).replace(UID_BYTES.encode(), value)
     affected = value.rstrip(b"\0 ").decode() if keyword == "SOPInstanceUID" else ds.SOPInstanceUID
     refused = _refusal(part10(ds, data, "explicit"), ds.SOPClassUID, affected)

@@ -26,7 +26,7 @@ from alembic import command
 from alembic.config import Config
 
 from gateway.app import Gateway
-from gateway.config import GatewayConfig
+from gateway.config import ExportJob, GatewayConfig
 from gateway.db.engine import make_engine
 from gateway.db.migrate import MIGRATIONS, upgrade
 from gateway.export import metadata
@@ -428,7 +428,9 @@ def test_an_export_job_selects_by_site_with_the_same_rule(
     config = GatewayConfig.model_validate(data)
     engine = make_engine(api.db)
     try:
-        counts = run_job(config, config.jobs[0], make_sessions(engine), "node",
+        job = config.jobs[0]
+        assert isinstance(job, ExportJob)
+        counts = run_job(config, job, make_sessions(engine), "node",
                          lambda: datetime.now(UTC),
                          lambda line: None)
     finally:
