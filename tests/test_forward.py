@@ -611,11 +611,13 @@ def test_forwarding_stands_aside_while_the_receiver_is_saturated_never_longer_th
             study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
             # "confirmed" too: a sender that did not hold would otherwise make this wait time
             # out instead of failing the assertion below, which says what went wrong.
-            wait_for(lambda s=study: any(j.state in ("sending", "confirmed")
-                                         for j in _jobs_of(db_url, s)), 30,
+            def states(s: str = study) -> set[str]:
+                return {j.state for j in _jobs_of(db_url, s)}
+
+            wait_for(lambda: any(state in ("sending", "confirmed") for state in states()), 30,
                      "the sender to take the first instance in hand")
             assert not uids & orthanc.sop_instance_uids(), "forwarded while saturated"
-            wait_for(lambda s=study: {j.state for j in _jobs_of(db_url, s)} == {"confirmed"},
+            wait_for(lambda: states() == {"confirmed"},
                      hold_s + 30, "held instances confirmed, the receiver still saturated")
         if burst.steady:
             break

@@ -221,6 +221,15 @@ def _wait_for_a_file(app: Any) -> None:
     wait_for(lambda: list(app.spool.incoming.iterdir()), 5, "the data set never started")
 
 
+def _then(last: Callable[[RawPeer], bytes]) -> Callable[[RawPeer, Any], None]:
+    """Half a data set, then (once the gateway has begun its file) the PDU ``last`` builds."""
+    def send(peer: RawPeer, app: Any) -> None:
+        peer.send(_half_a_data_set(peer))
+        _wait_for_a_file(app)
+        peer.send(last(peer))
+    return send
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -250,8 +259,7 @@ CASES = [
          lambda peer, app: peer.send(p_data(pdv(5, 0x03, c_store_rq(1, CT_IMAGE_STORAGE, "1.2.3")))),
          _abort, (PROVIDER, INVALID_PARAMETER), "presentation context 5"),
     Case("a PDV on a context never proposed inside a data set",
-         lambda peer, app: (peer.send(_half_a_data_set(peer)), _wait_for_a_file(app),
-                            peer.send(p_data(pdv(9, 0x02, b"\0" * 10)))),
+         _then(lambda peer: p_data(pdv(9, 0x02, b"\0" * 10))),
          _abort, (PROVIDER, INVALID_PARAMETER), "presentation context 9"),
     Case("context ids 0 and 2 in the A-ASSOCIATE-RQ",
          lambda peer, app: peer.send(associate_rq(
@@ -284,8 +292,7 @@ CASES = [
          lambda peer, app: peer.send(p_data(pdv(1, 0x02, encode(make_dataset())))),
          _abort, (USER, 0x00), "no command before it"),
     Case("a new command inside a data set",
-         lambda peer, app: (peer.send(_half_a_data_set(peer)), _wait_for_a_file(app),
-                            peer.send(p_data(pdv(1, 0x03, c_store_rq(2, CT_IMAGE_STORAGE, "1.2"))))),
+         _then(lambda peer: p_data(pdv(1, 0x03, c_store_rq(2, CT_IMAGE_STORAGE, "1.2")))),
          _abort, (USER, 0x00), "new message began"),
     Case("an unknown Command Field",
          lambda peer, app: peer.send(p_data(pdv(3, 0x03, command(

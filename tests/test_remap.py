@@ -410,9 +410,12 @@ def test_rewrites_yield_to_a_saturated_receiver_but_are_never_starved(
             study = generate_uid()
             for _ in range(8):
                 assert store(port, make_dataset(StudyInstanceUID=study)) == Status.SUCCESS
-            mine = wait_for(lambda s=study: (r := _instances_of(db, s)) and all(
-                i.remap_state == "done" for i in r) and r, max_defer_s + 30,
-                "rewrites done though the receiver is still saturated")
+            def all_rewritten(s: str = study) -> Any:
+                return (r := _instances_of(db, s)) and all(
+                    i.remap_state == "done" for i in r) and r
+
+            mine = wait_for(all_rewritten, max_defer_s + 30,
+                            "rewrites done though the receiver is still saturated")
         if burst.steady:
             break
     else:
@@ -430,10 +433,12 @@ def test_rewrites_yield_to_a_saturated_receiver_but_are_never_starved(
         study = generate_uid()
         sent = time.monotonic()
         assert store(port, make_dataset(StudyInstanceUID=study)) == Status.SUCCESS
-        wait_for(lambda s=study: _instances_of(db, s)[0].remap_state in ("rewriting", "done"),
-                 max_defer_s + 30, "the rewrite to start")
+        def state(s: str = study) -> Any:
+            return _instances_of(db, s)[0].remap_state
+
+        wait_for(lambda: state() in ("rewriting", "done"), max_defer_s + 30, "the rewrite to start")
         assert time.monotonic() - sent < max_defer_s, "deferred though the receiver was not busy"
-        wait_for(lambda s=study: _instances_of(db, s)[0].remap_state == "done", 30, "rewritten")
+        wait_for(lambda: state() == "done", 30, "rewritten")
 
 
 def _instances_of(db: str, study: str) -> list[Any]:

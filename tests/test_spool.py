@@ -94,6 +94,7 @@ def test_a_kill_between_link_and_commit_leaves_nothing_after_restart(
         fp.write(f"+{kept_name}\n")
 
     app = make_gateway(db=db_url)
+    assert app.receiver is not None
 
     assert not _final(spool, doomed).exists()
     assert _final(spool, kept).is_file()
@@ -110,6 +111,7 @@ def test_only_pending_names_without_a_row_are_removed_and_versions_are_rows_too(
 ) -> None:
     """Written directly: every kind of name the log can hold, and which survive a restart."""
     app = make_gateway(db=db_url, storage={"duplicate_policy": "replace"})
+    assert app.receiver is not None
     port = app.receiver.address[1]
     first = make_dataset()
     second = make_dataset(SOPInstanceUID=first.SOPInstanceUID, StudyInstanceUID=first.StudyInstanceUID,

@@ -202,7 +202,7 @@ def rle_with_references(references: list[str], name: str) -> Dataset:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     references=st.lists(st.builds(generate_uid), min_size=1, max_size=4),
-    name=st.text(st.characters(codec="utf-8", categories=("L",)), min_size=1, max_size=12),
+    name=st.text(st.characters(codec="utf-8", categories=["L"]), min_size=1, max_size=12),
 )
 def test_generated_rle_objects_keep_every_nested_uid(references: list[str], name: str) -> None:
     ds = rle_with_references(references, name)
