@@ -59,14 +59,18 @@ def _accepted(port: int, sop_classes: list[str]) -> set[str]:
     return accepted
 
 
-def test_every_storage_sop_class_is_accepted_at_association(make_gateway: Callable[..., Gateway]) -> None:
+def test_every_storage_sop_class_is_accepted_at_association(
+    make_gateway: Callable[..., Gateway]
+) -> None:
     app = make_gateway()
     assert app.receiver is not None
     everything = sorted(storage_sop_classes())
     assert _accepted(app.receiver.address[1], everything) == set(everything)
 
 
-def test_retired_ultrasound_image_is_stored_with_dcmsend(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+def test_retired_ultrasound_image_is_stored_with_dcmsend(
+    make_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
     """What older ultrasound devices still send; DCMTK's storescp keeps it."""
     app = make_gateway()
     assert app.receiver is not None
@@ -91,7 +95,9 @@ def test_configured_private_storage_classes_are_added_to_the_contexts() -> None:
     assert PRIVATE_STORAGE not in {cx.abstract_syntax for cx in scp_contexts()}
 
 
-def test_configured_private_storage_class_is_accepted_and_stored(make_gateway: Callable[..., Gateway]) -> None:
+def test_configured_private_storage_class_is_accepted_and_stored(
+    make_gateway: Callable[..., Gateway]
+) -> None:
     from tests.peers import store
 
     app = make_gateway(dicom={"extra_storage_sop_classes": [PRIVATE_STORAGE]})

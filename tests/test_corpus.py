@@ -90,7 +90,9 @@ def _kept_by_gateway(spool: Path, sop_instance: str) -> set[bytes]:
     return {_data_set(p) for p in _spooled(spool) if p.name.startswith(sop_instance + ".")}
 
 
-def test_the_gateway_keeps_what_storescp_keeps_byte_identical(served: Callable[..., Served], tmp_path: Path) -> None:
+def test_the_gateway_keeps_what_storescp_keeps_byte_identical(
+    served: Callable[..., Served], tmp_path: Path
+) -> None:
     gateway = served()
     received = tmp_path / "storescp"
     received.mkdir()

@@ -44,7 +44,9 @@ def database_unavailable(db_url: str) -> Iterator[None]:
         admin.dispose()
 
 
-def test_database_outage_answers_a700_then_recovers(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_database_outage_answers_a700_then_recovers(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     app = make_gateway(db=db_url)
     assert app.receiver is not None
     port = app.receiver.address[1]

@@ -28,7 +28,9 @@ def _two_versions() -> tuple[Dataset, Dataset]:
 
 
 @pytest.mark.parametrize("policy", ["keep_first", "replace", "reject"])
-def test_identical_copy_is_success_without_a_new_row(make_gateway: Callable[..., Gateway], db_url: str, policy: str) -> None:
+def test_identical_copy_is_success_without_a_new_row(
+    make_gateway: Callable[..., Gateway], db_url: str, policy: str
+) -> None:
     app = make_gateway(db=db_url, storage={"duplicate_policy": policy})
     assert app.receiver is not None
     port = app.receiver.address[1]
@@ -87,7 +89,9 @@ def test_replace_makes_the_second_current_and_keeps_the_first_as_prior_version(
     assert _metric(app, "replaced") == 1
 
 
-def test_reject_answers_0111_and_keeps_nothing_of_the_second(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_reject_answers_0111_and_keeps_nothing_of_the_second(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     app = make_gateway(db=db_url, storage={"duplicate_policy": "reject"})
     assert app.receiver is not None
     first, second = _two_versions()
@@ -103,7 +107,9 @@ def test_reject_answers_0111_and_keeps_nothing_of_the_second(make_gateway: Calla
     assert _metric(app, "rejected") == 1
 
 
-def test_a_file_left_without_its_row_is_replaced_by_the_next_copy(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_a_file_left_without_its_row_is_replaced_by_the_next_copy(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     """A crash between naming a file and committing its row leaves an unacknowledged file; the
     sender's retry must be stored over it, not refused or counted as a duplicate."""
     app = make_gateway(db=db_url)

@@ -55,7 +55,9 @@ def big_encapsulated(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("make", [big_native, big_encapsulated])
-def test_large_multiframe_is_received_in_bounded_memory(served: Callable[..., Served], tmp_path: Path, make: Callable[[Path], Path]) -> None:
+def test_large_multiframe_is_received_in_bounded_memory(
+    served: Callable[..., Served], tmp_path: Path, make: Callable[[Path], Path]
+) -> None:
     gateway = served()
     source = make(tmp_path / "big.dcm")
     baseline = rss_mb(gateway.process.pid)

@@ -309,7 +309,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_a_malformed_pdu_or_association_ends_in_order(
-    case: Case, make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture, tmp_path: Path
+    case: Case, make_gateway: Callable[..., Gateway], caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     caplog.set_level(logging.WARNING)
     app = make_gateway(dicom={"max_pdu_size": MAX_PDU})
@@ -474,7 +475,9 @@ def test_a_c_store_of_a_sop_class_that_is_no_storage_class_is_refused_and_the_as
     wait_for(lambda: not list(app.spool.incoming.iterdir()), 10, "incoming/ is not empty")
 
 
-def test_an_invalid_affected_sop_instance_uid_is_refused_with_c001(make_gateway: Callable[..., Gateway]) -> None:
+def test_an_invalid_affected_sop_instance_uid_is_refused_with_c001(
+    make_gateway: Callable[..., Gateway]
+) -> None:
     app = make_gateway()
     assert app.receiver is not None
     ds = make_dataset()
@@ -514,7 +517,9 @@ def test_dcmsend_of_rt_doses_encoded_as_un_is_refused_per_image_not_aborted(
     wait_for(lambda: active(app) == 0, 10, "the association was never counted out")
 
 
-def test_a_c_store_on_another_storage_class_context_is_still_taken(make_gateway: Callable[..., Gateway]) -> None:
+def test_a_c_store_on_another_storage_class_context_is_still_taken(
+    make_gateway: Callable[..., Gateway]
+) -> None:
     """An MR image on the CT context: pynetdicom took it (SOP Class Common Extended Negotiation
     allows related classes, PS3.7 D.3.11), and so does the streamed path."""
     app = make_gateway()
@@ -556,7 +561,8 @@ def test_a_peer_that_sends_nothing_after_the_abort_is_closed_and_its_thread_ends
      Status.OUT_OF_RESOURCES),
 ], ids=["ValueError", "KeyError", "AttributeError", "OSError", "OperationalError"])
 def test_a_fault_of_ours_is_answered_retry_later_only_when_retrying_can_help(
-    make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch, error: Exception, expected: Status
+    make_gateway: Callable[..., Gateway], monkeypatch: pytest.MonkeyPatch, error: Exception,
+    expected: Status,
 ) -> None:
     """An exception ingest did not classify: 0xA700 ("retry later") for a disk, memory or
     database failure; anything else would meet every retry again, so 0xC000. Both say why, and

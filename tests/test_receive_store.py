@@ -22,7 +22,9 @@ from tests.objects import PRIVATE, SYNTAXES, cut_offsets, encoded, layout, priva
 from tests.peers import encode, raw_c_store, spool_files, store
 
 
-def test_stored_instance_is_on_disk_and_in_the_ledger(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_stored_instance_is_on_disk_and_in_the_ledger(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     app = make_gateway(db=db_url)
     assert app.receiver is not None
     ds = make_dataset(PatientName="DOE^JANE", PatientID="PID-42", AccessionNumber="A-77")
@@ -71,7 +73,9 @@ def test_dataset_uids_differing_from_the_request_are_refused_with_a900(
     _assert_nothing_kept(app, db_url)
 
 
-def test_undecodable_dataset_is_refused_with_c000(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_undecodable_dataset_is_refused_with_c000(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     app = make_gateway(db=db_url)
     assert app.receiver is not None
     ds = make_dataset()
@@ -82,7 +86,9 @@ def test_undecodable_dataset_is_refused_with_c000(make_gateway: Callable[..., Ga
     _assert_nothing_kept(app, db_url)
 
 
-def test_invalid_uid_is_refused_with_c001(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_invalid_uid_is_refused_with_c001(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     app = make_gateway(db=db_url)
     assert app.receiver is not None
     ds = make_dataset(SeriesInstanceUID="1.2.3/../../etc")
@@ -94,7 +100,9 @@ def test_invalid_uid_is_refused_with_c001(make_gateway: Callable[..., Gateway], 
     _assert_nothing_kept(app, db_url)
 
 
-def test_uid_with_a_trailing_newline_is_refused_with_c001(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_uid_with_a_trailing_newline_is_refused_with_c001(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     """PS3.5 9.1: digits and dots only. A newline after them is not padding (pydicom strips
     only NUL and space), and accepting it put a UID in the ledger that no file holds."""
     app = make_gateway(db=db_url)
@@ -227,7 +235,9 @@ def test_truncated_or_overlong_data_sets_are_refused_with_c000_and_nothing_kept(
     check()
 
 
-def test_low_disk_answers_a700_and_recovers_when_space_returns(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_low_disk_answers_a700_and_recovers_when_space_returns(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     free = {"bytes": 10 * 1024 * 1024}  # below the 64 MiB minimum configured here
     app = make_gateway(db=db_url, free_bytes=lambda _p: free["bytes"],
                        storage={"min_free_mb": 64})
@@ -251,7 +261,9 @@ def test_unauthorised_service_is_refused_with_0124(make_gateway: Callable[..., G
     assert spool_files(app.spool.root) == []
 
 
-def test_restart_removes_unacknowledged_leftovers(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+def test_restart_removes_unacknowledged_leftovers(
+    make_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
     spool = tmp_path / "spool"
     (spool / "incoming").mkdir(parents=True)
     (spool / "incoming" / "tmpabc.dcm").write_bytes(b"partial")
@@ -262,7 +274,9 @@ def test_restart_removes_unacknowledged_leftovers(make_gateway: Callable[..., Ga
     assert not list(app.spool.incoming.iterdir())
 
 
-def test_every_refusal_says_why_in_its_error_comment(make_gateway: Callable[..., Gateway], db_url: str) -> None:
+def test_every_refusal_says_why_in_its_error_comment(
+    make_gateway: Callable[..., Gateway], db_url: str
+) -> None:
     """Each non-success C-STORE-RSP (and C-ECHO-RSP) carries Error Comment (0000,0902): the only
     "why" a sender sees (``storescu`` shows it with -v). At most 64 characters (LO), and 0xA700
     only where retrying later can help."""

@@ -187,7 +187,9 @@ def test_a_new_command_inside_a_data_set_aborts_the_association(
     assert association.end_state in ("aborted", "closed")
 
 
-def test_storescu_with_a_small_maximum_pdu_is_kept_byte_for_byte(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+def test_storescu_with_a_small_maximum_pdu_is_kept_byte_for_byte(
+    make_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
     """The gateway offers 4 KiB PDUs, so each image arrives in dozens of fragments."""
     app = make_gateway(dicom={"max_pdu_size": 4096})
     assert app.receiver is not None

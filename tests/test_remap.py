@@ -183,7 +183,9 @@ def test_ambiguous_study_is_held_listed_and_released_by_assign(
     assert refused.returncode == 1 and "is not held" in refused.stderr
 
 
-def test_unknown_patient_passes_unchanged_when_the_rule_says_pass(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
+def test_unknown_patient_passes_unchanged_when_the_rule_says_pass(
+    remap_gateway: Callable[..., Served], tmp_path: Path
+) -> None:
     rules = RULES.replace('type = "map_identity", unmatched = "hold"', 'type = "map_identity", unmatched = "pass"')
     rules = rules.replace('type = "reconcile_order", unmatched = "hold"', 'type = "reconcile_order", unmatched = "pass"')
     server = remap_gateway(rules)
@@ -194,7 +196,9 @@ def test_unknown_patient_passes_unchanged_when_the_rule_says_pass(remap_gateway:
     assert pydicom.dcmread(spool_files(server.spool)[0]).InstitutionName == "General Hospital"
 
 
-def test_coerced_status_is_configurable(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+def test_coerced_status_is_configurable(
+    make_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rules]]\nname = "site"\nactions = [{ type = "set", tag = "InstitutionName", '
                      'value = "General Hospital" }]\n')
@@ -205,7 +209,9 @@ def test_coerced_status_is_configurable(make_gateway: Callable[..., Gateway], tm
     assert store(warning.receiver.address[1], unchanged) == Status.SUCCESS
 
 
-def test_regenerated_uids_are_consistent_and_under_the_root(make_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+def test_regenerated_uids_are_consistent_and_under_the_root(
+    make_gateway: Callable[..., Gateway], tmp_path: Path
+) -> None:
     rules = tmp_path / "rules.toml"
     rules.write_text('[[rules]]\nname = "new uids"\nactions = [{ type = "regenerate_uid", tag = '
                      '"StudyInstanceUID" }, { type = "regenerate_uid", tag = "SOPInstanceUID" }]\n')
@@ -243,7 +249,9 @@ def test_bad_rules_are_reported_with_rule_key_and_fix(tmp_path: Path) -> None:
     assert "rule #3 'uid'" in result.stderr and "use an action of type regenerate_uid" in result.stderr
 
 
-def test_remap_test_prints_changes_and_writes_nothing(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
+def test_remap_test_prints_changes_and_writes_nothing(
+    remap_gateway: Callable[..., Served], tmp_path: Path
+) -> None:
     server = remap_gateway()
     [path] = write_study(tmp_path / "sample", 1, PatientID="DEV-42", AccessionNumber=None)
     before = path.read_bytes()
@@ -256,7 +264,9 @@ def test_remap_test_prints_changes_and_writes_nothing(remap_gateway: Callable[..
     assert rows(server.db_url, "SELECT id FROM study_decisions") == []
 
 
-def test_remap_replay_summarises_what_candidate_rules_would_change(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
+def test_remap_replay_summarises_what_candidate_rules_would_change(
+    remap_gateway: Callable[..., Served], tmp_path: Path
+) -> None:
     server = remap_gateway()
     send(server.port, write_study(tmp_path / "study", 2, PatientID="DEV-42", AccessionNumber=None))
     wait_remapped(server.db_url, 2)
@@ -285,7 +295,9 @@ CHARSET_CASES = [
 ]
 
 
-def test_new_names_round_trip_in_every_character_set(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
+def test_new_names_round_trip_in_every_character_set(
+    remap_gateway: Callable[..., Served], tmp_path: Path
+) -> None:
     from pydicom import config as pydicom_config
     from pydicom.data import get_charset_files
     from pydicom.filebase import DicomBytesIO
@@ -337,7 +349,9 @@ def _dciodvfy_findings(path: Path) -> set[str]:
             if line.startswith(("Error", "Warning"))}
 
 
-def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(remap_gateway: Callable[..., Served], tmp_path: Path) -> None:
+def test_remapped_objects_pass_dciodvfy_as_well_as_the_input(
+    remap_gateway: Callable[..., Served], tmp_path: Path
+) -> None:
     from pydicom.data import get_testdata_file
 
     server = remap_gateway()

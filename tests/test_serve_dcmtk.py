@@ -44,7 +44,9 @@ def test_echoscu_is_answered(served: Callable[..., Served]) -> None:
     assert gateway.stop() == 0
 
 
-def test_storescu_study_is_stored_recorded_and_counted(served: Callable[..., Served], tmp_path: Path) -> None:
+def test_storescu_study_is_stored_recorded_and_counted(
+    served: Callable[..., Served], tmp_path: Path
+) -> None:
     gateway = served()
     files = write_study(tmp_path / "study", 12)
     result = dcmtk("storescu", "-aet", "CT_ROOM1", "-aec", "GATEWAY", "127.0.0.1",
@@ -87,7 +89,9 @@ def test_storescu_study_is_stored_recorded_and_counted(served: Callable[..., Ser
 
 
 @pytest.mark.parametrize("name", AS_RECEIVED)
-def test_each_transfer_syntax_is_stored_as_received(served: Callable[..., Served], name: str) -> None:
+def test_each_transfer_syntax_is_stored_as_received(
+    served: Callable[..., Served], name: str
+) -> None:
     """dcmsend proposes each file's own transfer syntax; the gateway keeps it, no transcoding."""
     gateway = served()
     path = get_testdata_file(name)
@@ -113,7 +117,9 @@ def _rejected(result: subprocess.CompletedProcess[str], reason: str) -> bool:
     return result.returncode != 0 and reason in (result.stderr + result.stdout)
 
 
-def test_unknown_caller_is_rejected_when_the_allow_list_is_closed(served: Callable[..., Served]) -> None:
+def test_unknown_caller_is_rejected_when_the_allow_list_is_closed(
+    served: Callable[..., Served]
+) -> None:
     gateway = served(security={"unknown_callers": [], "peers": [
         {"ae_title": "CT_ROOM1", "services": ["echo", "store"]},
         {"ae_title": "FAR_AWAY", "host": "10.9.9.9", "services": ["echo"]},
@@ -140,7 +146,9 @@ def test_wrong_called_ae_is_rejected(served: Callable[..., Served]) -> None:
     assert _rejected(result, "Called AE Title Not Recognized"), result.stderr
 
 
-def test_associations_beyond_the_maximum_are_rejected_transiently(served: Callable[..., Served]) -> None:
+def test_associations_beyond_the_maximum_are_rejected_transiently(
+    served: Callable[..., Served]
+) -> None:
     gateway = served(dicom={"max_associations": 1})
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -211,7 +219,9 @@ def _when(value: datetime | str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
-def test_sigterm_lets_the_sending_association_finish_then_exits_0(served: Callable[..., Served], tmp_path: Path) -> None:
+def test_sigterm_lets_the_sending_association_finish_then_exits_0(
+    served: Callable[..., Served], tmp_path: Path
+) -> None:
     """The signal lands while storescu's association is established and half sent: the relay
     holds the rest back until the gateway has logged the signal, then lets it through."""
     gateway = served(dicom={"shutdown_grace_s": 30.0})
@@ -251,7 +261,9 @@ def test_sigterm_lets_the_sending_association_finish_then_exits_0(served: Callab
     assert refused.returncode != 0
 
 
-def test_sigkill_after_storescu_returns_loses_nothing(served: Callable[..., Served], tmp_path: Path) -> None:
+def test_sigkill_after_storescu_returns_loses_nothing(
+    served: Callable[..., Served], tmp_path: Path
+) -> None:
     gateway = served()
     files = write_study(tmp_path / "study", 30)
     result = dcmtk("storescu", "-aet", "CT_ROOM1", "-aec", "GATEWAY", "127.0.0.1",
@@ -297,7 +309,9 @@ def test_parallel_senders_are_all_stored(served: Callable[..., Served], tmp_path
     assert len(rows(gateway.db_url, "SELECT id FROM instances")) == 40
 
 
-def test_associations_do_not_leak_file_descriptors(served: Callable[..., Served], tmp_path: Path) -> None:
+def test_associations_do_not_leak_file_descriptors(
+    served: Callable[..., Served], tmp_path: Path
+) -> None:
     gateway = served()
     fds = Path(f"/proc/{gateway.process.pid}/fd")
     assert dcmtk("echoscu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port)).returncode == 0

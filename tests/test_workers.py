@@ -153,7 +153,9 @@ def test_max_associations_holds_across_workers(served: Callable[..., Served]) ->
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_drains_and_exits_0(served: Callable[..., Served], tmp_path: Path, workers: int) -> None:
+def test_sigterm_drains_and_exits_0(
+    served: Callable[..., Served], tmp_path: Path, workers: int
+) -> None:
     gateway = served(dicom={"workers": workers})
     files = write_study(tmp_path / "s", 5)
     assert dcmtk("storescu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port),
