@@ -51,8 +51,8 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def remap_gateway(served: Any, tmp_path: Path) -> Any:
-    def start(rules: str = RULES, db: str | None = None, **remap: Any) -> Any:
+def remap_gateway(served: Callable[..., Served], tmp_path: Path) -> Callable[..., Served]:
+    def start(rules: str = RULES, db: str | None = None, **remap: Any) -> Served:
         rules_path = tmp_path / "rules.toml"
         rules_path.write_text(rules, encoding="utf-8")
         server = served(db=db, remap={"rules_file": str(rules_path), "issuer_of_patient_id": "HOSPITAL",
