@@ -15,6 +15,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -28,6 +29,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import AE
+from pynetdicom.acse import ACSE
 from pynetdicom.dsutils import decode
 from pynetdicom.dsutils import encode as encode_command
 from sqlalchemy.exc import OperationalError
@@ -492,14 +494,26 @@ def test_an_invalid_affected_sop_instance_uid_is_refused_with_c001(
     assert spool_files(app.spool.root) == []
 
 
+@pytest.mark.parametrize("slow_accept", [False, True], ids=["at-once", "slow-accept"])
 def test_dcmsend_of_rt_doses_encoded_as_un_is_refused_per_image_not_aborted(
-    make_gateway: Callable[..., Gateway], tmp_path: Path
+    make_gateway: Callable[..., Gateway], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    slow_accept: bool,
 ) -> None:
     """pydicom's RLE RT Dose files carry their UIDs with VR UN; DCMTK reads "31" from those bytes
     (the hex of their first character) and proposes RT Dose Storage, then sends C-STORE-RQs
     whose Affected SOP Class and Instance UIDs are both "31". Each is refused with 0x0122 and
     an Error Comment (which ``dcmsend -d`` prints), and the next file on the association is
-    stored."""
+    stored. ``slow-accept``: pynetdicom's association thread marks the association established
+    only 0.3 s after the A-ASSOCIATE-AC went out (as a loaded machine may), so the first
+    C-STORE-RQ is read before it; it was handed to pynetdicom then, which aborted."""
+    if slow_accept:
+        sent = ACSE.send_accept
+
+        def send_accept_then_pause(acse: ACSE) -> None:
+            sent(acse)
+            time.sleep(0.3)
+
+        monkeypatch.setattr(ACSE, "send_accept", send_accept_then_pause)
     app = make_gateway()
     assert app.receiver is not None
     ct = write_file(make_dataset(), tmp_path / "ct.dcm")

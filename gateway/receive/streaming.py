@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -282,6 +283,8 @@ class StoreStream:
         if field not in _MESSAGE_TYPES:
             raise message(f"unknown Command Field 0x{field:04X}")
         assoc = self._assoc
+        if field == C_STORE_RQ:
+            _wait_until_established(assoc)
         if field != C_STORE_RQ or not assoc.is_established or assoc._sent_release:
             self._passing = context_id if data_set_type != NO_DATA_SET else None
             return items
@@ -427,6 +430,23 @@ def _refusal(request: _Request, abstract_syntax: str) -> Answer | None:
     if not is_valid_uid(request.sop_instance):
         return Answer(Status.INVALID_UID, "Affected SOP Instance UID missing or not a valid UID")
     return None
+
+
+ESTABLISHING_WAIT_S = 5.0
+
+
+def _wait_until_established(assoc: Any) -> None:
+    """A peer may send its first C-STORE-RQ as soon as it has the A-ASSOCIATE-AC, and this
+    thread (the DUL's, which sent the AC) may read it before pynetdicom's ACSE, on the
+    association's thread, has run its EVT_ACCEPTED handlers and set ``is_established``
+    (pynetdicom 3.0 ``ACSE._negotiate_as_acceptor``). Handed to pynetdicom then, the request
+    took its slower path, and one whose SOP Class is not a storage class aborted the association
+    instead of getting 0x0122 (seen under load). The AC is on the wire: wait for the flag, briefly.
+    """
+    deadline = time.monotonic() + ESTABLISHING_WAIT_S
+    while not assoc.is_established and not assoc.is_aborted and not assoc.is_rejected \
+            and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 class StreamingDUL(GuardedDUL):
