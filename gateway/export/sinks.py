@@ -17,7 +17,7 @@ from typing import BinaryIO, Protocol
 
 from gateway.export.behind import Hasher
 from gateway.export.names import is_inside
-from gateway.export.zipstream import COPY_CHUNK, Entry, ZipWriter
+from gateway.export.zipstream import COPY_CHUNK, Entry, ZipWriter, chunks
 
 MANIFEST = "manifest.sha256"
 
@@ -129,17 +129,12 @@ class FolderSink:
         _check(name)
         path = self._path(name)
         digest = hashlib.sha256()
-        crc, left, view = 0, size, memoryview(self._buffer)
+        crc = 0
         with open(path, "wb", buffering=0) as out:
-            while left:
-                count = source.readinto(view[:min(left, COPY_CHUNK)])  # type: ignore[attr-defined]
-                if not count:
-                    raise OSError(f"{name}: the source ended {left} bytes early")
-                chunk = view[:count]
+            for chunk in chunks(source, size, self._buffer, name):
                 crc = zlib.crc32(chunk, crc)
                 digest.update(chunk)
                 _write_all(out, chunk)
-                left -= count
         return Entry(name, 0, size, crc, False, 0, digest.hexdigest())
 
     def add_bytes(self, name: str, data: bytes) -> Entry:

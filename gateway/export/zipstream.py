@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -93,15 +93,10 @@ class ZipWriter:
         """Copy exactly ``size`` bytes of ``source`` into a new entry (its CRC-32 computed on
         the way); ``OSError`` when the source ends early."""
         offset = self._local_header(name, size)
-        crc, left, view = 0, size, memoryview(self._buffer)
-        while left:
-            count = source.readinto(view[:min(left, COPY_CHUNK)])  # type: ignore[attr-defined]
-            if not count:
-                raise OSError(f"{name}: the source ended {left} bytes early")
-            chunk = view[:count]
+        crc = 0
+        for chunk in chunks(source, size, self._buffer, name):
             crc = zlib.crc32(chunk, crc)
             self._write(chunk)
-            left -= count
         return self._close_entry(name, offset, size, crc)
 
     def add_bytes(self, name: str, data: bytes) -> Entry:
@@ -174,6 +169,18 @@ class ZipWriter:
             if written is None:
                 raise OSError("non-blocking write to an archive file")
             view = view[written:]
+
+
+def chunks(source: BinaryIO, size: int, buffer: bytearray, name: str) -> Iterator[memoryview]:
+    """Exactly ``size`` bytes of ``source``, read into ``buffer`` one chunk at a time (each
+    chunk is valid until the next); ``OSError`` naming the entry when the source ends early."""
+    left, view = size, memoryview(buffer)
+    while left:
+        count = source.readinto(view[:min(left, len(buffer))])  # type: ignore[attr-defined]
+        if not count:
+            raise OSError(f"{name}: the source ended {left} bytes early")
+        yield view[:count]
+        left -= count
 
 
 def sync(fp: BinaryIO) -> None:
