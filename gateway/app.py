@@ -159,7 +159,7 @@ class Gateway:
             self._receiving = self._receiving_half(self.engine, self.ledger_engine, self.spool)
             self.receiver = self._receiving.receiver
         else:
-            self._board = WorkerBoard(workers)
+            self._board = WorkerBoard(workers, config.dicom.max_associations)
             self.workers = ReceiverWorkers(
                 workers, self._receiver_process, self._board,
                 (config.dicom.bind_host, config.dicom.port), config.dicom.shutdown_grace_s,

@@ -43,6 +43,14 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, Field(min_length=1, max_length=16)]
 
 
+def _check_peer_limit(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValueError("a limit on a caller's open associations is at least 1; to refuse a "
+                         "caller, leave it out of [[security.peers]] and unknown_callers; to "
+                         "limit nothing, leave the key out")
+    return value
+
+
 class DicomConfig(_Model):
     """The listening Application Entity (PS3.8 association parameters)."""
 
@@ -82,8 +90,12 @@ class Peer(_Model):
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535, description="where C-MOVE sends to this AE")
     services: tuple[Service, ...] = ("echo", "store")
+    # This calling AE title's own limit on open associations (over every receiver process);
+    # None: security.max_associations_per_peer, if set.
+    max_associations: int | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+    _limit = field_validator("max_associations")(_check_peer_limit)
 
 
 class SecurityConfig(_Model):
@@ -92,6 +104,11 @@ class SecurityConfig(_Model):
     check_called_ae_title: bool = True
     unknown_callers: tuple[Service, ...] = ()
     peers: tuple[Peer, ...] = ()
+    # Open associations any one calling AE title (listed or not) may hold at once, unless its
+    # [[security.peers]] entry sets its own max_associations; None: only dicom.max_associations.
+    max_associations_per_peer: int | None = None
+
+    _limit = field_validator("max_associations_per_peer")(_check_peer_limit)
 
     @field_validator("peers")
     @classmethod
@@ -701,6 +718,26 @@ class GatewayConfig(_Model):
     sites: tuple[SiteConfig, ...] = ()
     api: ApiConfig = ApiConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _peer_limits_below_node_limit(self) -> GatewayConfig:
+        """A per-peer limit above ``dicom.max_associations`` is an error, not a warning: it can
+        never take effect (the node limit refuses first), and whoever wrote it most likely
+        believes it lets that peer exceed the node limit, which it does not. Equal to the node
+        limit is allowed: that is how one peer is exempted from ``max_associations_per_peer``."""
+        node = self.dicom.max_associations
+        fix = (f"lower it to at most {node}, or raise dicom.max_associations (it caps every "
+               "caller together; a peer limit can only be lower)")
+        default = self.security.max_associations_per_peer
+        if default is not None and default > node:
+            raise ValueError(f"security.max_associations_per_peer = {default} is above "
+                             f"dicom.max_associations = {node}: {fix}")
+        for i, peer in enumerate(self.security.peers):
+            if peer.max_associations is not None and peer.max_associations > node:
+                raise ValueError(f"security.peers.{i} ({peer.ae_title}).max_associations = "
+                                 f"{peer.max_associations} is above dicom.max_associations = "
+                                 f"{node}: {fix}")
+        return self
 
     @model_validator(mode="after")
     def _unique_jobs(self) -> GatewayConfig:

@@ -34,6 +34,6 @@ def test_called_ae_is_checked_unless_turned_off() -> None:
 
 
 def test_reject_reasons_are_the_standard_triples() -> None:
-    assert RejectReason.CALLING_AE_NOT_RECOGNIZED.value == (1, 1, 3)
-    assert RejectReason.CALLED_AE_NOT_RECOGNIZED.value == (1, 1, 7)
-    assert RejectReason.LOCAL_LIMIT_EXCEEDED.value == (2, 3, 2)
+    assert RejectReason.CALLING_AE_NOT_RECOGNIZED.wire == (1, 1, 3)
+    assert RejectReason.CALLED_AE_NOT_RECOGNIZED.wire == (1, 1, 7)
+    assert RejectReason.LOCAL_LIMIT_EXCEEDED.wire == (2, 3, 2)

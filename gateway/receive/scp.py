@@ -46,7 +46,7 @@ from gateway.receive.server import ReceiverServer
 from gateway.receive.streaming import StreamedStore, StreamingDUL
 from gateway.receive.upper_layer import REJECT_INVALID_REQUEST
 from gateway.receive.validate import is_valid_uid
-from gateway.receive.workers import Admissions, handed_server_class
+from gateway.receive.workers import Admissions, WorkerBoard, handed_server_class
 from gateway.worklist.services import NReply, PerformedSteps, WorklistFinder
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,9 @@ class Receiver:
         admissions: Admissions | None = None,
     ) -> None:
         # In a receiver process of several (``gateway.receive.workers``), the node-wide counts;
-        # alone, ``max_associations`` is checked against this process's open associations.
-        self._admissions = admissions
+        # alone, a board of one slot: the same limits by the same code.
+        self._admissions: Admissions = admissions if admissions is not None else WorkerBoard(
+            1, config.max_associations).admissions(0, config.max_associations)
         self._worklist = worklist
         self._performed = performed
         self._query = query
@@ -181,19 +182,20 @@ class Receiver:
             # Count admitted associations, not connections: a bare TCP probe holds a pynetdicom
             # thread for the ACSE timeout and must not use up a modality's slot. Checked and
             # reserved under one lock so two simultaneous requests cannot both take the last slot.
+            # The calling AE title's own limit is counted the same way, over every receiver process.
             state = _Open(calling_ae, called_ae, f"{peer[0]}:{peer[1]}", admission.services,
                           AssociationStats(None))
             with self._lock:
-                if (not self._admissions.take() if self._admissions is not None
-                        else len(self._open) >= self._config.max_associations):
-                    reject = RejectReason.LOCAL_LIMIT_EXCEEDED
-                else:
+                reject = self._admissions.take(calling_ae, admission.max_associations)
+                if reject is None:
                     self._open[id(assoc)] = state
         if reject is not None:
             self._metrics.associations.labels("rejected", reject.label).inc()
             self._ledger.opened(calling_ae, called_ae, peer, rejected_reason=reject.label)
-            log.warning("rejected association from %s at %s:%d calling %s: %s",
-                        calling_ae, peer[0], peer[1], called_ae, reject.label)
+            log.warning("rejected association from %s at %s:%d calling %s: %s%s",
+                        calling_ae, peer[0], peer[1], called_ae, reject.label,
+                        _limit_detail(reject, calling_ae, admission.max_associations,
+                                      self._config.max_associations))
             return reject
         if not admission.known_peer and (calling_ae, peer[0]) not in self._warned_unknown:
             self._warned_unknown.add((calling_ae, peer[0]))  # once per caller, not per association
@@ -375,21 +377,31 @@ class Receiver:
         """The association's thread has ended: if no end event came (pynetdicom fired none on
         some failure paths), it is counted out now, so ``associations_active`` cannot leak."""
         self._finish(assoc)
-        if self._admissions is not None:
-            self._admissions.connection_ended()
+        self._admissions.connection_ended()
 
     def _finish(self, assoc: Association) -> None:
         with self._lock:
             state = self._open.pop(id(assoc), None)
         if state is None:
             return
-        if self._admissions is not None:
-            self._admissions.give_back()
+        self._admissions.give_back(state.calling_ae)
         self._metrics.associations_active.dec()
         self._ledger.closed(state.stats, state.end_state)
         log.info("association %s from %s %s: %d stored, %d duplicate, %d bytes",
                  state.stats.record_id, state.calling_ae, state.end_state,
                  state.stats.instances, state.stats.duplicates, state.stats.bytes)
+
+
+def _limit_detail(reject: RejectReason, calling_ae: str, peer_limit: int | None,
+                  node_limit: int) -> str:
+    """What the operator reads after the label: which limit, and the key that sets it."""
+    if reject is RejectReason.PEER_LIMIT_EXCEEDED:
+        return (f" ({calling_ae} already holds its {peer_limit} associations; its limit is "
+                "max_associations in its [[security.peers]] entry, else "
+                "security.max_associations_per_peer)")
+    if reject is RejectReason.LOCAL_LIMIT_EXCEEDED:
+        return f" (the node holds dicom.max_associations = {node_limit})"
+    return ""
 
 
 def _unexpected(exc: Exception) -> tuple[Status, str]:
@@ -436,7 +448,7 @@ class GatewayACSE(ACSE):
                 self.assoc.kill()
             return
         self.requestor.ae_title = request.calling_ae_title
-        self.send_reject(*reject.value)
+        self.send_reject(*reject.wire)
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
 

@@ -21,13 +21,16 @@ with the fewest open connections, so the spread is even whatever the timing. It 
 ``accept`` and one ``sendmsg`` per connection (not per instance) in the supervisor, and a worker
 that dies drops only its own connections: none wait in a dead worker's accept queue.
 
-Shared state lives in memory made before the workers fork (``WorkerBoard``). Each number is
+Shared state lives in memory made before the workers fork (``WorkerBoard``). Each value is
 written by one process only (the acceptor counts connections handed to a worker, that worker
-counts them ended and counts its admitted associations), so no cross-process lock exists that a
-killed worker could leave held. ``dicom.max_associations`` holds for the node: a worker reserves a
-slot by adding one to its own count and reading the sum, and gives it back when the sum is over
-the limit. Two requests racing for the last slot in two workers may both be refused (transient,
-as any refusal at the limit), never both admitted.
+counts them ended and lists the calling AE titles of its admitted associations), so no
+cross-process lock exists that a killed worker could leave held; the supervisor clears a dead
+worker's values. ``dicom.max_associations`` and the per-peer limits (``security.peers``
+``max_associations``, ``security.max_associations_per_peer``) hold for the node: a worker
+reserves a place by writing the caller's title into its own list, counts the titles in every
+list, and takes it out again when a count is over its limit. Two requests racing for the last
+place in two workers may both be refused (transient, as any refusal at a limit), never both
+admitted. With ``workers = 1`` the receiver uses a board of one slot: one implementation.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Any, Protocol, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from gateway.dicom.peers import RejectReason
 from gateway.lifetime import die_with_parent, name_process
 from gateway.receive.server import ReceiverServer
 
@@ -54,30 +58,53 @@ EXTRA_STOP_S = 5.0
 
 
 class Admissions(Protocol):
-    """What a ``Receiver`` in a worker asks of the node-wide counts."""
+    """What a ``Receiver`` asks of the node-wide counts."""
 
-    def take(self) -> bool: ...
+    def take(self, calling_ae: str, peer_limit: int | None) -> RejectReason | None: ...
 
-    def give_back(self) -> None: ...
+    def give_back(self, calling_ae: str) -> None: ...
 
     def connection_ended(self) -> None: ...
 
 
-class WorkerBoard:
-    """Per worker slot: connections handed over, connections ended, associations admitted."""
+ENTRY_BYTES = 16  # an AE title, PS3.8 9.3.2: 16 bytes of ISO 646 on the wire
+_EMPTY = bytes(ENTRY_BYTES)
 
-    def __init__(self, workers: int) -> None:
+
+def _entry(calling_ae: str) -> bytes:
+    """The table's form of a (stripped) calling AE title: padded with spaces to 16 bytes, as on
+    the wire, so that even an all-spaces title (stripped to "") differs from an empty entry
+    (NULs). pynetdicom decodes the 16 bytes as ASCII, so every title fits exactly."""
+    encoded = calling_ae.encode("ascii").ljust(ENTRY_BYTES)
+    if len(encoded) != ENTRY_BYTES:
+        raise ValueError(f"an AE title is at most {ENTRY_BYTES} characters: {calling_ae!r}")
+    return encoded
+
+
+class WorkerBoard:
+    """Per worker slot: connections handed over, connections ended, and the calling AE titles of
+    its admitted associations (``capacity`` entries of 16 bytes, NULs when free).
+
+    The titles are stored exactly (no hash into shared buckets), so two devices never share a
+    per-peer limit; the node's count is the number of entries in use over all slots."""
+
+    def __init__(self, workers: int, capacity: int) -> None:
         context = multiprocessing.get_context("fork")
         self.workers = workers
+        # A worker never holds more admitted associations than the node's limit
+        self.capacity = capacity
         self._handed: Any = context.RawArray("q", workers)
         self._ended: Any = context.RawArray("q", workers)
-        self._admitted: Any = context.RawArray("q", workers)
+        self._titles: Any = context.RawArray("c", workers * capacity * ENTRY_BYTES)
 
     def open_connections(self, slot: int) -> int:
         return int(self._handed[slot] - self._ended[slot])
 
-    def admitted(self) -> int:
-        return int(sum(self._admitted))
+    def admitted(self, calling_ae: str | None = None) -> int:
+        """Entries in use on the node: all of them, or those of ``calling_ae``."""
+        if calling_ae is None:
+            return self._count(None)[0]
+        return self._count(_entry(calling_ae))[1]
 
     def handed(self, slot: int, count: int = 1) -> None:
         """In the acceptor's thread only."""
@@ -86,15 +113,59 @@ class WorkerBoard:
     def forget(self, slot: int) -> None:
         """The worker in ``slot`` is dead: nothing of its own is open any more."""
         self._ended[slot] = self._handed[slot]
-        self._admitted[slot] = 0
+        start = slot * self.capacity * ENTRY_BYTES
+        self._titles[start:start + self.capacity * ENTRY_BYTES] = bytes(
+            self.capacity * ENTRY_BYTES)
 
     def admissions(self, slot: int, limit: int) -> SlotAdmissions:
         return SlotAdmissions(self, slot, limit)
 
+    # -- written by the slot's own worker only, under its SlotAdmissions lock -------------------
+
+    def _publish(self, slot: int, entry: bytes) -> int | None:
+        """Write ``entry`` into a free place of ``slot``: its index, or None if the slot is full."""
+        base = slot * self.capacity
+        for index in range(base, base + self.capacity):
+            at = index * ENTRY_BYTES
+            if self._titles[at:at + ENTRY_BYTES] == _EMPTY:
+                self._titles[at:at + ENTRY_BYTES] = entry
+                return index
+        return None
+
+    def _withdraw(self, slot: int, entry: bytes) -> None:
+        """Free one place of ``slot`` holding ``entry`` (all of a title's places are alike)."""
+        base = slot * self.capacity
+        for index in range(base, base + self.capacity):
+            at = index * ENTRY_BYTES
+            if self._titles[at:at + ENTRY_BYTES] == entry:
+                self._clear(index)
+                return
+
+    def _clear(self, index: int) -> None:
+        at = index * ENTRY_BYTES
+        self._titles[at:at + ENTRY_BYTES] = _EMPTY
+
+    def _count(self, entry: bytes | None) -> tuple[int, int]:
+        """(entries in use, entries equal to ``entry``) over every slot, from one copy."""
+        table: bytes = self._titles.raw
+        used = same = 0
+        for at in range(0, len(table), ENTRY_BYTES):
+            held = table[at:at + ENTRY_BYTES]
+            if held != _EMPTY:
+                used += 1
+                same += held == entry
+        return used, same
+
 
 class SlotAdmissions:
-    """In a worker: its slot's counts, changed under one thread lock (its associations' threads
-    admit and end concurrently)."""
+    """In a worker: its slot's entries, changed under one thread lock (its associations' threads
+    admit and end concurrently).
+
+    Admission writes the caller's entry first, then counts every slot, and takes the entry out
+    again when a count is over its limit. Two requests racing for the last place (the node's or
+    one title's) in two workers each see the other's entry: both may be refused (transient, as
+    any refusal at a limit), never both admitted. A torn read of an entry being written elsewhere
+    can only make a count higher, never lower: the writer counts after its write completes."""
 
     def __init__(self, board: WorkerBoard, slot: int, limit: int) -> None:
         self._board = board
@@ -102,17 +173,28 @@ class SlotAdmissions:
         self._limit = limit
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, calling_ae: str, peer_limit: int | None) -> RejectReason | None:
+        """None if admitted (its place is held until ``give_back``), else which limit refused
+        it. A peer over its own limit is named even when the node is full too: it would be
+        refused on a quiet node as well, and that is what its operator needs to know."""
+        entry = _entry(calling_ae)
         with self._lock:
-            self._board._admitted[self._slot] += 1
-            if self._board.admitted() <= self._limit:
-                return True
-            self._board._admitted[self._slot] -= 1
-            return False
+            index = self._board._publish(self._slot, entry)
+            if index is None:  # this worker alone holds the node's limit
+                return RejectReason.LOCAL_LIMIT_EXCEEDED
+            used, same = self._board._count(entry)
+            if peer_limit is not None and same > peer_limit:
+                reject: RejectReason | None = RejectReason.PEER_LIMIT_EXCEEDED
+            elif used > self._limit:
+                reject = RejectReason.LOCAL_LIMIT_EXCEEDED
+            else:
+                return None
+            self._board._clear(index)
+            return reject
 
-    def give_back(self) -> None:
+    def give_back(self, calling_ae: str) -> None:
         with self._lock:
-            self._board._admitted[self._slot] -= 1
+            self._board._withdraw(self._slot, _entry(calling_ae))
 
     def connection_ended(self) -> None:
         with self._lock:
