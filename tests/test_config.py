@@ -98,3 +98,35 @@ def test_help_lists_every_command() -> None:
     result = subprocess.run([str(GATEWAY_BIN), "--help"], capture_output=True, text=True, check=False)
     for command in ("serve", "check-config", "status", "db"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    ("[security]\nmax_associations_per_peer = 0\n",
+     ["security.max_associations_per_peer = 0", "at least 1", "leave the key out"]),
+    ('[[security.peers]]\nae_title = "CT1"\nmax_associations = -2\n',
+     ["security.peers.0.max_associations = -2", "at least 1"]),
+    ("[dicom]\nmax_associations = 10\n[security]\nmax_associations_per_peer = 11\n",
+     ["security.max_associations_per_peer = 11 is above dicom.max_associations = 10",
+      "lower it to at most 10, or raise dicom.max_associations"]),
+    (('[dicom]\nmax_associations = 10\n[[security.peers]]\nae_title = "MR_3T"\n'
+      'max_associations = 12\n'),
+     ["security.peers.0 (MR_3T).max_associations = 12 is above dicom.max_associations = 10",
+      "lower it to at most 10"]),
+])
+def test_a_bad_peer_limit_is_named_with_its_fix(
+        tmp_path: Path, toml: str, expected: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as error:
+        load(path, environ={})
+    text = "\n".join(error.value.problems)
+    assert all(part in text for part in expected), text
+
+
+def test_peer_limits_at_most_the_node_limit_are_taken(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[dicom]\nmax_associations = 10\n[security]\nmax_associations_per_peer = 2\n'
+                    '[[security.peers]]\nae_title = "PACS"\nmax_associations = 10\n')
+    config = load(path, environ={"GATEWAY_SECURITY__MAX_ASSOCIATIONS_PER_PEER": "3"})
+    assert config.security.max_associations_per_peer == 3
+    assert config.security.peers[0].max_associations == 10  # equal: exempt from the default
