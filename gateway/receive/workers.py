@@ -73,12 +73,14 @@ _EMPTY = bytes(ENTRY_BYTES)
 
 def _entry(calling_ae: str) -> bytes:
     """The table's form of a (stripped) calling AE title: padded with spaces to 16 bytes, as on
-    the wire, so that even an all-spaces title (stripped to "") differs from an empty entry
-    (NULs). pynetdicom decodes the 16 bytes as ASCII, so every title fits exactly."""
+    the wire, its first byte's high bit set. pynetdicom decodes the 16 bytes as ASCII, so every
+    title fits exactly and only an entry's first byte ever has the high bit: a search for an
+    entry can match only where an entry starts (``bytes.count`` counts whole entries, in C), and
+    an entry in use never starts with the NUL of a free one, even for a title of spaces."""
     encoded = calling_ae.encode("ascii").ljust(ENTRY_BYTES)
     if len(encoded) != ENTRY_BYTES:
         raise ValueError(f"an AE title is at most {ENTRY_BYTES} characters: {calling_ae!r}")
-    return encoded
+    return bytes([encoded[0] | 0x80]) + encoded[1:]
 
 
 class WorkerBoard:
@@ -113,33 +115,34 @@ class WorkerBoard:
     def forget(self, slot: int) -> None:
         """The worker in ``slot`` is dead: nothing of its own is open any more."""
         self._ended[slot] = self._handed[slot]
-        start = slot * self.capacity * ENTRY_BYTES
-        self._titles[start:start + self.capacity * ENTRY_BYTES] = bytes(
-            self.capacity * ENTRY_BYTES)
+        start, end = self._region(slot)
+        self._titles[start:end] = bytes(end - start)
 
     def admissions(self, slot: int, limit: int) -> SlotAdmissions:
         return SlotAdmissions(self, slot, limit)
 
     # -- written by the slot's own worker only, under its SlotAdmissions lock -------------------
 
+    def _region(self, slot: int) -> tuple[int, int]:
+        start = slot * self.capacity * ENTRY_BYTES
+        return start, start + self.capacity * ENTRY_BYTES
+
     def _publish(self, slot: int, entry: bytes) -> int | None:
         """Write ``entry`` into a free place of ``slot``: its index, or None if the slot is full."""
-        base = slot * self.capacity
-        for index in range(base, base + self.capacity):
-            at = index * ENTRY_BYTES
-            if self._titles[at:at + ENTRY_BYTES] == _EMPTY:
-                self._titles[at:at + ENTRY_BYTES] = entry
-                return index
-        return None
+        start, end = self._region(slot)
+        free = self._titles[start:end:ENTRY_BYTES].find(0)  # first bytes: 0 only when free
+        if free < 0:
+            return None
+        index = slot * self.capacity + free
+        self._titles[index * ENTRY_BYTES:(index + 1) * ENTRY_BYTES] = entry
+        return index
 
     def _withdraw(self, slot: int, entry: bytes) -> None:
         """Free one place of ``slot`` holding ``entry`` (all of a title's places are alike)."""
-        base = slot * self.capacity
-        for index in range(base, base + self.capacity):
-            at = index * ENTRY_BYTES
-            if self._titles[at:at + ENTRY_BYTES] == entry:
-                self._clear(index)
-                return
+        start, end = self._region(slot)
+        at = self._titles[start:end].find(entry)  # aligned: see ``_entry``
+        if at >= 0:
+            self._clear((start + at) // ENTRY_BYTES)
 
     def _clear(self, index: int) -> None:
         at = index * ENTRY_BYTES
@@ -148,13 +151,22 @@ class WorkerBoard:
     def _count(self, entry: bytes | None) -> tuple[int, int]:
         """(entries in use, entries equal to ``entry``) over every slot, from one copy."""
         table: bytes = self._titles.raw
-        used = same = 0
-        for at in range(0, len(table), ENTRY_BYTES):
-            held = table[at:at + ENTRY_BYTES]
-            if held != _EMPTY:
-                used += 1
-                same += held == entry
-        return used, same
+        firsts = table[::ENTRY_BYTES]
+        used = len(firsts) - firsts.count(0)
+        return used, table.count(entry) if entry is not None else 0
+
+
+_FENCE = threading.Lock()
+
+
+def _store_load_fence() -> None:
+    """Make this process's entry visible to the others before it reads theirs. The "never both
+    admitted" argument needs each writer's store ordered before its own loads, which x86 does not
+    promise across cores (a store may wait in the store buffer while later loads go ahead; both
+    racers would then miss each other). Taking a lock is a locked read-modify-write on x86-64
+    (glibc's semaphore behind CPython's ``threading.Lock``): a full barrier, for about 0.1 us."""
+    with _FENCE:
+        pass
 
 
 class SlotAdmissions:
@@ -163,9 +175,10 @@ class SlotAdmissions:
 
     Admission writes the caller's entry first, then counts every slot, and takes the entry out
     again when a count is over its limit. Two requests racing for the last place (the node's or
-    one title's) in two workers each see the other's entry: both may be refused (transient, as
-    any refusal at a limit), never both admitted. A torn read of an entry being written elsewhere
-    can only make a count higher, never lower: the writer counts after its write completes."""
+    one title's) in two workers: each writes its entry whole before it counts, so whichever counts
+    later sees the other's entry whole (an entry read while being written counts as whatever it
+    looks like, which only the earlier one can meet). Both may be refused (transient, as any
+    refusal at a limit), never both admitted."""
 
     def __init__(self, board: WorkerBoard, slot: int, limit: int) -> None:
         self._board = board
@@ -182,6 +195,7 @@ class SlotAdmissions:
             index = self._board._publish(self._slot, entry)
             if index is None:  # this worker alone holds the node's limit
                 return RejectReason.LOCAL_LIMIT_EXCEEDED
+            _store_load_fence()
             used, same = self._board._count(entry)
             if peer_limit is not None and same > peer_limit:
                 reject: RejectReason | None = RejectReason.PEER_LIMIT_EXCEEDED
