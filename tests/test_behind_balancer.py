@@ -222,3 +222,17 @@ def test_a_forged_header_from_an_address_not_listed_is_not_honoured(
                      timeout=30)
     assert done.returncode != 0
     assert not any(host == "10.9.8.7" for _, host, _ in _associations(gateway))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stopping_does_not_wait_for_a_silent_balancer_connection(
+    served: Callable[..., Served], workers: int,
+) -> None:
+    """SIGTERM with a connection still owing its header: cut, not waited for (acse_timeout_s)."""
+    gateway = served(dicom={"workers": workers, "proxy_protocol_from": [BALANCER],
+                            "acse_timeout_s": 60.0, "shutdown_grace_s": 5.0})
+    with socket.create_connection(("127.0.0.1", gateway.port), source_address=(BALANCER, 0)):
+        time.sleep(0.5)  # accepted and handed to the reader thread (nothing to poll for)
+        started = time.monotonic()
+        assert gateway.stop(timeout=60) == 0
+        assert time.monotonic() - started < 5.0
