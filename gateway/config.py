@@ -9,6 +9,7 @@ as a TOML value when it parses as one (``true``, ``11112``, ``["echo"]``) and as
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -68,8 +69,26 @@ class DicomConfig(_Model):
     shutdown_grace_s: float = Field(30.0, ge=0)
     # Private Storage SOP Classes to accept besides every standard one (retired included).
     extra_storage_sop_classes: tuple[str, ...] = ()
+    # Addresses/networks of trusted TCP balancers (HAProxy `send-proxy-v2`): a connection from
+    # one must start with a PROXY protocol header naming the modality (gateway.receive.server).
+    proxy_protocol_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("proxy_protocol_from", mode="before")
+    @classmethod
+    def _networks(cls, values: Any) -> Any:
+        if not isinstance(values, (list, tuple)):
+            return values
+        for value in values:
+            try:
+                ipaddress.ip_network(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"{value!r} is not an address or network ({exc}): list the balancer's address "
+                    'as the gateway sees it, e.g. "10.0.0.5" or "172.30.0.0/24", not a host name'
+                ) from None
+        return values
 
     @field_validator("extra_storage_sop_classes")
     @classmethod

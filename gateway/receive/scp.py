@@ -42,7 +42,7 @@ from gateway.query.service import QueryService
 from gateway.receive.associations import AssociationLedger, AssociationStats
 from gateway.receive.fastpath import FastSocket, file_meta
 from gateway.receive.ingest import Ingest, StoreRequest
-from gateway.receive.server import ReceiverServer
+from gateway.receive.server import ProxyProtocol, ReceiverServer
 from gateway.receive.streaming import StreamedStore, StreamingDUL
 from gateway.receive.upper_layer import REJECT_INVALID_REQUEST
 from gateway.receive.validate import is_valid_uid
@@ -139,6 +139,9 @@ class Receiver:
             server_class=ReceiverServer if handed is None else handed_server_class(
                 handed, (self._config.bind_host, self._config.port)),
             request_handler=_handler_class(self),
+            # Behind a balancer: the modality's address from its PROXY header (receive.server)
+            proxy=ProxyProtocol(self._config.proxy_protocol_from, self._config.acse_timeout_s,
+                                on_dropped=self._connection_dropped),
         )
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="gateway-acceptor",
@@ -378,6 +381,11 @@ class Receiver:
         some failure paths), it is counted out now, so ``associations_active`` cannot leak."""
         self._finish(assoc)
         self._admissions.connection_ended()
+
+    def _connection_dropped(self) -> None:
+        """A connection closed before it became an association (no valid PROXY header)."""
+        if self._admissions is not None:
+            self._admissions.connection_ended()
 
     def _finish(self, assoc: Association) -> None:
         with self._lock:
