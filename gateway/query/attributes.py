@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from sqlalchemy.orm import InstrumentedAttribute
 
 from gateway.db.models import Instance
@@ -98,9 +100,15 @@ def ledger_values(ds: Dataset, changes: Mapping[str, Any]) -> dict[str, str | No
     """Column values for the carried keys: the remap's new value where it sets one, else the
     received one; and the folded copy of each name."""
     return _with_folded({
-        key: _text(changes[keyword] if keyword in changes else ds.get(keyword), length)
-        for keyword, key, length in _CARRIED_CELLS
+        key: _text(changes[keyword] if keyword in changes else _value(ds, tag), length)
+        for keyword, tag, key, length in _CARRIED_CELLS
     })
+
+
+def _value(ds: Dataset, tag: BaseTag) -> Any:
+    """``ds.get(keyword)`` without looking the keyword up again for every instance."""
+    element = ds.get(tag)
+    return None if element is None else element.value
 
 
 def changed_values(changes: Mapping[str, Any]) -> dict[str, str | None]:
@@ -108,7 +116,7 @@ def changed_values(changes: Mapping[str, Any]) -> dict[str, str | None]:
     instances planned after they were recorded."""
     return _with_folded({
         key: _text(changes[keyword], length)
-        for keyword, key, length in _CARRIED_CELLS if keyword in changes
+        for keyword, _, key, length in _CARRIED_CELLS if keyword in changes
     })
 
 
@@ -127,9 +135,15 @@ def _text(raw: Any, length: int | None) -> str | None:
     return text[:length] if text is not None and length else text
 
 
-# (keyword, column key, column length), worked out once: read for every received instance.
-_CARRIED_CELLS: tuple[tuple[str, str, int | None], ...] = tuple(
-    (keyword, column.key, getattr(column.type, "length", None))
+def _tag(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, f"{keyword} is not in pydicom's dictionary"
+    return BaseTag(tag)
+
+
+# (keyword, tag, column key, column length), worked out once: read for every received instance.
+_CARRIED_CELLS: tuple[tuple[str, BaseTag, str, int | None], ...] = tuple(
+    (keyword, _tag(keyword), column.key, getattr(column.type, "length", None))
     for keyword, column in LEDGER_CARRIED.items()
 )
 # (name column key, folded column key)
