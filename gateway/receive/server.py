@@ -11,9 +11,28 @@ collector anyway; so this server does nothing there.
 
 from __future__ import annotations
 
+import socket
+from typing import cast
+
 from pynetdicom.transport import ThreadedAssociationServer
 
 
 class ReceiverServer(ThreadedAssociationServer):
     def service_actions(self) -> None:
         """No forced ``gc.collect()`` (see the module docstring)."""
+
+
+def adopting_server_class(listening: socket.socket) -> type[ReceiverServer]:
+    """The server going on listening on ``listening``, the socket of the server it replaces
+    (a configuration reload in one process): no second bind, no moment without a listener."""
+
+    class AdoptingServer(ReceiverServer):
+        def server_bind(self) -> None:
+            cast(socket.socket, self.socket).close()
+            self.socket = listening
+            self.server_address = listening.getsockname()
+
+        def server_activate(self) -> None:
+            pass
+
+    return AdoptingServer

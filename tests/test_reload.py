@@ -1,0 +1,177 @@
+"""SIGHUP to ``gateway serve``: the edited configuration applied to the running process tree, or
+refused with the old one kept (``gateway.reload``, ``Gateway.reload``, ``ReceiverWorkers.replace``,
+``StageProcess.replace``), driven by DCMTK as a modality would."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    Served,
+    descendants,
+    free_port,
+    port_open,
+    rows,
+    running,
+    wait_for,
+    write_toml,
+)
+from tests.factory import write_study
+from tests.peers import dcmtk, require_tool
+from tests.test_workers import _kept_once, _metrics, _receiver_pids, _uids
+
+REFUSED_CALLER = "Calling AE Title Not Recognized"
+
+
+def _edit(gateway: Served, **sections: dict[str, Any]) -> None:
+    """Merge ``sections`` into the running gateway's file (tables merged, lists replaced)."""
+    data = tomllib.loads(gateway.config_path.read_text(encoding="utf-8"))
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    write_toml(gateway.config_path, data)
+
+
+def _reloaded(gateway: Served, result: str, count: int = 1) -> None:
+    """SIGHUP, then wait until ``count`` reloads have ended with ``result``."""
+    gateway.process.send_signal(signal.SIGHUP)
+    line = f'gateway_config_reloads_total{{result="{result}"}} {float(count)}'
+    wait_for(lambda: line in _metrics(gateway), 30, f"reload {count} to end {result}")
+
+
+def _echo(gateway: Served, calling_ae: str, port: int | None = None) -> subprocess.CompletedProcess[str]:
+    return dcmtk("echoscu", "-v", "-aet", calling_ae, "-aec", "GATEWAY", "127.0.0.1",
+                 str(port or gateway.port))
+
+
+def _refused(gateway: Served, calling_ae: str) -> bool:
+    """Rejected for its calling AE title, as the A-ASSOCIATE-RJ says (PS3.8 9.3.4)."""
+    answer = _echo(gateway, calling_ae)
+    return answer.returncode != 0 and REFUSED_CALLER in answer.stdout + answer.stderr
+
+
+def _peers(*titles: str) -> dict[str, Any]:
+    return {"unknown_callers": [], "peers": [{"ae_title": t, "services": ["echo", "store"]}
+                                             for t in titles]}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_association_in_flight_finishes_across_a_reload_and_new_ones_get_the_new_peers(
+        served: Callable[..., Served], db_url: str, tmp_path: Path, workers: int) -> None:
+    gateway = served(db=db_url, dicom={"workers": workers}, security=_peers("OLDCT"))
+    assert _echo(gateway, "OLDCT").returncode == 0
+    assert _refused(gateway, "NEWCT")
+    wait_for(lambda: len(_receiver_pids(gateway)) == (workers if workers > 1 else 0), 10,
+             "the receiver processes")
+    old_pids = _receiver_pids(gateway)
+
+    files = write_study(tmp_path / "study", 400, PatientName="Müller^Jürgen")
+    sender = subprocess.Popen(
+        [require_tool("storescu"), "-aet", "OLDCT", "-aec", "GATEWAY", "127.0.0.1",
+         str(gateway.port), *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    wait_for(lambda: len(rows(gateway.db_url, "SELECT id FROM instances")) >= 5, 30,
+             "the association to be under way")
+    # OLDCT removed, NEWCT added: the association open now is OLDCT's
+    _edit(gateway, security=_peers("NEWCT"))
+    _reloaded(gateway, "applied")
+    assert sender.poll() is None, "the association ended before the reload: nothing was tested"
+
+    assert _refused(gateway, "OLDCT")
+    assert _echo(gateway, "NEWCT").returncode == 0
+
+    _, errors = sender.communicate(timeout=120)
+    assert sender.returncode == 0, errors  # Success for every image, no abort
+    assert _kept_once(gateway) == _uids(files)
+    log = gateway.log()
+    assert "configuration reloaded; changed: security.peers\n" in log
+    assert "aborting association" not in log
+    if workers > 1:
+        # The old processes drained and exited; the new ones were never counted as crashes
+        wait_for(lambda: not any(running(pid) for pid in old_pids), 15, "old receivers to exit")
+        new_pids = _receiver_pids(gateway)[len(old_pids):]
+        assert len(new_pids) == workers and all(running(pid) for pid in new_pids)
+        assert "gateway_receiver_restarts_total 0.0" in _metrics(gateway)
+    assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize(("broken", "named"), [
+    ("[dicom\nport = ", "not valid TOML"),
+    ({"security": {"peerz": []}}, "security.peerz: unknown key"),
+    ({"dicom": {"max_associations": 0}}, "dicom.max_associations"),
+    ({"forward": {"destinations": [{"type": "orthanc", "name": "pacs", "url": "http://127.0.0.1:1",
+                                    "password_env": "GATEWAY_TEST_UNSET_PASSWORD"}]}},
+     "GATEWAY_TEST_UNSET_PASSWORD"),
+])
+def test_an_invalid_file_keeps_the_old_configuration_and_says_why(
+        served: Callable[..., Served], broken: str | dict[str, dict[str, Any]], named: str) -> None:
+    gateway = served(dicom={"workers": 1}, security=_peers("OLDCT"))
+    good = gateway.config_path.read_text(encoding="utf-8")
+    if isinstance(broken, str):
+        gateway.config_path.write_text(good + "\n" + broken, encoding="utf-8")
+    else:
+        _edit(gateway, **broken)
+    _reloaded(gateway, "invalid")
+    log = gateway.log()
+    assert "ERROR" in log and "configuration NOT reloaded" in log and named in log
+    assert "still running on the previous configuration" in log
+    assert _echo(gateway, "OLDCT").returncode == 0
+    assert _refused(gateway, "NEWCT")
+    # Fixed: the next reload applies
+    gateway.config_path.write_text(good, encoding="utf-8")
+    _edit(gateway, security=_peers("NEWCT"))
+    _reloaded(gateway, "applied")
+    assert _echo(gateway, "NEWCT").returncode == 0
+    assert gateway.stop() == 0
+
+
+def test_a_changed_port_needs_a_restart_and_nothing_of_the_edit_is_applied(
+        served: Callable[..., Served]) -> None:
+    gateway = served(dicom={"workers": 2}, security=_peers("OLDCT"))
+    pids = wait_for(lambda: len(_receiver_pids(gateway)) == 2 and _receiver_pids(gateway), 10,
+                    "two receiver processes")
+    other = free_port()
+    _edit(gateway, dicom={"port": other}, security=_peers("NEWCT"))
+    _reloaded(gateway, "needs_restart")
+    lines = [line for line in gateway.log().splitlines() if "configuration NOT reloaded" in line]
+    assert len(lines) == 1 and "dicom.port" in lines[0] and "restart" in lines[0]
+    assert "security.peers" not in lines[0]  # only what needs the restart is named
+    assert not port_open(other)
+    assert _echo(gateway, "OLDCT").returncode == 0  # the old peers, on the old port
+    assert _refused(gateway, "NEWCT")
+    assert _receiver_pids(gateway) == pids  # no process replaced
+    assert gateway.stop() == 0
+
+
+def test_after_several_reloads_no_process_is_left_and_sigterm_exits_within_the_grace(
+        served: Callable[..., Served], tmp_path: Path) -> None:
+    # An Orthanc destination nobody listens on: a forward stage process that is replaced too
+    destination = {"type": "orthanc", "name": "pacs", "url": f"http://127.0.0.1:{free_port()}"}
+    gateway = served(dicom={"workers": 2}, forward={"destinations": [destination]})
+    wait_for(lambda: len(_receiver_pids(gateway)) == 2, 10, "two receiver processes")
+    tree = descendants(gateway.process.pid)
+    for n in range(1, 4):
+        _edit(gateway, dicom={"max_associations": 40 + n})
+        _reloaded(gateway, "applied", n)
+    assert gateway.log().count("forward process replaced") == 3
+    started = _receiver_pids(gateway)
+    assert len(started) == 2 * 4
+    # The last two serve; every earlier one drained and exited, and nothing else was left
+    wait_for(lambda: len(descendants(gateway.process.pid)) == len(tree), 20,
+             "the old processes to exit")
+    assert [pid for pid in started if running(pid)] == started[-2:]
+    files = write_study(tmp_path / "s", 3)
+    assert dcmtk("storescu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port),
+                 *map(str, files)).returncode == 0
+    everything = descendants(gateway.process.pid)
+    begun = time.monotonic()
+    assert gateway.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - begun < 5.0 + 5  # shutdown_grace_s and a margin
+    assert not any(running(pid) for pid in everything)
