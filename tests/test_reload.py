@@ -8,14 +8,19 @@ import signal
 import subprocess
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
+from gateway.config import GatewayConfig
+from gateway.reload import changed_keys, needing_restart, rules_digest
 from tests.conftest import (
     Served,
+    config_dict,
     descendants,
     free_port,
     port_open,
@@ -26,6 +31,13 @@ from tests.conftest import (
 )
 from tests.factory import write_study
 from tests.peers import dcmtk, require_tool
+from tests.test_forward import (
+    FAST,
+    Recording,
+    jobs,
+    orthanc_destination,
+    recording_orthanc,  # noqa: F401  (a fixture)
+)
 from tests.test_workers import _kept_once, _metrics, _receiver_pids, _uids
 
 REFUSED_CALLER = "Calling AE Title Not Recognized"
@@ -175,3 +187,120 @@ def test_after_several_reloads_no_process_is_left_and_sigterm_exits_within_the_g
     assert gateway.stop(signal.SIGTERM) == 0
     assert time.monotonic() - begun < 5.0 + 5  # shutdown_grace_s and a margin
     assert not any(running(pid) for pid in everything)
+
+
+def test_forwarding_and_rewriting_across_reloads_lose_and_repeat_nothing(
+        served: Callable[..., Served], recording_orthanc: Callable[..., Recording],  # noqa: F811
+        tmp_path: Path) -> None:
+    """The forward and remap stages are replaced mid-queue, twice, with an edited rules file:
+    every instance arrives at Orthanc (which records every copy it is given) exactly once,
+    rewritten by the old rule or the new one, never by both, never left half done."""
+    recording = recording_orthanc()
+    orthanc = recording.orthanc
+    rules = tmp_path / "rules.toml"
+    rule = ('[[rules]]\nname = "site"\nactions = [{{ type = "set", tag = "InstitutionName", '
+            'value = "{}" }}]\n')
+    rules.write_text(rule.format("Hôpital Nord"), encoding="utf-8")
+    orthanc.stop()  # the queue fills first, so that the second reload lands while it drains
+    forward = {**FAST, "destinations": [orthanc_destination(orthanc, tmp_path, concurrency=1,
+                                                            batch_size=1)]}
+    gateway = served(dicom={"workers": 2}, forward=forward, remap={"rules_file": str(rules)})
+    files = write_study(tmp_path / "study", 120, PatientName="Müller^Jürgen")
+    sender = subprocess.Popen(
+        [require_tool("storescu"), "-aec", "GATEWAY", "127.0.0.1", str(gateway.port),
+         *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def confirmed() -> int:
+        return len(jobs(gateway.db_url, "confirmed"))
+
+    def sent_on() -> int:
+        return len(rows(gateway.db_url, "SELECT id FROM forward_jobs WHERE state IN "
+                        "('forwarded', 'confirmed')"))
+
+    wait_for(lambda: len(rows(gateway.db_url, "SELECT id FROM instances")) >= 10, 60,
+             "receiving under way")
+    rules.write_text(rule.format("Hôpital Sud"), encoding="utf-8")
+    _reloaded(gateway, "applied", 1)
+    assert "changed: remap.rules_file (its contents)" in gateway.log()
+    _, errors = sender.communicate(timeout=120)
+    assert sender.returncode == 0, errors
+    orthanc.start()
+    wait_for(lambda: sent_on() >= 10, 60, "forwarding under way")
+    _edit(gateway, forward={"check_interval_s": 0.3})
+    _reloaded(gateway, "applied", 2)
+    assert sent_on() < 120, "the queue was empty before the second reload: nothing tested"
+    wait_for(lambda: confirmed() == 120, 120, "every instance confirmed")
+    sent = _uids(files)
+    copies = Counter(sop for _, _, sop in recording.copies())
+    assert set(copies) == sent and max(copies.values()) == 1, copies.most_common(3)
+    for uid in sorted(sent)[:10]:
+        arrived = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(uid)))
+        assert arrived.InstitutionName in ("Hôpital Nord", "Hôpital Sud")
+    assert gateway.log().count("forward process replaced") == 2
+    assert gateway.stop() == 0
+
+
+def _with(config: GatewayConfig, key: str, value: Any) -> GatewayConfig:
+    """``config`` with the dotted ``key`` set to ``value`` (validated as a file would be)."""
+    data = config.model_dump(mode="json")
+    *path, last = key.split(".")
+    table = data
+    for part in path:
+        table = table[part]
+    table[last] = value
+    return GatewayConfig.model_validate(data)
+
+
+# One changed value per key bound once per process tree, and per key applied live
+NEEDS_RESTART = [
+    ("dicom.port", 11113), ("dicom.bind_host", "127.0.0.2"), ("dicom.workers", 3),
+    ("dicom.shutdown_grace_s", 9.0), ("database.url", "sqlite:////elsewhere/g.db"),
+    ("database.busy_timeout_s", 3.0), ("storage.spool_dir", "/elsewhere/spool"),
+    ("storage.min_free_mb", 2), ("forward.node_name", "node-b"), ("metrics.port", 9999),
+    ("metrics.enabled", False), ("cluster.heartbeat_s", 9.0), ("hl7.enabled", True),
+    ("logging.level", "DEBUG"),
+    ("api.tokens", [{"name": "t", "sha256": "a" * 64, "role": "exporter", "sites": ["*"]}]),
+]
+LIVE = [
+    ("security.peers", [{"ae_title": "CT1"}]), ("security.unknown_callers", ["echo"]),
+    ("dicom.max_associations", 7), ("dicom.ae_title", "OTHER"), ("dicom.dimse_timeout_s", 5.0),
+    ("storage.duplicate_policy", "replace"), ("query.max_results", 3),
+    ("worklist.max_results", 4), ("retention.keep_days", 1.0), ("remap.coerced_status", "warning"),
+    ("jobs", [{"kind": "worklist_build", "name": "wl", "every_s": 60}]),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), NEEDS_RESTART + LIVE)
+def test_each_key_is_either_applied_live_or_named_as_needing_a_restart(
+        tmp_path: Path, key: str, value: Any) -> None:
+    old = GatewayConfig.model_validate(config_dict(tmp_path, "sqlite:///g.db", 11112))
+    new = _with(old, key, value)
+    changed = changed_keys(old, new)
+    assert changed == [key]
+    assert needing_restart(old, new, changed) == ([key] if (key, value) in NEEDS_RESTART else [])
+
+
+@pytest.mark.parametrize(("key", "before", "after"), [
+    ("remap.rules_file", None, "rules.toml"),
+    ("forward.destinations", [], [{"type": "dimse", "name": "p", "ae_title": "PACS",
+                                   "host": "127.0.0.1", "port": 104}]),
+])
+def test_a_stage_appearing_or_going_needs_a_restart(
+        tmp_path: Path, key: str, before: Any, after: Any) -> None:
+    (tmp_path / "rules.toml").write_text("", encoding="utf-8")
+    if key == "remap.rules_file":
+        after = str(tmp_path / after)
+    base = GatewayConfig.model_validate(config_dict(tmp_path, "sqlite:///g.db", 11112))
+    one, other = _with(base, key, before), _with(base, key, after)
+    for old, new in ((one, other), (other, one)):
+        assert needing_restart(old, new, changed_keys(old, new)) == [key]
+
+
+def test_an_edited_rules_file_is_a_change_under_an_unchanged_path(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text("", encoding="utf-8")
+    config = GatewayConfig.model_validate(
+        config_dict(tmp_path, "sqlite:///g.db", 11112, remap={"rules_file": str(rules)}))
+    before = rules_digest(config)
+    rules.write_text('[[rules]]\nname = "x"\nactions = []\n', encoding="utf-8")
+    assert rules_digest(config) != before
