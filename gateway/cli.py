@@ -107,6 +107,9 @@ def _reload(gateway: Gateway, path: Path) -> None:
         gateway.reload(reload.read(path))
     except ConfigError as exc:
         gateway.refuse_reload(exc.problems)
+    except OSError:  # a fork refused (no memory, a process limit): said, not fatal
+        log.exception("configuration reload failed part way; restart the gateway "
+                      "(systemctl restart gateway) to run on one configuration")
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

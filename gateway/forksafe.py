@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import values
 from prometheus_client.metrics import MetricWrapperBase
 
-_guarded: list[Any] = []  # objects whose locks are held around every fork
+# Objects whose metrics' locks are held around every fork; weak, so that a stopped gateway (a
+# test's) is not kept alive by this list
+_guarded: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
 _registered = False
 
@@ -55,7 +58,7 @@ def guard(metrics: object) -> None:
     multiprocess values lock) around every ``os.fork()`` of this process from now on."""
     global _registered
     with _lock:
-        _guarded.append(metrics)
+        _guarded.add(metrics)
         if not _registered:
             os.register_at_fork(before=_acquire, after_in_parent=_release,
                                 after_in_child=_release)
@@ -63,7 +66,7 @@ def guard(metrics: object) -> None:
 
 
 def _metric_locks() -> Iterator[Any]:
-    for owner in _guarded:
+    for owner in list(_guarded):
         for value in vars(owner).values():
             if isinstance(value, MetricWrapperBase) and hasattr(value, "_lock"):
                 yield value._lock

@@ -15,6 +15,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pynetdicom import AE
 
 from gateway.config import GatewayConfig
 from gateway.reload import changed_keys, needing_restart, rules_digest
@@ -41,6 +42,7 @@ from tests.test_forward import (
 from tests.test_workers import _kept_once, _metrics, _receiver_pids, _uids
 
 REFUSED_CALLER = "Calling AE Title Not Recognized"
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def _edit(gateway: Served, **sections: dict[str, Any]) -> None:
@@ -162,23 +164,48 @@ def test_a_changed_port_needs_a_restart_and_nothing_of_the_edit_is_applied(
     assert gateway.stop() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_old_and_new_receivers_together_hold_max_associations(
+        served: Callable[..., Served], workers: int) -> None:
+    """A draining receiver's associations count until they end, on the node-wide board."""
+    gateway = served(dicom={"workers": workers, "max_associations": 2})
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(VERIFICATION)
+    held = [ae.associate("127.0.0.1", gateway.port, ae_title="GATEWAY") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        _edit(gateway, query={"max_results": 7})
+        _reloaded(gateway, "applied")
+        third = _echo(gateway, "THIRD")  # to a new receiver: the old ones hold both slots
+        assert third.returncode != 0 and "Local Limit Exceeded" in third.stdout + third.stderr
+        held[0].release()
+        wait_for(lambda: _echo(gateway, "FOURTH").returncode == 0, 4, "the freed slot taken")
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+    assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_after_several_reloads_no_process_is_left_and_sigterm_exits_within_the_grace(
-        served: Callable[..., Served], tmp_path: Path) -> None:
+        served: Callable[..., Served], tmp_path: Path, workers: int) -> None:
     # An Orthanc destination nobody listens on: a forward stage process that is replaced too
     destination = {"type": "orthanc", "name": "pacs", "url": f"http://127.0.0.1:{free_port()}"}
-    gateway = served(dicom={"workers": 2}, forward={"destinations": [destination]})
-    wait_for(lambda: len(_receiver_pids(gateway)) == 2, 10, "two receiver processes")
+    gateway = served(dicom={"workers": workers}, forward={"destinations": [destination]})
+    expected = workers if workers > 1 else 0
+    wait_for(lambda: len(_receiver_pids(gateway)) == expected, 10, "the receiver processes")
     tree = descendants(gateway.process.pid)
     for n in range(1, 4):
         _edit(gateway, dicom={"max_associations": 40 + n})
         _reloaded(gateway, "applied", n)
     assert gateway.log().count("forward process replaced") == 3
     started = _receiver_pids(gateway)
-    assert len(started) == 2 * 4
-    # The last two serve; every earlier one drained and exited, and nothing else was left
+    assert len(started) == expected * 4
+    # The last ones serve; every earlier one drained and exited, and nothing else was left
     wait_for(lambda: len(descendants(gateway.process.pid)) == len(tree), 20,
              "the old processes to exit")
-    assert [pid for pid in started if running(pid)] == started[-2:]
+    assert [pid for pid in started if running(pid)] == started[len(started) - expected:]
     files = write_study(tmp_path / "s", 3)
     assert dcmtk("storescu", "-aec", "GATEWAY", "127.0.0.1", str(gateway.port),
                  *map(str, files)).returncode == 0

@@ -302,15 +302,16 @@ class ReceiverWorkers:
                     continue
                 with self._lock:  # not while the acceptor counts a connection handed to it
                     active = slot in self._active()
+                    if self._processes[slot] is not process or process is None and not active:
+                        continue  # started meanwhile (a reload), or an empty slot at rest
                     if process is not None:
                         self._board.forget(slot)
                     channel = None
                     if not active:
                         channel, self._channels[slot] = self._channels[slot], None
                         self._processes[slot] = None
-                if process is None:
-                    if active:  # a new process of a reload that died before the switch
-                        self._spawn(slot)
+                if process is None:  # a reload's new process died before the switch
+                    self._spawn(slot)
                     continue
                 if not active:
                     log.info("receiver process %d (slot %d) drained and exited (code %s)",
@@ -364,7 +365,10 @@ class ReceiverWorkers:
 def _unread_bytes(channel: socket.socket) -> int:
     """Bytes sent on a Unix socket that its peer has not read yet (Linux ``SIOCOUTQ``: for
     ``AF_UNIX`` a datagram stays charged to its sender until the receiver takes it)."""
-    raw = fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    try:
+        raw = fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    except (OSError, ValueError):  # closed meanwhile (fileno -1): its process exited
+        return 0
     return int(struct.unpack("i", raw)[0])
 
 
