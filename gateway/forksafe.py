@@ -18,9 +18,12 @@ The locks a child uses from the supervisor's memory, found by reading what a chi
   around ``fork()`` itself (``logging._at_fork_reinit``).
 - SQLAlchemy's pools: never used in a child; each child disposes of the copied pools without
   closing the supervisor's connections (``Engine.dispose(close=False)``) and makes its own engines.
-- ours: a child builds its own (``Receiver``, ``SlotAdmissions``, ``Spool``); the counts shared
-  with the supervisor (``WorkerBoard``, ``ReceiverLoad``, ``Doorbell``) take no lock across
-  processes by design.
+- ours: a child builds its own (``Receiver``, ``SlotAdmissions``, ``Spool``, engines); the
+  counts shared with the supervisor (``WorkerBoard``, ``Doorbell``) take no lock by design, and
+  ``ReceiverLoad``'s thread lock is taken by receiving threads only: in a receiver process, or in
+  the supervisor of a single-process gateway, whose stage children only read it, lock-free.
+- CPython's own (the import lock, ``threading``'s, ``concurrent.futures``' shutdown lock) are
+  re-created in the child by CPython.
 
 Why hold the locks around the fork (``os.register_at_fork``: take them before, release them after
 in both processes), as CPython does for logging's module lock, rather than (b) a single-threaded
