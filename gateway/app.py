@@ -7,6 +7,11 @@ the supervisor accepts connections and hands each to a worker, runs the forward 
 (as child processes, as in one process), the HTTP endpoint, the scheduled jobs and HL7 intake;
 each worker builds its own receiving half (``_receiving``: spool view, database engines, C-STORE,
 query, worklist and MPPS services) after it forks.
+
+``reload`` (SIGHUP to ``gateway serve``) applies an edited configuration to the same process
+tree: new receivers take every new connection while the old ones drain, the background stages
+and the job scheduler are rebuilt; what cannot change without a restart is listed in
+``gateway.reload``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,11 +31,12 @@ from pydicom import config as pydicom_config
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway import forksafe
 from gateway.busy import ReceiverLoad
 from gateway.cluster.internal import internal_app
 from gateway.cluster.nodes import Heartbeat, NodeRegistry, NodeState, list_nodes
 from gateway.cluster.peers import make_peers
-from gateway.config import GatewayConfig
+from gateway.config import MAX_ASSOCIATIONS, GatewayConfig
 from gateway.db.engine import make_engine, make_sessions
 from gateway.db.migrate import upgrade
 from gateway.dicom.peers import PeerPolicy
@@ -52,6 +59,7 @@ from gateway.receive.ingest import Ingest, is_recorded
 from gateway.receive.scp import Receiver
 from gateway.receive.spool import Spool
 from gateway.receive.workers import Admissions, ReceiverWorkers, WorkerBoard
+from gateway.reload import RULES_CONTENT, changed_keys, needing_restart, rules_digest
 from gateway.remap.rules import RuleSet, load_rules
 from gateway.remap.stage import Remapper
 from gateway.remap.worker import remap_stage
@@ -124,10 +132,19 @@ class Gateway:
                                self._metrics_dir)
         self.metrics.watch_spool(self.spool.free_bytes, self.spool.min_free_bytes)
         self.metrics.start_at_zero([d.name for d in config.forward.destinations])
+        # Children forked later (a crashed receiver's replacement, a reload's) find the metrics'
+        # locks free whatever the supervisor's threads were doing (gateway.forksafe)
+        forksafe.guard(self.metrics)
+        # Node-wide counts, a slot per receiver of two generations: during a reload the new
+        # receivers and the draining old ones count together (gateway.receive.workers)
+        self._board = WorkerBoard(2 * workers, MAX_ASSOCIATIONS)
+        self._generation = 0
+        self._draining: threading.Thread | None = None
         # How busy the receivers are, read by the background stages' processes (gateway.busy)
         self.load: ReceiverLoad | None = None
         if config.remap.rules_file is not None or config.forward.destinations:
-            self.load = ReceiverLoad(slots=workers)
+            self.load = ReceiverLoad(slots=2 * workers if workers > 1 else 1)
+        self._rules_digest = rules_digest(config)
         self._rules: RuleSet | None = None
         self.remap_worker: StageProcess | None = None
         if config.remap.rules_file is not None:
@@ -143,6 +160,7 @@ class Gateway:
         destinations = [build_destination(d, config.dicom.ae_title)
                         for d in config.forward.destinations]
         self._orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
+        self._destination_names = [d.name for d in destinations]
         if destinations:
             counters = PrometheusCounters(self.metrics)
             self.forwarder = StageProcess(
@@ -150,28 +168,22 @@ class Gateway:
                 config.dicom.shutdown_grace_s, lambda message: apply(counters, message),
             )
             self._router = Router(config.forward)
-            names = [d.name for d in destinations]
-            self.metrics.watch_queue(lambda: queue_stats(self.engine, names))
+            self.metrics.watch_queue(lambda: queue_stats(self.engine, self._destination_names))
         self.receiver: Receiver | None = None
         self._receiving: _Receiving | None = None
         self.workers: ReceiverWorkers | None = None
         if workers == 1:
-            self._receiving = self._receiving_half(self.engine, self.ledger_engine, self.spool)
+            self._receiving = self._receiving_half(
+                self.engine, self.ledger_engine, self.spool,
+                self._board.admissions(0, config.dicom.max_associations))
             self.receiver = self._receiving.receiver
         else:
-            self._board = WorkerBoard(workers, config.dicom.max_associations)
             self.workers = ReceiverWorkers(
                 workers, self._receiver_process, self._board,
                 (config.dicom.bind_host, config.dicom.port), config.dicom.shutdown_grace_s,
                 self._receiver_process_ended,
             )
-        runs = RunLedger(self.engine, node)
-        self.jobs = JobScheduler(
-            config.jobs,
-            JobRunner(runs, JobContext(config, self.sessions, node, _now, _debug, self.metrics),
-                      self.metrics),
-            runs,
-        )
+        self.jobs = self._scheduler(config)
         self.hl7: MllpListener | None = None
         if config.hl7.enabled:
             h = config.hl7
@@ -196,6 +208,100 @@ class Gateway:
                if self.http is not None else None)
         self.nodes = NodeRegistry(self.engine, node, url, config.cluster.heartbeat_s)
         self.heartbeat = Heartbeat(self.nodes, config.cluster.heartbeat_s)
+
+    def _scheduler(self, config: GatewayConfig) -> JobScheduler:
+        node = config.forward.node_name
+        runs = RunLedger(self.engine, node)
+        return JobScheduler(
+            config.jobs,
+            JobRunner(runs, JobContext(config, self.sessions, node, _now, _debug, self.metrics),
+                      self.metrics),
+            runs,
+        )
+
+    def reload(self, config: GatewayConfig) -> str:
+        """Apply ``config`` (read and checked as at start: ``gateway.reload.read``) to the
+        running tree, all of it or none; returns the result counted in
+        ``gateway_config_reloads_total``: ``applied``, ``unchanged`` or ``needs_restart``.
+
+        Applied: the receivers (processes, or the one in this process) are replaced, the new
+        ones taking every new connection while the old ones finish their associations within
+        ``dicom.shutdown_grace_s``; the forward and remap stages are stopped as on SIGTERM and
+        started again; the job scheduler is rebuilt. Logged by key name only, never values."""
+        changed = changed_keys(self.config, config)
+        digest = rules_digest(config)
+        if "remap.rules_file" not in changed and digest != self._rules_digest:
+            changed.append(RULES_CONTENT)
+        if not changed:
+            log.info("configuration reloaded: nothing changed")
+            return self._counted("unchanged")
+        restart = needing_restart(self.config, config, changed)
+        if restart:
+            log.error("configuration NOT reloaded: %s cannot change while the gateway runs; "
+                      "restart it to apply them (systemctl restart gateway); still running on "
+                      "the previous configuration, nothing of the new one applied",
+                      ", ".join(restart))
+            return self._counted("needs_restart")
+        # Everything that may fail is built before anything is swapped
+        rules = load_rules(config.remap.rules_file) if config.remap.rules_file else None
+        destinations = [build_destination(d, config.dicom.ae_title)
+                        for d in config.forward.destinations]
+        router = Router(config.forward) if destinations else None
+        self.config, self._rules, self._rules_digest = config, rules, digest
+        self._orthancs = {d.name: d for d in destinations if isinstance(d, Orthanc)}
+        self._router = router
+        self._destination_names = [d.name for d in destinations]
+        self.metrics.start_at_zero(self._destination_names)
+        # The receivers first: from now on every new association gets the new configuration
+        if self.workers is not None:
+            self.workers.replace()
+        else:
+            self._replace_receiver()
+        if self.forwarder is not None:
+            self.forwarder.replace(forward_stage(config, self.spool, self.load))
+        if self.remap_worker is not None:
+            self.remap_worker.replace(remap_stage(config, self.spool.root, self.load))
+        self.jobs.stop()
+        self.jobs = self._scheduler(config)
+        self.jobs.start(reloaded=True)
+        log.info("configuration reloaded; changed: %s", ", ".join(changed))
+        return self._counted("applied")
+
+    def refuse_reload(self, problems: list[str]) -> str:
+        """The edited file cannot be used: say why, run on."""
+        for problem in problems:
+            log.error("configuration NOT reloaded: %s", problem)
+        log.error("still running on the previous configuration; fix the file and reload again "
+                  "(`gateway check-config` shows the same problems)")
+        return self._counted("invalid")
+
+    def _counted(self, result: str) -> str:
+        self.metrics.config_reloads.labels(result).inc()
+        return result
+
+    def _replace_receiver(self) -> None:
+        """One process: a receiver built from the new configuration takes over the listening
+        socket; the old one finishes its associations in a thread of its own. A previous
+        reload's receiver still draining is waited for first (its slot on the board is reused)."""
+        old = self._receiving
+        assert old is not None
+        if self._draining is not None:
+            self._draining.join()
+        self._generation = 1 - self._generation
+        self._board.forget(self._generation)
+        new = self._receiving_half(
+            self.engine, self.ledger_engine, self.spool,
+            self._board.admissions(self._generation, self.config.dicom.max_associations))
+        new.receiver.start(listening=old.receiver.stop_accepting())
+        self._receiving, self.receiver = new, new.receiver
+        grace_s = self.config.dicom.shutdown_grace_s
+
+        def drain() -> None:
+            old.receiver.drain(grace_s)
+            old.close()
+
+        self._draining = threading.Thread(target=drain, name="receiver-drain", daemon=True)
+        self._draining.start()
 
     def _receiving_half(self, engine: Engine, ledger_engine: Engine, spool: Spool,
                         admissions: Admissions | None = None) -> _Receiving:
@@ -257,11 +363,12 @@ class Gateway:
                                          self._board.admissions(slot, config.dicom.max_associations))
         return _ReceiverProcess(receiving, handed, (engine, ledger_engine))
 
-    def _receiver_process_ended(self, pid: int) -> None:
+    def _receiver_process_ended(self, pid: int, crashed: bool) -> None:
         removed = self.spool.remove_incoming_of(pid)
         if removed:
             log.warning("removed %d partly received files of receiver process %d", removed, pid)
-        self.metrics.receiver_restarts.inc()
+        if crashed:  # not one that drained and exited after a reload
+            self.metrics.receiver_restarts.inc()
         if self._metrics_dir is not None:
             process_ended(self._metrics_dir, pid)
 
@@ -313,6 +420,8 @@ class Gateway:
             self.hl7.stop()
         if self.receiver is not None:
             self.receiver.stop(self.config.dicom.shutdown_grace_s)
+        if self._draining is not None:
+            self._draining.join()
         if self.workers is not None:
             self.workers.stop()  # each drains its associations within shutdown_grace_s
         if self._receiving is not None:

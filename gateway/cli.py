@@ -11,11 +11,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gateway import __version__
 from gateway.config import GatewayConfig, load
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
 
 # Every command reads the same file: --config, else $GATEWAY_CONFIG, else config/gateway.toml.
 DEFAULT_CONFIG = Path(os.environ.get("GATEWAY_CONFIG", "config/gateway.toml"))
@@ -62,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _ready_or_exit(args.config)
     logs.setup(config.logging.level)
     stopping = threading.Event()
+    reloading = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: no new associations; finishing those in flight",
@@ -70,6 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Set before anything is built: SIGHUP's default action would end the process. The reload
+    # itself runs in this (main) thread, between checks of ``stopping``.
+    signal.signal(signal.SIGHUP, lambda *_: reloading.set())
     try:
         gateway = Gateway(config, processes=True)
         gateway.start()
@@ -83,10 +90,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # A timed wait: the kernel may deliver the signal to one of pynetdicom's threads, and an
     # untimed wait in the main thread would then never run the Python-level handler.
     while not stopping.wait(0.5):
-        pass
+        if reloading.is_set():
+            reloading.clear()
+            _reload(gateway, args.config)
     gateway.stop()
     log.info("stopped")
     return 0
+
+
+def _reload(gateway: Gateway, path: Path) -> None:
+    """SIGHUP: read and check the file as at start, then apply it or say why not."""
+    from gateway import reload
+
+    log.info("received SIGHUP: reading %s", path)
+    try:
+        gateway.reload(reload.read(path))
+    except ConfigError as exc:
+        gateway.refuse_reload(exc.problems)
+    except OSError:  # a fork refused (no memory, a process limit): said, not fatal
+        log.exception("configuration reload failed part way; restart the gateway "
+                      "(systemctl restart gateway) to run on one configuration")
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:

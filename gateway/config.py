@@ -24,6 +24,9 @@ from gateway.errors import ConfigError
 from gateway.remap.rules import Match
 
 ENV_PREFIX = "GATEWAY_"
+# dicom.max_associations at most: also the size of each receiver's table of open associations
+# (gateway.receive.workers), so that a reload may raise the limit up to it
+MAX_ASSOCIATIONS = 1000
 # "worklist": Modality Worklist C-FIND and MPPS N-CREATE/N-SET (a modality's workflow services)
 Service = Literal["echo", "store", "find", "move", "get", "worklist"]
 DuplicatePolicy = Literal["keep_first", "replace", "reject"]
@@ -58,7 +61,7 @@ class DicomConfig(_Model):
     ae_title: AETitle = "GATEWAY"
     bind_host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
-    max_associations: int = Field(40, ge=1, le=1000)
+    max_associations: int = Field(40, ge=1, le=MAX_ASSOCIATIONS)
     # Receiver processes of `gateway serve` (gateway.receive.workers): one C-STORE path per core;
     # 1 is a single process. max_associations holds for all of them together.
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)

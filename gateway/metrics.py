@@ -103,6 +103,12 @@ class Metrics:
             "Receiver processes started again after one died (dicom.workers > 1)",
             registry=own,
         )
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Configuration reloads (SIGHUP) by result: applied, unchanged, invalid, needs_restart",
+            ["result"],
+            registry=own,
+        )
         self.store_seconds = Histogram(
             "gateway_store_seconds",
             "Time from a complete C-STORE request to its answer",

@@ -10,6 +10,11 @@ Every receiver process wakes the child after each recorded instance (a ``Doorbel
 coalesce into one) and receives its metric updates over a queue (it owns ``/metrics``). The child
 is forked before any thread of the parent starts, dies with the parent (``PR_SET_PDEATHSIG``), and
 is started again if it dies alone: its queue is in the database, so nothing is lost.
+
+A configuration reload (``replace``) stops the child as SIGTERM would (it finishes or releases
+what it claimed, within the grace period) and only then starts one built from the new
+configuration: never two children of one stage at once, so a job is neither lost (its claim is
+settled or released by the old child, or lapses as after a crash) nor done twice.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class StageProcess:
         self._messages: Any = self._ctx.Queue()
         self._process: Any = None
         self._stopping = threading.Event()
+        self._lock = threading.Lock()  # the watch thread does not restart a child being replaced
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -110,6 +116,24 @@ class StageProcess:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._end_child()
+        for thread in self._threads:
+            thread.join(WATCH_S * 2)
+
+    def replace(self, build: StageFactory) -> None:
+        """Stop the child (as on SIGTERM), then start one made by ``build``. The wake-up pipe
+        and the message queue stay: the receivers forked before keep ringing this stage."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._end_child()
+            self._stop.clear()
+            self._build = build
+            self._spawn()
+            self._wake.set()  # whatever was rung while no child listened
+        log.info("%s process replaced (pid %d)", self._name, self._process.pid)
+
+    def _end_child(self) -> None:
         self._stop.set()
         self._wake.set()
         if self._process is not None:
@@ -118,8 +142,6 @@ class StageProcess:
                 log.warning("%s process did not stop in time; killing it", self._name)
                 self._process.kill()
                 self._process.join(5)
-        for thread in self._threads:
-            thread.join(WATCH_S * 2)
 
     def _spawn(self) -> None:
         self._process = self._ctx.Process(
@@ -133,10 +155,11 @@ class StageProcess:
 
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_S):
-            if not self._process.is_alive() and not self._stopping.is_set():
-                log.error("%s process exited (code %s); starting another", self._name,
-                          self._process.exitcode)
-                self._spawn()
+            with self._lock:
+                if not self._process.is_alive() and not self._stopping.is_set():
+                    log.error("%s process exited (code %s); starting another", self._name,
+                              self._process.exitcode)
+                    self._spawn()
 
     def _drain(self) -> None:
         while True:
@@ -158,6 +181,7 @@ def _child_main(name: str, build: StageFactory, niceness: int, stop_timeout_s: f
     os.nice(niceness)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the parent to handle
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the parent's to do
     code = 0
     try:
         stage = build(messages)

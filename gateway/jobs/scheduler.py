@@ -36,10 +36,13 @@ class JobScheduler:
         self._clock = clock
         self._scheduler: BackgroundScheduler | None = None
 
-    def start(self) -> None:
+    def start(self, reloaded: bool = False) -> None:
+        """``reloaded``: a scheduler replacing another in the same process (a configuration
+        reload): a run the old one started still holds its lease and must not be marked
+        interrupted, and no run was missed while the gateway was down."""
         if not self._jobs:
             return
-        interrupted = self._ledger.interrupted()
+        interrupted = 0 if reloaded else self._ledger.interrupted()
         if interrupted:
             log.warning("%d job run(s) were interrupted by the last stop", interrupted)
         scheduler = BackgroundScheduler(
@@ -49,7 +52,7 @@ class JobScheduler:
         now = self._clock()
         for name, trigger in self._triggers.items():
             scheduler.add_job(self._fire, trigger, args=[name], id=name, name=name)
-            late = missed(trigger, self._ledger.last_scheduled(name), now)
+            late = None if reloaded else missed(trigger, self._ledger.last_scheduled(name), now)
             if late is not None:
                 log.info("job %s missed its run of %s while the gateway was down; running it now",
                          name, late.isoformat(timespec="minutes"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ from gateway.query.service import QueryService
 from gateway.receive.associations import AssociationLedger, AssociationStats
 from gateway.receive.fastpath import FastSocket, file_meta
 from gateway.receive.ingest import Ingest, StoreRequest
-from gateway.receive.server import ProxyProtocol, ReceiverServer
+from gateway.receive.server import ProxyProtocol, ReceiverServer, adopting_server_class
 from gateway.receive.streaming import StreamedStore, StreamingDUL
 from gateway.receive.upper_layer import REJECT_INVALID_REQUEST
 from gateway.receive.validate import is_valid_uid
@@ -50,6 +51,7 @@ from gateway.receive.workers import Admissions, WorkerBoard, handed_server_class
 from gateway.worklist.services import NReply, PerformedSteps, WorklistFinder
 
 log = logging.getLogger(__name__)
+NEGOTIATION_S = 1.0
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Receiver:
         self._warned_unknown: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._draining: ThreadedAssociationServer | None = None
         self.ae = AE(ae_title=config.ae_title)
         self.ae.maximum_pdu_size = config.max_pdu_size
         # GatewayACSE enforces max_associations over admitted associations; pynetdicom's own
@@ -116,9 +119,13 @@ class Receiver:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
-    def start(self, handed: socket.socket | None = None) -> None:
+    def start(self, handed: socket.socket | None = None,
+              listening: socket.socket | None = None) -> None:
         """Listen on ``dicom.bind_host``/``port``; or, in a receiver process of several, take
-        the connections the supervisor's acceptor sends on ``handed`` (``gateway.receive.workers``).
+        the connections the supervisor's acceptor sends on ``handed`` (``gateway.receive.workers``);
+        or, after a configuration reload in one process, go on listening on the socket of the
+        receiver it replaces (``listening``, from its ``stop_accepting``): connections arriving in
+        between wait in the kernel's queue, none is refused.
         """
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
@@ -132,12 +139,17 @@ class Receiver:
             (evt.EVT_ABORTED, self._handle_end, ["aborted"]),
             (evt.EVT_CONN_CLOSE, self._handle_closed),
         ]
+        address = (self._config.bind_host, self._config.port)
+        server_class: type[ThreadedAssociationServer] = ReceiverServer
+        if handed is not None:
+            server_class = handed_server_class(handed, address)
+        elif listening is not None:
+            server_class = adopting_server_class(listening)
         server = self.ae.make_server(
-            (self._config.bind_host, self._config.port),
+            address,
             contexts=scp_contexts(self._config.extra_storage_sop_classes),
             evt_handlers=handlers,
-            server_class=ReceiverServer if handed is None else handed_server_class(
-                handed, (self._config.bind_host, self._config.port)),
+            server_class=server_class,
             request_handler=_handler_class(self),
             # Behind a balancer: the modality's address from its PROXY header (receive.server)
             proxy=ProxyProtocol(self._config.proxy_protocol_from, self._config.acse_timeout_s,
@@ -160,20 +172,27 @@ class Receiver:
         """Stop accepting, let in-flight associations finish for up to ``grace_s``, then abort."""
         if self._server is None:
             return
+        server = self._server
+        self.stop_accepting()
+        server.server_close()
+        drain(server, grace_s)
+
+    def stop_accepting(self) -> socket.socket:
+        """No new connections (they wait in the listening socket's queue, which is returned,
+        open, for the next receiver); the associations in flight go on (``drain``)."""
+        assert self._server is not None, "start() first"
         server, self._server = self._server, None
-        server.shutdown()
-        deadline = time.monotonic() + grace_s
-        # Only established associations are worth waiting for: a bare TCP connect (a port probe)
-        # would otherwise hold shutdown for the whole ACSE timeout.
-        while time.monotonic() < deadline and any(
-            a.is_established for a in server.active_associations
-        ):
-            time.sleep(0.05)
-        for assoc in server.active_associations:
-            if assoc.is_established:
-                log.warning("aborting association from %s after %.0f s grace",
-                            assoc.requestor.ae_title, grace_s)
-            assoc.abort()
+        self._draining = server
+        # socketserver's shutdown only: pynetdicom's would close the listening socket too
+        socketserver.BaseServer.shutdown(server)
+        if server in self.ae._servers:
+            self.ae._servers.remove(server)
+        return cast(socket.socket, server.socket)
+
+    def drain(self, grace_s: float) -> None:
+        """After ``stop_accepting``: what ``stop`` does with the associations in flight."""
+        if self._draining is not None:
+            drain(self._draining, grace_s)
 
     # -- admission (called by GatewayACSE in the association's thread) -------------------------
 
@@ -410,6 +429,33 @@ def _limit_detail(reject: RejectReason, calling_ae: str, peer_limit: int | None,
     if reject is RejectReason.LOCAL_LIMIT_EXCEEDED:
         return f" (the node holds dicom.max_associations = {node_limit})"
     return ""
+
+
+def drain(server: ThreadedAssociationServer, grace_s: float) -> None:
+    """Let ``server``'s associations finish for up to ``grace_s``, then abort the rest.
+
+    Established associations are waited for the whole grace; one still negotiating (its
+    A-ASSOCIATE-RQ not yet answered: a connection taken just before the stop, e.g. handed to a
+    receiver process an instant before a reload retired it) for ``NEGOTIATION_S`` at most, so
+    that it is answered rather than cut, while a bare TCP connect (a port probe) does not hold the
+    stop for the whole ACSE timeout."""
+    started = time.monotonic()
+    deadline = started + grace_s
+    negotiating_until = started + min(grace_s, NEGOTIATION_S)
+
+    def waited_for(assoc: Association) -> bool:
+        if assoc.is_established:
+            return True
+        ended = assoc.is_released or assoc.is_aborted or assoc.is_rejected
+        return not ended and time.monotonic() < negotiating_until
+
+    while time.monotonic() < deadline and any(waited_for(a) for a in server.active_associations):
+        time.sleep(0.05)
+    for assoc in server.active_associations:
+        if assoc.is_established:
+            log.warning("aborting association from %s after %.0f s grace",
+                        assoc.requestor.ae_title, grace_s)
+        assoc.abort()
 
 
 def _unexpected(exc: Exception) -> tuple[Status, str]:

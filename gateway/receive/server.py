@@ -36,7 +36,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -126,3 +126,19 @@ class ReceiverServer(ThreadedAssociationServer):
             except OSError:
                 pass
         super().server_close()
+
+
+def adopting_server_class(listening: socket.socket) -> type[ReceiverServer]:
+    """The server going on listening on ``listening``, the socket of the server it replaces
+    (a configuration reload in one process): no second bind, no moment without a listener."""
+
+    class AdoptingServer(ReceiverServer):
+        def server_bind(self) -> None:
+            cast(socket.socket, self.socket).close()
+            self.socket = listening
+            self.server_address = listening.getsockname()
+
+        def server_activate(self) -> None:
+            pass
+
+    return AdoptingServer

@@ -35,13 +35,17 @@ admitted. With ``workers = 1`` the receiver uses a board of one slot: one implem
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
 import select
 import signal
 import socket
+import struct
+import termios
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 ACCEPT_POLL_S = 0.2
 WATCH_S = 0.2
 EXTRA_STOP_S = 5.0
+RETIRE_READ_S = 2.0
 
 
 class Admissions(Protocol):
@@ -93,7 +98,8 @@ class WorkerBoard:
     def __init__(self, workers: int, capacity: int) -> None:
         context = multiprocessing.get_context("fork")
         self.workers = workers
-        # A worker never holds more admitted associations than the node's limit
+        # A worker never holds more admitted associations than the node's limit; the gateway
+        # passes the highest limit allowed, so a reload may raise dicom.max_associations
         self.capacity = capacity
         self._handed: Any = context.RawArray("q", workers)
         self._ended: Any = context.RawArray("q", workers)
@@ -230,7 +236,14 @@ WorkerFactory = Callable[[int, socket.socket], Worker]
 
 class ReceiverWorkers:
     """The supervisor's side: the listening socket, the acceptor thread, and one process per
-    slot, started again when it dies (``on_exit(pid)`` is told first, e.g. for metrics)."""
+    slot, started again when it dies (``on_exit(pid, crashed)`` is told first, e.g. for
+    metrics).
+
+    Slots come in two halves of ``count``: the active half takes every new connection; on a
+    configuration reload (``replace``) new processes start in the other half, the acceptor
+    switches to them, and the old ones drain their associations (as on SIGTERM) and exit. The
+    board has a number per slot of both halves, so old and new processes together hold
+    ``dicom.max_associations``, and a draining process's associations count until they end."""
 
     def __init__(
         self,
@@ -239,8 +252,9 @@ class ReceiverWorkers:
         board: WorkerBoard,
         address: tuple[str, int],
         grace_s: float,
-        on_exit: Callable[[int], None] = lambda pid: None,
+        on_exit: Callable[[int, bool], None] = lambda pid, crashed: None,
     ) -> None:
+        assert board.workers >= 2 * count, "the board needs a slot per process of both halves"
         self._ctx = multiprocessing.get_context("fork")
         self._count = count
         self._build = build
@@ -249,8 +263,9 @@ class ReceiverWorkers:
         self._grace_s = grace_s
         self._on_exit = on_exit
         self._listener: socket.socket | None = None
-        self._channels: list[socket.socket | None] = [None] * count
-        self._processes: list[Any] = [None] * count
+        self._channels: list[socket.socket | None] = [None] * (2 * count)
+        self._processes: list[Any] = [None] * (2 * count)
+        self._base = 0  # the active half: slots base .. base + count - 1
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -270,7 +285,7 @@ class ReceiverWorkers:
     def start(self) -> None:
         if self._listener is None:
             self.listen()
-        for slot in range(self._count):
+        for slot in self._active():
             self._spawn(slot)
         for target, name in ((self._accept, "gateway-acceptor"), (self._watch, "workers-watch")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -327,17 +342,84 @@ class ReceiverWorkers:
         if old is not None:
             old.close()
 
+    def _active(self) -> range:
+        return range(self._base, self._base + self._count)
+
+    def replace(self) -> None:
+        """A configuration reload: start a process per slot of the other half (built by
+        ``build`` from what the supervisor holds now), hand every new connection to them, and
+        let the old ones drain their associations within the grace period, then exit.
+
+        A previous reload's processes still draining in that half are waited for first (at most
+        the grace period and a margin, then killed, as ``stop`` would)."""
+        with self._lock:
+            new_base = self._count - self._base
+            old = self._active()
+        new = range(new_base, new_base + self._count)
+        self._wait_drained(new)
+        for slot in new:
+            self._spawn(slot)
+        with self._lock:  # not while the acceptor hands a connection over
+            self._base = new_base
+        for slot in old:
+            self._retire(slot)
+
+    def _wait_drained(self, slots: range) -> None:
+        deadline = time.monotonic() + self._grace_s + EXTRA_STOP_S
+        while any(self._processes[s] is not None for s in slots):
+            if time.monotonic() > deadline:
+                for slot in slots:
+                    process = self._processes[slot]
+                    if process is not None and process.is_alive():
+                        log.warning("receiver process %d did not drain in time; killing it",
+                                    process.pid)
+                        process.kill()
+                deadline = time.monotonic() + EXTRA_STOP_S
+            time.sleep(WATCH_S)
+
+    def _retire(self, slot: int) -> None:
+        """SIGTERM, once the process has read every connection already handed to it: one
+        still queued in its channel would die with it, and its sender see a reset."""
+        channel, process = self._channels[slot], self._processes[slot]
+        if process is None:
+            return
+        deadline = time.monotonic() + RETIRE_READ_S
+        while channel is not None and _unread_bytes(channel) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if process.is_alive():
+            log.info("receiver process %d (slot %d) takes no new connections; draining",
+                     process.pid, slot)
+            os.kill(process.pid, signal.SIGTERM)
+
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_S):
-            for slot in range(self._count):
+            for slot in range(len(self._processes)):
                 process = self._processes[slot]
-                if process is None or process.is_alive() or self._stopping.is_set():
+                if self._stopping.is_set() or process is not None and process.is_alive():
+                    continue
+                with self._lock:  # not while the acceptor counts a connection handed to it
+                    active = slot in self._active()
+                    if self._processes[slot] is not process or process is None and not active:
+                        continue  # started meanwhile (a reload), or an empty slot at rest
+                    if process is not None:
+                        self._board.forget(slot)
+                    channel = None
+                    if not active:
+                        channel, self._channels[slot] = self._channels[slot], None
+                        self._processes[slot] = None
+                if process is None:  # a reload's new process died before the switch
+                    self._spawn(slot)
+                    continue
+                if not active:
+                    log.info("receiver process %d (slot %d) drained and exited (code %s)",
+                             process.pid, slot, process.exitcode)
+                    if channel is not None:
+                        channel.close()
+                    self._on_exit(process.pid, False)
                     continue
                 log.error("receiver process %d (slot %d) exited (code %s); its associations "
                           "ended with it; starting another", process.pid, slot, process.exitcode)
-                with self._lock:  # not while the acceptor counts a connection handed to it
-                    self._board.forget(slot)
-                self._on_exit(process.pid)
+                self._on_exit(process.pid, True)
                 self.restarts += 1
                 self._spawn(slot)
 
@@ -363,7 +445,7 @@ class ReceiverWorkers:
     def _hand_over(self, conn: socket.socket) -> bool:
         """To the live worker with the fewest open connections; the next one if it cannot."""
         with self._lock:
-            order = sorted(range(self._count), key=self._board.open_connections)
+            order = sorted(self._active(), key=self._board.open_connections)
             for slot in order:
                 channel, process = self._channels[slot], self._processes[slot]
                 if channel is None or process is None or not process.is_alive():
@@ -377,6 +459,16 @@ class ReceiverWorkers:
         return False
 
 
+def _unread_bytes(channel: socket.socket) -> int:
+    """Bytes sent on a Unix socket that its peer has not read yet (Linux ``SIOCOUTQ``: for
+    ``AF_UNIX`` a datagram stays charged to its sender until the receiver takes it)."""
+    try:
+        raw = fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
+    except (OSError, ValueError):  # closed meanwhile (fileno -1): its process exited
+        return 0
+    return int(struct.unpack("i", raw)[0])
+
+
 def _worker_main(build: WorkerFactory, slot: int, channel: socket.socket, listener_fd: int,
                  grace_s: float) -> None:
     die_with_parent()
@@ -384,6 +476,7 @@ def _worker_main(build: WorkerFactory, slot: int, channel: socket.socket, listen
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the supervisor
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's to do
     if listener_fd >= 0:
         os.close(listener_fd)  # refused once the supervisor closes it, not queued for nobody
     code = 0
