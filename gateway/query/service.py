@@ -41,6 +41,7 @@ from gateway.metrics import Metrics
 from gateway.query.find import QueryRefused, answers, parse, run
 from gateway.query.gate import status_dataset
 from gateway.query.pending import PendingSender
+from gateway.query.prefetch import Prefetch
 from gateway.query.retrieve import Loader, Stored, check_retrievable, lookup, unsendable
 
 log = logging.getLogger(__name__)
@@ -139,12 +140,15 @@ class QueryService:
             options["contexts"] = _contexts_for(found)
             yield len(found)
             cancelled = False
-            for stored in found:
-                if event.is_cancelled:
-                    cancelled = True
-                    yield int(Status.CANCEL), None
-                    return
-                yield int(Status.PENDING), _fit(self._loader.load(stored), tally.accepted)
+            # Closed however the loop ends (cancel, failure, abort: pynetdicom drops this
+            # generator): no fetch ahead outlives the retrieve
+            with Prefetch(self._loader, found, self._loader.prefetch_window) as ahead:
+                for index in range(len(found)):
+                    if event.is_cancelled:
+                        cancelled = True
+                        yield int(Status.CANCEL), None
+                        return
+                    yield int(Status.PENDING), _fit(ahead.load(index), tally.accepted)
         finally:
             if found:
                 status = tally.status(len(found), cancelled)
@@ -169,12 +173,13 @@ class QueryService:
             yield len(found)
             accepted = _accepted_for_sending(event.assoc)
             event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)
-            for stored in found:
-                if event.is_cancelled:
-                    cancelled = True
-                    yield int(Status.CANCEL), None
-                    return
-                yield int(Status.PENDING), _fit(self._loader.load(stored), accepted)
+            with Prefetch(self._loader, found, self._loader.prefetch_window) as ahead:
+                for index in range(len(found)):
+                    if event.is_cancelled:
+                        cancelled = True
+                        yield int(Status.CANCEL), None
+                        return
+                    yield int(Status.PENDING), _fit(ahead.load(index), accepted)
         finally:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, tally.on_response)
             if found:
