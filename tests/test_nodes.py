@@ -494,3 +494,104 @@ def test_migration_0013_names_the_upgrading_node_on_existing_versions(db_url: st
             downgrade(engine, "0012")
     finally:
         engine.dispose()
+
+
+def test_a_move_of_a_large_study_another_node_holds_fetches_ahead_and_fails_only_the_bad_one(
+    two_nodes: Any, tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """C-MOVE with movescu on node a of 33 instances node b holds (non-ASCII name, compressed
+    ones among them): each arrives once, with its UIDs and b's bytes, while a fetches ahead
+    (gateway.query.prefetch). Then b's file of one instance in the middle of the study is
+    altered: that one sub-operation fails, named in the Failed SOP Instance UID List, and every
+    other completes (PS3.4 C.4.2.1.6, C.4.2.3.1)."""
+    from tests.test_retrieve import _move
+
+    a, b = two_nodes(db_url)
+    files = send_study(b, tmp_path / "sent")  # two compressed, two plain
+    study = _uids(files[0])[0]
+    series = _uids(files[0])[1]
+    more = [write_file(make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series,
+                                    InstanceNumber=i + 10, PatientID="NODE-1", PatientName=NAME,
+                                    SpecificCharacterSet="ISO_IR 192"),
+                       tmp_path / "more" / f"{i}.dcm") for i in range(29)]
+    sent_more = dcmtk("storescu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                      str(b.config.dicom.port), *map(str, more))
+    assert sent_more.returncode == 0, sent_more.stderr
+    files += more
+    sent = {_uids(f) for f in files}
+    held = {r.sop_instance_uid: b.config.storage.spool_dir / r.spool_path
+            for r in rows(db_url, "SELECT sop_instance_uid, spool_path FROM instances "
+                                  "WHERE node_name = 'b'")}
+    assert len(held) == len(sent) == 33
+
+    moved = _move(a, "ANY", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+    assert moved.returncode == 0, moved.stderr
+    arrived = {_uids(f): f for f in (tmp_path / "any").iterdir()}
+    assert set(arrived) == sent  # the same UIDs, each once
+    for uids, path in arrived.items():  # b's bytes, in the syntax b kept
+        assert _after_meta(path) == _after_meta(held[uids[2]]), uids
+        assert (pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                == pydicom.dcmread(held[uids[2]], stop_before_pixels=True)
+                .file_meta.TransferSyntaxUID)
+
+    for path in (tmp_path / "any").iterdir():
+        path.unlink()
+    (bad,) = rows(db_url, "SELECT sop_instance_uid, spool_path FROM instances ORDER BY id "
+                          "LIMIT 1 OFFSET 16")
+    with open(b.config.storage.spool_dir / bad.spool_path, "r+b") as fp:  # one byte flipped
+        fp.seek(-1, 2)
+        last = fp.read(1)
+        fp.seek(-1, 2)
+        fp.write(bytes([last[0] ^ 0xFF]))
+    status, failed = _final_move(a, _identifier("STUDY", StudyInstanceUID=study), "ANY")
+    assert status.Status == 0xB000  # some sub-operations failed
+    assert failed is not None and failed.FailedSOPInstanceUIDList == bad.sop_instance_uid
+    assert status.NumberOfCompletedSuboperations == len(sent) - 1
+    assert status.NumberOfFailedSuboperations == 1
+    assert status.NumberOfWarningSuboperations == 0
+    arrived_uids = {_uids(f)[2] for f in (tmp_path / "any").iterdir()}
+    assert arrived_uids == {u[2] for u in sent} - {bad.sop_instance_uid}
+    assert any(bad.sop_instance_uid in r.getMessage() and "SHA-256" in r.getMessage()
+               for r in caplog.records)
+
+
+def _open_temporary_files() -> int:
+    """This process's open files in the temporary folder (fetched instances: unlinked, so
+    only /proc shows them)."""
+    import os
+    import tempfile
+
+    folder = os.path.realpath(tempfile.gettempdir())
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += target.startswith(folder + "/") and target.endswith("(deleted)")
+    return count
+
+
+def test_a_cancelled_move_leaves_no_fetched_file_open(
+    two_nodes: Any, tmp_path: Path, sqlite_url: str,
+) -> None:
+    """C-CANCEL (movescu --cancel) while node a sends what node b holds: the final response
+    says Cancel, and the files fetched ahead are closed (gateway.query.prefetch)."""
+    from tests.conftest import wait_for
+
+    a, b = two_nodes(sqlite_url)
+    study, series = generate_uid(), generate_uid()
+    files = [write_file(make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series,
+                                     rows=256, columns=256, InstanceNumber=i + 1,
+                                     PatientName=NAME, SpecificCharacterSet="ISO_IR 192"),
+                        tmp_path / "sent" / f"{i}.dcm") for i in range(40)]
+    sent = dcmtk("storescu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                 str(b.config.dicom.port), *map(str, files))
+    assert sent.returncode == 0, sent.stderr
+    before = _open_temporary_files()
+    moved = dcmtk("movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "GATEWAY", "-aem", "ANY",
+                  "--cancel", "2", "-k", "QueryRetrieveLevel=STUDY",
+                  "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(a.config.dicom.port))
+    assert "Cancel" in moved.stderr, moved.stderr  # 0xFE00
+    assert len(list((tmp_path / "any").iterdir())) < len(files)
+    wait_for(lambda: _open_temporary_files() <= before, 10, "every fetched file closed")
