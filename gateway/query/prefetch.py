@@ -20,7 +20,6 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -29,8 +28,6 @@ from typing import BinaryIO, Self
 from pydicom.dataset import Dataset
 
 from gateway.query.retrieve import Loader, Stored
-
-log = logging.getLogger(__name__)
 
 
 class Prefetch:
