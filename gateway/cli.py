@@ -133,7 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with db.sessions() as session:
             print(status_report(session, config.storage.spool_dir,
                                 config.storage.min_free_mb * 1024 * 1024,
-                                waiting_uids=args.waiting))
+                                waiting_uids=args.waiting, node=config.forward.node_name))
     finally:
         db.close()
     return 0

@@ -5,12 +5,14 @@ Shows AE titles, counts and sizes only; patient values stay in the database.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select, union
 from sqlalchemy.orm import Session
 
+from gateway.cluster.holder import held_by
 from gateway.cluster.nodes import STALE_BEATS, list_nodes, waiting_on
 from gateway.db.models import (
     AssociationRecord,
@@ -37,9 +39,12 @@ def _size(n: int | None) -> str:
 
 
 def status_report(session: Session, spool_root: Path, min_free_bytes: int,
-                  now: datetime | None = None, waiting_uids: int = 0) -> str:
+                  now: datetime | None = None, waiting_uids: int = 0,
+                  node: str | None = None) -> str:
     """Read-only: the spool folder is measured where it is (or would be), never created.
-    ``waiting_uids``: list up to that many UIDs waiting on each node (``--waiting``)."""
+    ``waiting_uids``: list up to that many UIDs waiting on each node (``--waiting``). ``node``:
+    this node (``forward.node_name``): the spool line counts what its own disk holds, current
+    copies and other versions alike (gateway.cluster.holder); the others' are on their lines."""
     now = now or datetime.now(UTC)
     midnight = datetime.combine(now.date(), time.min, tzinfo=UTC)
     lines = [f"Received today (since {midnight:%Y-%m-%d %H:%M} UTC), by calling AE:"]
@@ -53,9 +58,10 @@ def status_report(session: Session, spool_root: Path, min_free_bytes: int,
         lines.append("  (nothing yet)")
     for calling_ae, count, size in rows:
         lines.append(f"  {calling_ae:<16} {count:>8} instances {_size(size):>12}")
-    held = session.scalar(select(func.sum(Instance.size_bytes))) or 0
-    versions = session.scalar(select(func.sum(InstanceVersion.size_bytes))) or 0
-    total = session.scalar(select(func.count()).select_from(Instance)) or 0
+    held = session.scalar(select(func.sum(Instance.size_bytes)).where(held_by(node))) or 0
+    versions = session.scalar(select(func.sum(InstanceVersion.size_bytes))
+                              .where(held_by(node, InstanceVersion.node_name))) or 0
+    total = session.scalar(select(func.count()).select_from(Instance).where(held_by(node))) or 0
     lines.append("")
     measured = spool_root
     while not measured.exists() and measured != measured.parent:
@@ -91,6 +97,7 @@ def nodes_report(session: Session, now: datetime, waiting_uids: int = 0) -> list
     engine = session.get_bind()
     assert isinstance(engine, Engine)
     nodes = list_nodes(engine, now)
+    spools = _spools_by_node(session)
     lines = [f"Nodes ({len(nodes)}; stale after {STALE_BEATS} missed heartbeats):"]
     if not nodes:
         lines.append("  (none has started with this database yet)")
@@ -102,11 +109,41 @@ def nodes_report(session: Session, now: datetime, waiting_uids: int = 0) -> list
             " (they leave when it returns)" if node.stale and count else "")
         lines.append(f"  {node.name:<20} {flag:<5} last heartbeat "
                      f"{node.last_heartbeat:%Y-%m-%d %H:%M:%S} UTC ({age:.0f} s ago), "
-                     f"{node.url or '-'}, {waiting}")
+                     f"{node.url or '-'}, {waiting}; {spools.pop(node.name, _EMPTY).line()}")
         lines.extend(f"    waiting: {uid}" for uid in uids)
         if len(uids) < count and uids:
             lines.append(f"    ... and {count - len(uids)} more")
+    for name, spool in sorted(spools.items(), key=lambda item: item[0] or ""):
+        lines.append(f"  {name or '(no node named)':<20} no heartbeat; {spool.line()}")
     return lines
+
+
+@dataclass(frozen=True)
+class _NodeSpool:
+    instances: int = 0
+    size_bytes: int = 0
+    versions_bytes: int = 0
+
+    def line(self) -> str:
+        return (f"its spool {self.instances} instances, "
+                f"{_size(self.size_bytes + self.versions_bytes)} "
+                f"(other versions {_size(self.versions_bytes)})")
+
+
+_EMPTY = _NodeSpool()
+
+
+def _spools_by_node(session: Session) -> dict[str | None, _NodeSpool]:
+    """What each node's disk holds: current copies still in its spool and other versions (each
+    file is on the node named on its own row, gateway.cluster.holder). Two grouped scans."""
+    current = {name: (int(count), int(size or 0)) for name, count, size in session.execute(
+        select(Instance.node_name, func.count(), func.sum(Instance.size_bytes))
+        .where(Instance.spool_removed_at.is_(None)).group_by(Instance.node_name))}
+    versions = {name: int(size or 0) for name, size in session.execute(
+        select(InstanceVersion.node_name, func.sum(InstanceVersion.size_bytes))
+        .group_by(InstanceVersion.node_name))}
+    return {name: _NodeSpool(*current.get(name, (0, 0)), versions.get(name, 0))
+            for name in current.keys() | versions.keys()}
 
 
 def worklist_today(session: Session, now: datetime) -> list[str]:

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from gateway.app import Gateway
 from gateway.cluster.nodes import NodeRegistry, list_nodes, waiting_on
-from gateway.db.engine import make_engine
+from gateway.db.engine import make_engine, make_sessions
 from gateway.db.migrate import MIGRATIONS, upgrade
 from gateway.db.models import ForwardJob, Instance
 from gateway.forward.outbox import Outbox, new_jobs
@@ -163,20 +163,21 @@ def downgrade(engine: sa.Engine, revision: str) -> None:
 
 @pytest.fixture
 def two_nodes(make_gateway: Callable[..., Gateway], tmp_path: Path,
-              monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], tuple[Gateway, Gateway]]]:
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[Gateway, Gateway]]]:
     """Nodes ``a`` and ``b`` in this process: own spools, one database, one cluster secret,
     and a storescp (``ANY``, keeps the bytes as received) as a move destination."""
     monkeypatch.setenv("GATEWAY_CLUSTER_SECRET", SECRET)
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(db: str) -> tuple[Gateway, Gateway]:
+    def start(db: str, duplicate_policy: str = "keep_first") -> tuple[Gateway, Gateway]:
         process, port = start_storescp(tmp_path / "any", "+xa", "+B")
         started.append(process)
         peers = [{"ae_title": "VIEWER", "services": ["echo", "find", "move", "get"]},
                  {"ae_title": "MODALITY", "services": ["store"]},
                  {"ae_title": "ANY", "host": "127.0.0.1", "port": port}]
         nodes = tuple(
-            make_gateway(db=db, storage={"spool_dir": str(tmp_path / f"spool-{n}")},
+            make_gateway(db=db, storage={"spool_dir": str(tmp_path / f"spool-{n}"),
+                                         "duplicate_policy": duplicate_policy},
                          forward={"node_name": n}, security={"peers": peers},
                          cluster={"secret_sha256": token_sha256(SECRET), "heartbeat_s": 1.0})
             for n in ("a", "b"))
@@ -376,3 +377,255 @@ def test_healthz_reports_a_stale_peer_and_stays_200(two_nodes: Any, sqlite_url: 
     wait_for(lambda: nodes()["b"]["stale"], 10, "node b reported stale")
     assert not nodes()["a"]["stale"]
     assert nodes()["b"]["url"].startswith("http://127.0.0.1:")
+
+
+def _store(app: Gateway, path: Path) -> None:
+    sent = dcmtk("storescu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                 str(app.config.dicom.port), str(path))
+    assert sent.returncode == 0, sent.stderr
+
+
+@pytest.mark.parametrize(("policy", "disposition", "version_on"), [
+    ("replace", "superseded", "a"),  # the copy a received stays on a's disk
+    ("keep_first", "not_kept", "b"),  # the copy b received and did not make current: on b's
+])
+def test_a_version_names_the_node_whose_disk_holds_its_file(
+    two_nodes: Any, tmp_path: Path, db_url: str, policy: str, disposition: str, version_on: str,
+) -> None:
+    """Node a receives an instance, node b other content under the same SOP Instance UID. The
+    version row names the node holding its file; b's retention, b's crash recovery and
+    ``gateway status`` act on b's files only (a's spool path may be the same relative name)."""
+    from gateway.config import RetentionConfig
+    from gateway.forward.retention import Retention
+    from gateway.receive.ingest import is_recorded
+    from gateway.report import _size, status_report
+
+    a, b = two_nodes(db_url, policy)
+    nodes = {"a": a, "b": b}
+    first = make_dataset(PatientName=NAME, SpecificCharacterSet="ISO_IR 192", PatientID="V-1",
+                         SeriesDescription="first")
+    second = make_dataset(PatientName=NAME, SpecificCharacterSet="ISO_IR 192", PatientID="V-1",
+                          SeriesDescription="second", SOPInstanceUID=first.SOPInstanceUID,
+                          StudyInstanceUID=first.StudyInstanceUID,
+                          SeriesInstanceUID=first.SeriesInstanceUID)
+    _store(a, write_file(first, tmp_path / "first.dcm"))
+    _store(b, write_file(second, tmp_path / "second.dcm"))
+
+    (current,) = rows(db_url, "SELECT id, node_name, spool_path FROM instances")
+    (version,) = rows(db_url, "SELECT disposition, node_name, spool_path, size_bytes "
+                              "FROM instance_versions")
+    assert (version.disposition, version.node_name) == (disposition, version_on)
+    version_file = nodes[version_on].config.storage.spool_dir / version.spool_path
+    current_file = nodes[current.node_name].config.storage.spool_dir / current.spool_path
+    assert version_file.is_file() and current_file.is_file()
+    kept_first = pydicom.dcmread(current_file).SeriesDescription
+    assert kept_first == ("second" if policy == "replace" else "first")
+
+    # Crash recovery: a name only the other node's version row holds is not recorded here
+    other = "b" if version_on == "a" else "a"
+    assert is_recorded(a.engine, version.spool_path, version_on)
+    assert not is_recorded(a.engine, version.spool_path, other)
+
+    # Retention on b (every destination confirmed, long ago): b's current file at most
+    with b.engine.begin() as c:
+        new_jobs(c, current.id, str(first.StudyInstanceUID), ("pacs",), T0)
+        c.execute(sa.update(ForwardJob).values(state="confirmed", confirmed_at=T0))
+    later = datetime.now(UTC) + timedelta(days=30)
+    Retention(b.engine, b.spool, RetentionConfig(keep_days=1), lambda: later,
+              node="b").run_once()
+    assert version_file.is_file()  # a version is never removed, least of all another node's
+    assert current_file.is_file() == (current.node_name != "b")
+
+    # gateway status: each node's line counts the versions on its own disk
+    with make_sessions(b.engine)() as session:
+        report = status_report(session, b.config.storage.spool_dir, 0, node=version_on)
+    node_lines = {line.split()[0]: line for line in report.splitlines()
+                  if line.startswith("  ") and ("alive" in line or "STALE" in line)}
+    size = f"(other versions {_size(version.size_bytes)})"
+    assert size in node_lines[version_on] and "(other versions 0 B)" in node_lines[other], report
+    spool_line = next(line for line in report.splitlines() if line.startswith("Spool "))
+    assert size in spool_line, report
+    with make_sessions(b.engine)() as session:
+        report = status_report(session, b.config.storage.spool_dir, 0, node=other)
+    spool_line = next(line for line in report.splitlines() if line.startswith("Spool "))
+    assert "(other versions 0 B)" in spool_line, report
+
+
+def test_migration_0013_names_the_upgrading_node_on_existing_versions(db_url: str) -> None:
+    engine = make_engine(db_url)
+    version = sa.text(
+        "INSERT INTO instance_versions (sop_instance_uid, disposition, sha256, size_bytes, "
+        "spool_path, calling_ae, received_at) VALUES ('1.2.3', 'superseded', :h, 1, 'p', "
+        "'CT', :t)")
+    try:
+        upgrade(engine, "0012")
+        with engine.begin() as c:
+            c.execute(version, {"h": "0" * 64, "t": T0})
+        upgrade(engine, "0013", node_name="node-α")
+        inspector = sa.inspect(engine)
+        assert "node_name" in {c["name"] for c in inspector.get_columns("instance_versions")}
+        assert "ix_instance_versions_node_name" in {
+            i["name"] for i in inspector.get_indexes("instance_versions")}
+        with engine.connect() as c:  # a single node's ledger: its one spool holds them
+            assert c.scalar(sa.text("SELECT node_name FROM instance_versions")) == "node-α"
+
+        downgrade(engine, "0012")
+        assert "node_name" not in {
+            c["name"] for c in sa.inspect(engine).get_columns("instance_versions")}
+        upgrade(engine, "0013")  # no node named: the row stays NULL (any node's)
+        with engine.connect() as c:
+            assert c.scalar(sa.text("SELECT node_name FROM instance_versions")) is None
+
+        # A ledger already shared at 0012 (another node's instance or heartbeat): which node
+        # holds a version is unknown, so no node is named rather than the wrong one
+        downgrade(engine, "0012")
+        for other in ("instance", "heartbeat"):
+            with engine.begin() as c:
+                c.execute(sa.delete(ForwardJob))
+                c.execute(sa.delete(Instance))
+                c.execute(sa.text("DELETE FROM nodes"))
+            if other == "instance":
+                add_instance(engine, "node-b")
+            else:
+                NodeRegistry(engine, "node-b", None, 5.0, lambda: T0).beat()
+            upgrade(engine, "0013", node_name="node-α")
+            with engine.connect() as c:
+                assert c.scalar(sa.text("SELECT node_name FROM instance_versions")) is None, other
+            downgrade(engine, "0012")
+    finally:
+        engine.dispose()
+
+
+def test_a_move_of_a_large_study_another_node_holds_fetches_ahead_and_fails_only_the_bad_one(
+    two_nodes: Any, tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """C-MOVE with movescu on node a of 33 instances node b holds (non-ASCII name, compressed
+    ones among them): each arrives once, with its UIDs and b's bytes, while a fetches ahead
+    (gateway.query.prefetch). Then b's file of one instance in the middle of the study is
+    altered: that one sub-operation fails, named in the Failed SOP Instance UID List, and every
+    other completes (PS3.4 C.4.2.1.6, C.4.2.3.1)."""
+    from tests.test_retrieve import _move
+
+    a, b = two_nodes(db_url)
+    files = send_study(b, tmp_path / "sent")  # two compressed, two plain
+    study = _uids(files[0])[0]
+    series = _uids(files[0])[1]
+    more = [write_file(make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series,
+                                    InstanceNumber=i + 10, PatientID="NODE-1", PatientName=NAME,
+                                    SpecificCharacterSet="ISO_IR 192"),
+                       tmp_path / "more" / f"{i}.dcm") for i in range(29)]
+    sent_more = dcmtk("storescu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                      str(b.config.dicom.port), *map(str, more))
+    assert sent_more.returncode == 0, sent_more.stderr
+    files += more
+    sent = {_uids(f) for f in files}
+    held = {r.sop_instance_uid: b.config.storage.spool_dir / r.spool_path
+            for r in rows(db_url, "SELECT sop_instance_uid, spool_path FROM instances "
+                                  "WHERE node_name = 'b'")}
+    assert len(held) == len(sent) == 33
+
+    moved = _move(a, "ANY", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+    assert moved.returncode == 0, moved.stderr
+    arrived = {_uids(f): f for f in (tmp_path / "any").iterdir()}
+    assert set(arrived) == sent  # the same UIDs, each once
+    for uids, path in arrived.items():  # b's bytes, in the syntax b kept
+        assert _after_meta(path) == _after_meta(held[uids[2]]), uids
+        assert (pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                == pydicom.dcmread(held[uids[2]], stop_before_pixels=True)
+                .file_meta.TransferSyntaxUID)
+
+    for path in (tmp_path / "any").iterdir():
+        path.unlink()
+    (bad,) = rows(db_url, "SELECT sop_instance_uid, spool_path FROM instances ORDER BY id "
+                          "LIMIT 1 OFFSET 16")
+    with open(b.config.storage.spool_dir / bad.spool_path, "r+b") as fp:  # one byte flipped
+        fp.seek(-1, 2)
+        last = fp.read(1)
+        fp.seek(-1, 2)
+        fp.write(bytes([last[0] ^ 0xFF]))
+    status, failed = _final_move(a, _identifier("STUDY", StudyInstanceUID=study), "ANY")
+    assert status.Status == 0xB000  # some sub-operations failed
+    assert failed is not None and failed.FailedSOPInstanceUIDList == bad.sop_instance_uid
+    assert status.NumberOfCompletedSuboperations == len(sent) - 1
+    assert status.NumberOfFailedSuboperations == 1
+    assert status.NumberOfWarningSuboperations == 0
+    arrived_uids = {_uids(f)[2] for f in (tmp_path / "any").iterdir()}
+    assert arrived_uids == {u[2] for u in sent} - {bad.sop_instance_uid}
+    assert any(bad.sop_instance_uid in r.getMessage() and "SHA-256" in r.getMessage()
+               for r in caplog.records)
+
+
+def _open_temporary_files() -> int:
+    """This process's open files in the temporary folder (fetched instances: unlinked, so
+    only /proc shows them)."""
+    import os
+    import tempfile
+
+    folder = os.path.realpath(tempfile.gettempdir())
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += target.startswith(folder + "/") and target.endswith("(deleted)")
+    return count
+
+
+def test_a_cancelled_move_leaves_no_fetched_file_open(
+    two_nodes: Any, tmp_path: Path, sqlite_url: str,
+) -> None:
+    """C-CANCEL (movescu --cancel) while node a sends what node b holds: the final response
+    says Cancel, and the files fetched ahead are closed (gateway.query.prefetch)."""
+    from tests.conftest import wait_for
+
+    a, b = two_nodes(sqlite_url)
+    study, series = generate_uid(), generate_uid()
+    files = [write_file(make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series,
+                                     rows=256, columns=256, InstanceNumber=i + 1,
+                                     PatientName=NAME, SpecificCharacterSet="ISO_IR 192"),
+                        tmp_path / "sent" / f"{i}.dcm") for i in range(40)]
+    sent = dcmtk("storescu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                 str(b.config.dicom.port), *map(str, files))
+    assert sent.returncode == 0, sent.stderr
+    before = _open_temporary_files()
+    moved = dcmtk("movescu", "-v", "-S", "-aet", "VIEWER", "-aec", "GATEWAY", "-aem", "ANY",
+                  "--cancel", "2", "-k", "QueryRetrieveLevel=STUDY",
+                  "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(a.config.dicom.port))
+    assert "Cancel" in moved.stderr, moved.stderr  # 0xFE00
+    assert len(list((tmp_path / "any").iterdir())) < len(files)
+    wait_for(lambda: _open_temporary_files() <= before, 10, "every fetched file closed")
+
+
+def test_fetches_on_a_kept_alive_connection_do_not_wait_for_delayed_acks(
+    two_nodes: Any, tmp_path: Path, sqlite_url: str,
+) -> None:
+    """What another node's fetches (``gateway.cluster.peers``: one kept-alive connection) see:
+    an answer as quick as on a fresh connection. With Nagle's algorithm left on by the HTTP
+    server, each kept-alive answer waited ~40 ms for the client's delayed ACK."""
+    import statistics
+    import time
+
+    import urllib3
+
+    a, _ = two_nodes(sqlite_url)
+    send_study(a, tmp_path / "sent")
+    uid = rows(sqlite_url, "SELECT sop_instance_uid FROM instances ORDER BY id LIMIT 1")[0][0]
+    assert a.http is not None
+    url = f"http://127.0.0.1:{a.http.port}/internal/instances/{uid}"
+    pool = urllib3.PoolManager(maxsize=1)
+
+    def median_ms(**headers: str) -> float:
+        taken = []
+        for _ in range(12):
+            started = time.perf_counter()
+            answer = pool.request("GET", url, headers={"Authorization": f"Bearer {SECRET}",
+                                                       **headers})
+            taken.append((time.perf_counter() - started) * 1000)
+            assert answer.status == 200
+        return statistics.median(taken[2:])
+
+    fresh = median_ms(Connection="close")
+    kept_alive = median_ms()
+    pool.clear()
+    assert kept_alive < fresh + 20, (kept_alive, fresh)

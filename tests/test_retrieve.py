@@ -302,3 +302,36 @@ def test_patient_root_move_at_patient_level_is_served(holding: Any, tmp_path: Pa
     status, _ = _final_move(app, _identifier("PATIENT", PatientID="RET-1"), "ANY",
                             model=PatientRootQueryRetrieveInformationModelMove)
     assert status.Status == 0x0000 and status.NumberOfCompletedSuboperations == len(files)
+
+
+def test_move_sub_operations_do_not_wait_for_delayed_acks(
+    make_gateway: Callable[..., Gateway], tmp_path: Path,
+) -> None:
+    """C-MOVE to DCMTK storescp, which leaves Nagle on: each C-STORE-RSP reached the gateway
+    only after its delayed ACK fired (40 ms), so 40 small instances took at least 1.6 s; with
+    TCP_QUICKACK on the sub-operation association they take a fraction of that."""
+    import time
+
+    process, port = start_storescp(tmp_path / "moved")
+    try:
+        app = make_gateway(security={"unknown_callers": ["echo"], "peers": [
+            {"ae_title": "VIEWER", "services": ALL},
+            {"ae_title": "MODALITY", "services": ["store"]},
+            {"ae_title": "PACS", "host": "127.0.0.1", "port": port}]})
+        study, series = generate_uid(), generate_uid()
+        files = [write_file(make_dataset(StudyInstanceUID=study, SeriesInstanceUID=series,
+                                         InstanceNumber=i + 1, PatientName=NAME,
+                                         SpecificCharacterSet="ISO_IR 192"),
+                            tmp_path / "sent" / f"{i}.dcm") for i in range(40)]
+        sent = dcmtk("storescu", "-aet", "MODALITY", "-aec", "GATEWAY", "127.0.0.1",
+                     str(app.config.dicom.port), *map(str, files))
+        assert sent.returncode == 0, sent.stderr
+        started = time.perf_counter()
+        moved = _move(app, "PACS", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+        took = time.perf_counter() - started
+        assert moved.returncode == 0, moved.stderr
+        assert len(list((tmp_path / "moved").iterdir())) == len(files)
+        assert took < 1.2, f"{took:.2f} s for {len(files)} sub-operations"
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -34,6 +34,8 @@ from gateway.receive.validate import Refused, dataset_offset
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
 IN_MEMORY = 1024 * 1024  # a temporary file stays in memory up to this size, then goes to disk
+# Fetches a C-MOVE or C-GET keeps ahead of the sub-operation being sent (gateway.query.prefetch)
+PREFETCH_WINDOW = 4
 
 
 class PeerFetchError(GatewayError):
@@ -45,12 +47,15 @@ class Peers:
         self._engine = engine
         self._headers = {"Authorization": f"Bearer {secret}"}
         self._pool = urllib3.PoolManager(
-            maxsize=4, retries=False,
+            maxsize=max(4, PREFETCH_WINDOW), retries=False,
             timeout=urllib3.Timeout(connect=min(timeout_s, 5.0), read=timeout_s))
 
-    def fetch(self, node: str, sop_instance_uid: str, sha256: str | None) -> BinaryIO:
+    def fetch(self, node: str, sop_instance_uid: str, sha256: str | None,
+              in_memory_bytes: int = IN_MEMORY) -> BinaryIO:
         """A file positioned at 0 holding exactly the bytes node ``node`` keeps for the UID;
-        ``sha256``: the ledger's hash of its data set (None: rewritten since, see above)."""
+        ``sha256``: the ledger's hash of its data set (None: rewritten since, see above).
+        ``in_memory_bytes``: kept in memory up to that size; 0: on disk from the first byte.
+        Safe to call from several threads (urllib3's pool is)."""
         url = node_url(self._engine, node)
         if not url:
             raise PeerFetchError(f"{sop_instance_uid} is held by node {node}, whose address is "
@@ -62,23 +67,24 @@ class Peers:
         except HTTPError as exc:
             raise RetriableError(f"{sop_instance_uid}: node {node} at {url} did not answer "
                                  f"({type(exc).__name__})") from None
-        out = tempfile.SpooledTemporaryFile(max_size=IN_MEMORY)  # noqa: SIM115 (returned open)
+        out: BinaryIO = (  # returned open
+            tempfile.SpooledTemporaryFile(max_size=in_memory_bytes)  # type: ignore[assignment]  # noqa: SIM115
+            if in_memory_bytes else tempfile.TemporaryFile())  # noqa: SIM115
         try:
             if response.status != 200:
                 raise PeerFetchError(f"{sop_instance_uid}: node {node} answered HTTP "
                                      f"{response.status}")
             try:
-                for chunk in response.stream(CHUNK):
-                    out.write(chunk)
+                out.writelines(response.stream(CHUNK))
             except HTTPError as exc:
                 raise RetriableError(f"{sop_instance_uid}: the transfer from node {node} broke "
                                      f"({type(exc).__name__})") from None
             expected = sha256 or response.headers.get(SHA256_HEADER)
-            if _dataset_sha256(out) != expected:  # type: ignore[arg-type]
+            if _dataset_sha256(out) != expected:
                 raise PeerFetchError(f"{sop_instance_uid}: the bytes from node {node} do not "
                                      "match the ledger's SHA-256; not used")
             out.seek(0)
-            return out  # type: ignore[return-value]  # a SpooledTemporaryFile is one
+            return out
         except BaseException:
             out.close()
             raise

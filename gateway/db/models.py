@@ -128,6 +128,9 @@ class InstanceVersion(Base):
     spool_path: Mapped[str] = mapped_column(String(400))
     calling_ae: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The node whose spool holds this version's file: the node that received this copy, which
+    # may differ from the current copy's (gateway.cluster). NULL: as ``Instance.node_name``.
+    node_name: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class PatientIdentity(Base):

@@ -11,6 +11,7 @@ Instance UID List (PS3.4 C.4.2.1.4.1, C.4.3.1.3.1).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import Engine, select
 
-from gateway.cluster.peers import Peers
+from gateway.cluster.peers import IN_MEMORY, PREFETCH_WINDOW, Peers
 from gateway.db.models import ForwardJob, Instance
 from gateway.dicom.status import Status
 from gateway.errors import GatewayError
@@ -87,9 +88,12 @@ def lookup(engine: Engine, query: Query, node: str | None = None) -> list[Stored
 
 class Loader:
     def __init__(self, spool_root: Path, orthancs: dict[str, Orthanc], node: str | None = None,
-                 peers: Peers | None = None) -> None:
+                 peers: Peers | None = None, prefetch_window: int = PREFETCH_WINDOW) -> None:
         """``node``: this node's name; ``peers``: how to reach the others (None: a single node,
-        or no cluster secret configured: another node's instance is had from Orthanc only)."""
+        or no cluster secret configured: another node's instance is had from Orthanc only).
+        ``prefetch_window``: how many of another node's instances a retrieve fetches ahead of
+        the one it sends (``gateway.query.prefetch``; 0: each when it is sent)."""
+        self.prefetch_window = prefetch_window
         self._root = spool_root
         self._orthancs = orthancs
         self._node = node
@@ -104,13 +108,16 @@ class Loader:
         return (stored.path is not None and stored.holder is not None
                 and self._node is not None and stored.holder != self._node)
 
-    def load(self, stored: Stored) -> Dataset:
-        """The instance as kept (or fetched back); a stand-in that fails to send otherwise."""
+    def load(self, stored: Stored,
+             fetched: Callable[[], BinaryIO | None] | None = None) -> Dataset:
+        """The instance as kept (or fetched back); a stand-in that fails to send otherwise.
+        ``fetched``: waits for and gives the holder's bytes already being fetched
+        (``gateway.query.prefetch``), in place of fetching them now."""
         try:
             if stored.path is not None and not self.elsewhere(stored):
                 return dcmread(self._root / stored.path)
             if self.elsewhere(stored):
-                held = self.fetch_from_holder(stored)
+                held = fetched() if fetched is not None else self.fetch_from_holder(stored)
                 if held is not None:
                     with held:
                         return dcmread(held)
@@ -123,15 +130,17 @@ class Loader:
             log.warning("retrieve: cannot read %s: %s", stored.sop_instance_uid, exc)
         return unsendable(stored.sop_instance_uid)
 
-    def fetch_from_holder(self, stored: Stored) -> BinaryIO | None:
+    def fetch_from_holder(self, stored: Stored, on_disk: bool = False) -> BinaryIO | None:
         """The bytes from the node that holds them (checked against the ledger's SHA-256);
         None when that cannot be done (no cluster secret, node down, bytes wrong: logged), so
-        the caller tries an Orthanc copy next."""
+        the caller tries an Orthanc copy next. ``on_disk``: in a temporary file on disk from
+        the first byte (fetched ahead, so kept a while). Safe to call from several threads."""
         if self._peers is None or stored.holder is None:
             return None
         try:
             return self._peers.fetch(stored.holder, stored.sop_instance_uid,
-                                     None if stored.rewritten else stored.sha256)
+                                     None if stored.rewritten else stored.sha256,
+                                     in_memory_bytes=0 if on_disk else IN_MEMORY)
         except GatewayError as exc:
             log.warning("retrieve: %s", exc)
             return None

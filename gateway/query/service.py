@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +40,9 @@ from gateway.metrics import Metrics
 from gateway.query.find import QueryRefused, answers, parse, run
 from gateway.query.gate import status_dataset
 from gateway.query.pending import PendingSender
+from gateway.query.prefetch import Prefetch
 from gateway.query.retrieve import Loader, Stored, check_retrievable, lookup, unsendable
+from gateway.receive.fastpath import QuickAckSocket
 
 log = logging.getLogger(__name__)
 Reply = tuple[int | Dataset, Dataset | None]  # a status, or a status Dataset with its Error Comment
@@ -139,12 +140,15 @@ class QueryService:
             options["contexts"] = _contexts_for(found)
             yield len(found)
             cancelled = False
-            for stored in found:
-                if event.is_cancelled:
-                    cancelled = True
-                    yield int(Status.CANCEL), None
-                    return
-                yield int(Status.PENDING), _fit(self._loader.load(stored), tally.accepted)
+            # Closed however the loop ends (cancel, failure, abort: pynetdicom drops this
+            # generator): no fetch ahead outlives the retrieve
+            with Prefetch(self._loader, found, self._loader.prefetch_window) as ahead:
+                for index in range(len(found)):
+                    if event.is_cancelled:
+                        cancelled = True
+                        yield int(Status.CANCEL), None
+                        return
+                    yield int(Status.PENDING), _fit(ahead.load(index), tally.accepted)
         finally:
             if found:
                 status = tally.status(len(found), cancelled)
@@ -169,12 +173,13 @@ class QueryService:
             yield len(found)
             accepted = _accepted_for_sending(event.assoc)
             event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)
-            for stored in found:
-                if event.is_cancelled:
-                    cancelled = True
-                    yield int(Status.CANCEL), None
-                    return
-                yield int(Status.PENDING), _fit(self._loader.load(stored), accepted)
+            with Prefetch(self._loader, found, self._loader.prefetch_window) as ahead:
+                for index in range(len(found)):
+                    if event.is_cancelled:
+                        cancelled = True
+                        yield int(Status.CANCEL), None
+                        return
+                    yield int(Status.PENDING), _fit(ahead.load(index), accepted)
         finally:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, tally.on_response)
             if found:
@@ -303,10 +308,11 @@ def _contexts_for(found: list[Stored]) -> list[PresentationContext]:
 
 
 def _no_delay(event: evt.Event) -> None:
-    """Sub-operation associations leave Nagle off, as every SCU of the gateway does."""
-    raw = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if raw is not None:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """Sub-operation associations leave Nagle off, as every SCU of the gateway does, and ACK
+    at once (``fastpath.QuickAckSocket``): a destination with Nagle on (DCMTK's default)
+    otherwise waits 40 ms for our delayed ACK before each C-STORE-RSP is whole."""
+    if event.assoc.dul.socket is not None:
+        QuickAckSocket.adopt(event.assoc.dul.socket)
 
 
 def _accepted_for_sending(assoc: Any) -> dict[str, set[str]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, delete, insert, select, true
+from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -316,6 +316,7 @@ class Ingest:
                     spool_path=self._spool.relative(published.path),
                     calling_ae=request.calling_ae,
                     received_at=now,
+                    node_name=self._node_name,  # published on this node's disk just now
                 )
             )
             return StoreOutcome(Status.SUCCESS, published.size_bytes, "kept_first"), published
@@ -328,6 +329,9 @@ class Ingest:
                 spool_path=current.spool_path,
                 calling_ae=current.calling_ae,
                 received_at=current.received_at,
+                # The superseded file stays where it is: on the node that held the current copy
+                # (another node's disk when that one received it), not on this one.
+                node_name=current.node_name,
             )
         )
         for column, value in prepared.row(published, self._spool.relative(published.path)).items():
@@ -375,7 +379,7 @@ def is_recorded(engine: Engine, spool_path: str, node: str | None = None) -> boo
     ``Spool.recover`` asks of each name left in its claim log. By SOP Instance UID, which is
     indexed; the file's name is ``<uid>.dcm`` or ``<uid>.<sha256[:16]>.dcm``. ``node``: only a
     row naming this node as the holder counts for the current copy (another node may hold a copy
-    of the same UID under the same relative path on its own disk)."""
+    of the same UID under the same relative path on its own disk); so for another version."""
     stem = spool_path.rsplit("/", 1)[-1].removesuffix(".dcm")
     uids = {stem, stem.rsplit(".", 1)[0]}
     with engine.connect() as connection:
@@ -383,7 +387,7 @@ def is_recorded(engine: Engine, spool_path: str, node: str | None = None) -> boo
             found = connection.execute(
                 select(table.id)
                 .where(table.sop_instance_uid.in_(uids), table.spool_path == spool_path,
-                       held_by(node) if table is Instance else true())
+                       held_by(node, table.node_name))
                 .limit(1)
             ).first()
             if found is not None:

@@ -29,7 +29,12 @@ STOP_GRACE_S = 5  # a streaming download still running at stop is cut after this
 class WebServer:
     def __init__(self, host: str, port: int, app: ASGIApp) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not left 0: asyncio turns Nagle's algorithm off on each accepted
+        # connection only for a socket whose ``proto`` says TCP (``base_events._set_nodelay``,
+        # CPython 3.11), and an accepted socket copies the listener's. With 0, every request on
+        # a kept-alive connection (another node's fetches, API clients) waited ~40 ms for the
+        # client's delayed ACK before the last part of its answer left.
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._socket.bind((host, port))
