@@ -113,7 +113,7 @@ def build(slot, channel):
     (marks / str(os.getpid())).touch()
     return Idle()
 
-workers = ReceiverWorkers(1, build, WorkerBoard(2), ("127.0.0.1", 0), 1.0)
+workers = ReceiverWorkers(1, build, WorkerBoard(2, 4), ("127.0.0.1", 0), 1.0)
 workers.start()
 deadline = time.monotonic() + 10
 while len(list(marks.iterdir())) < 1 and time.monotonic() < deadline:
