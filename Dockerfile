@@ -1,16 +1,22 @@
 # The gateway in a container. It starts as is (config/docker.toml: SQLite and spool on the volume,
 # any caller may C-ECHO and C-STORE, nothing forwarded); a site mounts its own configuration over
 # /etc/gateway/gateway.toml. README "Deploying" shows docker run and docker compose.
-FROM python:3.11-slim-bookworm
+# BASE: any Debian-like image with Python >= 3.11 and its venv module. Without Docker Hub,
+# scripts/docker-base builds gateway-base:bookworm from Debian packages (--build-arg BASE=...).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# The gateway lives in its own virtualenv: Debian's python3 is "externally managed" (PEP 668,
+# pip refuses to install into it), and `python` in the HEALTHCHECK is the venv's on every base.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN useradd --system --home-dir /var/lib/gateway --create-home --shell /usr/sbin/nologin gateway \
     && mkdir -p /etc/gateway && chown gateway: /var/lib/gateway
 
 WORKDIR /opt/gateway
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip install . && rm -rf /root/.cache
+RUN python3 -m venv /opt/venv && pip install . && rm -rf /root/.cache
 COPY config/docker.toml /etc/gateway/gateway.toml
 
 USER gateway

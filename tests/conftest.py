@@ -34,6 +34,20 @@ POSTGRES_URL = os.environ.get("GATEWAY_TEST_POSTGRES_URL")
 GATEWAY_BIN = Path(sys.executable).with_name("gateway")
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What a passing test wants the reader of the run to see (`record_property("summary", ...)`,
+    e.g. which base the Docker image was built on): pytest shows a passing test's output nowhere
+    else, and xdist workers' output not at all; user properties travel with the reports."""
+    lines = [f"{report.nodeid}: {value}"
+             for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, value in getattr(report, "user_properties", ()) if name == "summary"]
+    if lines:
+        terminalreporter.section("summary")
+        for line in lines:
+            terminalreporter.line(line)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
