@@ -81,6 +81,7 @@ class Rewritten:
     instance_id: int
     size_bytes: int | None
     error: str | None = None
+    sha256: str | None = None  # of the rewritten file's data set: ``instances.kept_sha256``
 
 
 class _NoLookup:
@@ -255,7 +256,9 @@ class Remapper:
         return claimed
 
     def finish(self, results: list[Rewritten]) -> None:
-        """Record finished rewrites, many in one transaction."""
+        """Record finished rewrites, many in one transaction: the state, and with a rewrite
+        its new size and the hash of the file as now kept (``kept_sha256``), in the same
+        statement, so no reader ever sees "done" with the received object's hash only."""
         if not results:
             return
         with self._sessions() as session, session.begin():
@@ -264,6 +267,7 @@ class Remapper:
                 [
                     {"id": r.instance_id, "remap_state": "failed" if r.error else "done"}
                     | ({"size_bytes": r.size_bytes} if r.size_bytes is not None else {})
+                    | ({"kept_sha256": r.sha256} if r.sha256 is not None else {})
                     for r in results
                 ],
             )
@@ -297,11 +301,11 @@ class Remapper:
         done = 0
         for claimed in self.claim(instance_ids):
             try:
-                size = rewrite_file(spool_root / claimed.spool_path, claimed.changes, claimed.why)
+                kept = rewrite_file(spool_root / claimed.spool_path, claimed.changes, claimed.why)
             except Exception as exc:
                 self.finish([Rewritten(claimed.instance_id, None, f"{type(exc).__name__}: {exc}")])
                 raise
-            self.finish([Rewritten(claimed.instance_id, size)])
+            self.finish([Rewritten(claimed.instance_id, kept.size_bytes, sha256=kept.sha256)])
             done += 1
         return done
 

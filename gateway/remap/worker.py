@@ -28,7 +28,7 @@ from gateway.busy import BurstHold, ReceiverLoad
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine
 from gateway.lifetime import exit_when_gone
-from gateway.remap.apply import rewrite_file
+from gateway.remap.apply import RewrittenFile, rewrite_file
 from gateway.remap.rules import load_rules
 from gateway.remap.stage import Remapper, Rewritten
 
@@ -100,7 +100,7 @@ class RemapWorker:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self) -> None:
-        in_flight: dict[Future[int], int] = {}
+        in_flight: dict[Future[RewrittenFile], int] = {}
         waiting: dict[int, float] = {}  # instance id -> when it was first wanted
         next_sweep = 0.0
         while not self._stopping.is_set():
@@ -150,7 +150,8 @@ class RemapWorker:
             return True
         return not self._hold.saturated()
 
-    def _submit(self, instance_ids: list[int], in_flight: dict[Future[int], int]) -> None:
+    def _submit(self, instance_ids: list[int],
+                in_flight: dict[Future[RewrittenFile], int]) -> None:
         assert self._pool is not None
         try:
             claimed = self._remapper.claim(instance_ids)
@@ -164,7 +165,7 @@ class RemapWorker:
             )
             in_flight[future] = job.instance_id
 
-    def _finish(self, done: list[tuple[int, Future[int]]]) -> None:
+    def _finish(self, done: list[tuple[int, Future[RewrittenFile]]]) -> None:
         results = []
         broken = []
         for instance_id, future in done:
@@ -172,7 +173,8 @@ class RemapWorker:
             if isinstance(error, BrokenProcessPool):
                 broken.append(instance_id)  # the process died, not the rewrite: do it again
             elif error is None:
-                results.append(Rewritten(instance_id, future.result()))
+                kept = future.result()
+                results.append(Rewritten(instance_id, kept.size_bytes, sha256=kept.sha256))
             else:
                 log.error("rewrite of instance %d failed: %s", instance_id, type(error).__name__)
                 results.append(Rewritten(instance_id, None, f"{type(error).__name__}: {error}"))
