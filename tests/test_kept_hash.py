@@ -202,6 +202,48 @@ def test_a_replacing_copy_drops_the_kept_hash_of_the_file_it_replaces(
     assert kept_hash(row.sha256, row.kept_sha256, row.remap_state) == row.sha256
 
 
+def test_a_rewrite_finished_after_the_instance_was_replaced_records_nothing(
+    db_url: str, tmp_path: Path,
+) -> None:
+    """A rewrite in flight while policy ``replace`` made a new copy current: its result (done,
+    the old file's size and hash) belongs to the superseded file, not to the row's new one; the
+    new copy stays as its own rewrite will find it (pending, no kept hash)."""
+    from gateway.config import RemapConfig
+    from gateway.db.models import Instance
+    from gateway.remap.rules import load_rules
+    from gateway.remap.stage import Remapper, Rewritten
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    try:
+        remapper = Remapper(load_rules(_rules(tmp_path)), RemapConfig(), engine)
+        plan = '{"PatientID": "MRN-0042", "__reason__": "COERCE"}'
+        ids = []
+        with engine.begin() as c:
+            for n in range(2):
+                key = c.execute(sa.insert(Instance).values(
+                    sop_instance_uid=f"1.2.3.{n}", sop_class_uid="1.2", study_instance_uid="1.3",
+                    series_instance_uid="1.4", calling_ae="CT", peer_address="h",
+                    transfer_syntax_uid=ExplicitVRLittleEndian, size_bytes=100, sha256="a" * 64,
+                    spool_path=f"1.3/1.4/1.2.3.{n}.dcm", received_at=T0, remap_state="pending",
+                    remap_plan=plan)).inserted_primary_key
+                assert key is not None
+                ids.append(int(key[0]))
+        replaced, kept = remapper.claim(ids)
+        with engine.begin() as c:  # what Ingest._second_copy does under policy replace
+            c.execute(sa.update(Instance).where(Instance.id == replaced.instance_id).values(
+                spool_path="1.3/1.4/1.2.3.0.bbbbbbbbbbbbbbbb.dcm", sha256="b" * 64,
+                size_bytes=200, kept_sha256=None, remap_state="pending"))
+        remapper.finish([Rewritten(replaced.instance_id, replaced.spool_path, 120, sha256="c" * 64),
+                         Rewritten(kept.instance_id, kept.spool_path, 130, sha256="d" * 64)])
+        found = {r.id: r for r in rows(db_url, "SELECT id, remap_state, size_bytes, sha256, "
+                                               "kept_sha256 FROM instances")}
+        assert tuple(found[replaced.instance_id])[1:] == ("pending", 200, "b" * 64, None)
+        assert tuple(found[kept.instance_id])[1:] == ("done", 130, "a" * 64, "d" * 64)
+    finally:
+        engine.dispose()
+
+
 # -- two nodes: a fetch checks the file as kept, end to end -------------------------------------
 
 @pytest.fixture
