@@ -3,11 +3,12 @@
 
 The bytes go to a temporary file as they arrive (a multi-frame object of hundreds of MB is never
 whole in memory); the data set in it (after the File Meta Information, which is what the ledger's
-``sha256`` covers: ``gateway.receive.spool.hash_dataset``) must hash to the ledger's SHA-256, or
-the fetch is an error naming the UID and the node (a truncated or altered file is never sent on
-as the instance). An instance the remap stage rewrote keeps the received object's hash in the
-ledger (duplicate detection compares arrivals with it), so for it the holder's own hash of the
-rewritten file (``X-Gateway-SHA256``) is what the bytes must match: a check of the transfer.
+``sha256`` covers: ``gateway.receive.spool.hash_dataset``) must hash to the ledger's SHA-256 of
+the file as kept (``kept_sha256`` once the remap stage rewrote it, else ``sha256``), or the fetch
+is an error naming the UID and the node (a truncated file, or one altered at rest or in transit,
+is never sent on as the instance). Only for a file rewritten before revision 0013, of which the
+ledger has no hash, is the holder's own hash of it (``X-Gateway-SHA256``) what the bytes must
+match: a check of the transfer only.
 The holder's URL comes from its heartbeat row (``nodes.url``), read at each fetch, so a node
 that restarts elsewhere is found again.
 """
@@ -53,7 +54,7 @@ class Peers:
     def fetch(self, node: str, sop_instance_uid: str, sha256: str | None,
               in_memory_bytes: int = IN_MEMORY) -> BinaryIO:
         """A file positioned at 0 holding exactly the bytes node ``node`` keeps for the UID;
-        ``sha256``: the ledger's hash of its data set (None: rewritten since, see above).
+        ``sha256``: the ledger's hash of its data set as kept (None: unknown, see above).
         ``in_memory_bytes``: kept in memory up to that size; 0: on disk from the first byte.
         Safe to call from several threads (urllib3's pool is)."""
         url = node_url(self._engine, node)

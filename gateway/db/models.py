@@ -70,7 +70,15 @@ class Instance(Base):
     peer_address: Mapped[str] = mapped_column(String(80))
     transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LEN))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # SHA-256 of the data set as received (gateway.receive.spool.hash_dataset: from the data
+    # set's offset, after the File Meta Information): duplicate detection compares arrivals with
+    # it, so it never changes while the row describes the same received object.
     sha256: Mapped[str] = mapped_column(String(64))
+    # The same hash of the file now at ``spool_path``, once the remap stage rewrote it; NULL:
+    # the file is the received one (``sha256`` describes it), or, with ``remap_state`` done, it
+    # was rewritten before revision 0014 and the ledger has no hash of it. What a reader checks
+    # a spool file against: ``kept_hash`` below.
+    kept_sha256: Mapped[str | None] = mapped_column(String(64))
     spool_path: Mapped[str] = mapped_column(String(400))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
@@ -109,6 +117,16 @@ class Instance(Base):
     # gateway.cluster). NULL: written before nodes were recorded and by no node since: whichever
     # node reads it, as when there was only one.
     node_name: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+def kept_hash(sha256: str, kept_sha256: str | None, remap_state: str) -> str | None:
+    """The SHA-256 the data set of an instance's spool file must have (``coalesce(kept_sha256,
+    sha256)``); None when the ledger does not know it: a file the remap stage rewrote before
+    revision 0013 recorded kept hashes (its ``sha256`` is the received object's, which the file
+    no longer is, and rehashing every such file at upgrade was not an option)."""
+    if kept_sha256 is not None:
+        return kept_sha256
+    return None if remap_state == "done" else sha256
 
 
 class InstanceVersion(Base):

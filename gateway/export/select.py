@@ -52,6 +52,9 @@ class Item:
     spool_path: str | None  # relative to the spool; None once retention removed the file
     copies: tuple[tuple[str, str], ...]  # (destination, remote id) that confirmed it
     node_name: str | None = None  # the node whose spool holds it (gateway.cluster)
+    # SHA-256 of the file's data set as the remap stage rewrote it (None: as received, or a
+    # progress record from before it was kept); ``gateway.db.models.kept_hash``
+    kept_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in _ITEM_FIELDS}
@@ -213,7 +216,7 @@ def items(session: Session, studies: Sequence[str],
              r.patient_name, r.patient_birth_date, r.patient_sex, r.accession_number,
              r.study_date, r.study_time, r.study_description, r.modality, int(r.size_bytes),
              r.sha256, r.remap_state, None if r.spool_removed_at is not None else r.spool_path,
-             tuple(copies.get(r.id, ())), r.node_name)
+             tuple(copies.get(r.id, ())), r.node_name, r.kept_sha256)
         for r in rows
     ]
 

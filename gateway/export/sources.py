@@ -17,6 +17,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
+from gateway.db.models import kept_hash
 from gateway.errors import GatewayError
 from gateway.export.select import Item
 from gateway.query.retrieve import Loader, Stored
@@ -117,6 +118,7 @@ def _open_or_none(path: Path) -> BinaryIO | None:
 
 
 def _stored(item: Item) -> Stored:
+    kept = kept_hash(item.sha256, item.kept_sha256, item.remap_state)
     return Stored(item.sop_instance_uid, item.sop_class_uid, "",
                   Path(item.spool_path) if item.spool_path is not None else None, item.copies,
-                  item.node_name, item.sha256, item.remap_state == "done")
+                  item.node_name, kept or "", kept is None)

@@ -1,7 +1,8 @@
 """C-MOVE and C-GET: which instances an identifier names, and each one as a dataset to send.
 
 An instance held by another node of the cluster (``instances.node_name``) is fetched from that
-node (``gateway.cluster.peers``, the bytes checked against the ledger's SHA-256). An instance
+node (``gateway.cluster.peers``, the bytes checked against the ledger's SHA-256 of the file as
+kept: ``kept_sha256`` once the remap stage rewrote it, else ``sha256``). An instance
 retention removed from the spool (it was confirmed at every destination), or whose holder cannot
 give it, is fetched back from an Orthanc destination that confirmed it, so a retrieve still gets
 it. One that can be found nowhere becomes a failed sub-operation, named in the Failed SOP
@@ -22,7 +23,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine, select
 
 from gateway.cluster.peers import IN_MEMORY, PREFETCH_WINDOW, Peers
-from gateway.db.models import ForwardJob, Instance
+from gateway.db.models import ForwardJob, Instance, kept_hash
 from gateway.dicom.status import Status
 from gateway.errors import GatewayError
 from gateway.forward.destinations.orthanc import Orthanc
@@ -43,8 +44,10 @@ class Stored:
     path: Path | None  # None: no longer in the spool
     copies: tuple[tuple[str, str], ...]  # (destination, remote id) that confirmed it
     holder: str | None = None  # the node whose spool holds ``path`` (None: whoever reads it)
-    sha256: str = ""  # of the data set as received, the ledger's
-    rewritten: bool = False  # by the remap stage since: the file no longer hashes to ``sha256``
+    sha256: str = ""  # of the data set of the file as kept (``gateway.db.models.kept_hash``)
+    # The ledger has no hash of the file as kept (rewritten by the remap stage before revision
+    # 0014): only the transfer can be checked, against the holder's own hash of it.
+    rewritten: bool = False
 
 
 def check_retrievable(query: Query) -> None:
@@ -63,7 +66,8 @@ def lookup(engine: Engine, query: Query, node: str | None = None) -> list[Stored
         rows = c.execute(
             select(Instance.id, Instance.sop_instance_uid, Instance.sop_class_uid,
                    Instance.transfer_syntax_uid, Instance.spool_path, Instance.spool_removed_at,
-                   Instance.node_name, Instance.sha256, Instance.remap_state)
+                   Instance.node_name, Instance.sha256, Instance.kept_sha256,
+                   Instance.remap_state)
             .where(*query.where).order_by(Instance.id)
         ).all()
         # Copies at destinations: for what retention removed, and for what another node holds
@@ -81,8 +85,9 @@ def lookup(engine: Engine, query: Query, node: str | None = None) -> list[Stored
     return [
         Stored(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax_uid,
                None if r.spool_removed_at is not None else Path(r.spool_path),
-               tuple(copies.get(r.id, ())), r.node_name, r.sha256, r.remap_state == "done")
+               tuple(copies.get(r.id, ())), r.node_name, kept or "", kept is None)
         for r in rows
+        for kept in (kept_hash(r.sha256, r.kept_sha256, r.remap_state),)
     ]
 
 

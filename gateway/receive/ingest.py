@@ -69,8 +69,11 @@ class _Prepared:
     values: dict[str, object]  # the row, without the kept file's columns
 
     def row(self, stored: SpooledFile, spool_path: str) -> dict[str, object]:
+        """``kept_sha256`` NULL: the file at ``spool_path`` is the one received, which
+        ``sha256`` describes; so a copy that replaces the current one (policy ``replace``) also
+        drops the hash of the rewritten file it replaces."""
         return self.values | {"size_bytes": stored.size_bytes, "sha256": stored.sha256,
-                                  "spool_path": spool_path}
+                              "kept_sha256": None, "spool_path": spool_path}
 
 
 @dataclass(frozen=True)

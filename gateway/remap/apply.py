@@ -15,12 +15,13 @@ the received file as bytes, so a 1 GB multi-frame costs a copy on disk, not 1 GB
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 
 from pydicom import config as pydicom_config
@@ -31,7 +32,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from gateway.receive.spool import fsync_path
+from gateway.receive.spool import fsync_path, hash_dataset
+from gateway.receive.validate import dataset_offset
 from gateway.remap.plan import Value, Working
 
 UTF8 = "ISO_IR 192"
@@ -160,10 +162,25 @@ def apply_changes(ds: Dataset, changes: dict[str, Value], why: Modification) -> 
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 
-def rewrite_file(path: Path, changes: dict[str, Value], why: Modification) -> int:
+@dataclass(frozen=True)
+class RewrittenFile:
+    """The spool file after a rewrite: its size and the SHA-256 of its data set, by the ledger's
+    definition (``gateway.receive.spool.hash_dataset``: from the data set's offset, after the File
+    Meta Information), for ``instances.kept_sha256``."""
+
+    size_bytes: int
+    sha256: str
+
+
+def rewrite_file(path: Path, changes: dict[str, Value], why: Modification) -> RewrittenFile:
     """Rewrite a spool file with the plan applied: temp file beside it, fsync, rename over it,
-    fsync the folder. Returns the new size in bytes. Idempotent: values the file already has
-    are not changed again, so a repeated rewrite adds no second Original Attributes item."""
+    fsync the folder. Idempotent: values the file already has are not changed again, so a
+    repeated rewrite adds no second Original Attributes item.
+
+    The data set is hashed as it is written (the header from memory, the copied tail chunk by
+    chunk), so the kept hash costs no second read of the file. Only a rewrite that finds nothing
+    to change (repeated after a crash between the rename and the ledger's commit) reads the file
+    to hash it: the ledger must then learn the hash of what is there."""
     temp = path.with_name(path.name + ".tmp")
     with open(path, "rb") as source:
         ds = dcmread(source, stop_before_pixels=True)
@@ -175,13 +192,20 @@ def rewrite_file(path: Path, changes: dict[str, Value], why: Modification) -> in
         # A rewrite repeated after a crash finds its values already there and changes nothing.
         changes = {k: v for k, v in changes.items() if current.original(k) != v}
         if not changes:
-            return path.stat().st_size
+            return RewrittenFile(path.stat().st_size, hash_dataset(path, dataset_offset(source)))
         apply_changes(ds, changes, why)
         try:
-            with open(temp, "wb") as target, _strict_writing():
-                ds.save_as(target)
+            with open(temp, "wb") as target:
+                head = BytesIO()
+                with _strict_writing():
+                    ds.save_as(head)
+                digest = hashlib.sha256(head.getbuffer()[dataset_offset(head):])
+                target.write(head.getbuffer())
+                del head
                 source.seek(tail_offset)
-                shutil.copyfileobj(source, target, COPY_CHUNK)
+                while chunk := source.read(COPY_CHUNK):
+                    digest.update(chunk)
+                    target.write(chunk)
                 target.flush()
                 os.fsync(target.fileno())
         except BaseException:
@@ -189,4 +213,4 @@ def rewrite_file(path: Path, changes: dict[str, Value], why: Modification) -> in
             raise
     os.replace(temp, path)
     fsync_path(path.parent)
-    return path.stat().st_size
+    return RewrittenFile(path.stat().st_size, digest.hexdigest())

@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine, select, update
+from sqlalchemy import BigInteger, Engine, String, Table, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -79,8 +80,10 @@ class Claimed:
 @dataclass(frozen=True)
 class Rewritten:
     instance_id: int
+    spool_path: Path  # the file rewritten (``Claimed.spool_path``)
     size_bytes: int | None
     error: str | None = None
+    sha256: str | None = None  # of the rewritten file's data set: ``instances.kept_sha256``
 
 
 class _NoLookup:
@@ -255,15 +258,30 @@ class Remapper:
         return claimed
 
     def finish(self, results: list[Rewritten]) -> None:
-        """Record finished rewrites, many in one transaction."""
+        """Record finished rewrites, many in one transaction: the state, and with a rewrite
+        its new size and the hash of the file as now kept (``kept_sha256``), in the same
+        statement, so no reader ever sees "done" with the received object's hash only.
+
+        Only a row still claimed for that file is changed: a copy that replaced the instance
+        meanwhile (policy ``replace``: a new file, state pending or none, no kept hash) must
+        not be marked rewritten, nor given the hash of the file it superseded."""
         if not results:
             return
+        table = cast(Table, Instance.__table__)  # Core: an executemany with its own WHERE
         with self._sessions() as session, session.begin():
             session.execute(
-                update(Instance),
+                update(table)
+                .where(table.c.id == bindparam("b_id"), table.c.remap_state == "rewriting",
+                       table.c.spool_path == bindparam("b_path"))
+                .values(remap_state=bindparam("b_state"),
+                        size_bytes=func.coalesce(bindparam("b_size", type_=BigInteger),
+                                                 table.c.size_bytes),
+                        kept_sha256=func.coalesce(bindparam("b_kept", type_=String),
+                                                  table.c.kept_sha256)),
                 [
-                    {"id": r.instance_id, "remap_state": "failed" if r.error else "done"}
-                    | ({"size_bytes": r.size_bytes} if r.size_bytes is not None else {})
+                    {"b_id": r.instance_id, "b_state": "failed" if r.error else "done",
+                     "b_size": r.size_bytes, "b_kept": r.sha256,
+                     "b_path": str(r.spool_path)}
                     for r in results
                 ],
             )
@@ -297,11 +315,13 @@ class Remapper:
         done = 0
         for claimed in self.claim(instance_ids):
             try:
-                size = rewrite_file(spool_root / claimed.spool_path, claimed.changes, claimed.why)
+                kept = rewrite_file(spool_root / claimed.spool_path, claimed.changes, claimed.why)
             except Exception as exc:
-                self.finish([Rewritten(claimed.instance_id, None, f"{type(exc).__name__}: {exc}")])
+                self.finish([Rewritten(claimed.instance_id, claimed.spool_path, None,
+                                       f"{type(exc).__name__}: {exc}")])
                 raise
-            self.finish([Rewritten(claimed.instance_id, size)])
+            self.finish([Rewritten(claimed.instance_id, claimed.spool_path, kept.size_bytes,
+                                   sha256=kept.sha256)])
             done += 1
         return done
 

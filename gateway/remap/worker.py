@@ -28,9 +28,9 @@ from gateway.busy import BurstHold, ReceiverLoad
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine
 from gateway.lifetime import exit_when_gone
-from gateway.remap.apply import rewrite_file
+from gateway.remap.apply import RewrittenFile, rewrite_file
 from gateway.remap.rules import load_rules
-from gateway.remap.stage import Remapper, Rewritten
+from gateway.remap.stage import Claimed, Remapper, Rewritten
 
 log = logging.getLogger(__name__)
 SWEEP_S = 2.0
@@ -100,7 +100,7 @@ class RemapWorker:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self) -> None:
-        in_flight: dict[Future[int], int] = {}
+        in_flight: dict[Future[RewrittenFile], Claimed] = {}
         waiting: dict[int, float] = {}  # instance id -> when it was first wanted
         next_sweep = 0.0
         while not self._stopping.is_set():
@@ -129,7 +129,7 @@ class RemapWorker:
                     wanted.extend(self._remapper.pending_ids())
                 except Exception:
                     log.exception("remap: looking for pending instances failed")
-            busy = set(in_flight.values())
+            busy = {job.instance_id for job in in_flight.values()}
             for instance_id in wanted:
                 if instance_id not in busy:
                     waiting.setdefault(instance_id, now)
@@ -150,7 +150,8 @@ class RemapWorker:
             return True
         return not self._hold.saturated()
 
-    def _submit(self, instance_ids: list[int], in_flight: dict[Future[int], int]) -> None:
+    def _submit(self, instance_ids: list[int],
+                in_flight: dict[Future[RewrittenFile], Claimed]) -> None:
         assert self._pool is not None
         try:
             claimed = self._remapper.claim(instance_ids)
@@ -162,20 +163,24 @@ class RemapWorker:
             future = self._pool.submit(
                 rewrite_file, self._spool_root / job.spool_path, job.changes, job.why
             )
-            in_flight[future] = job.instance_id
+            in_flight[future] = job
 
-    def _finish(self, done: list[tuple[int, Future[int]]]) -> None:
+    def _finish(self, done: list[tuple[Claimed, Future[RewrittenFile]]]) -> None:
         results = []
         broken = []
-        for instance_id, future in done:
+        for job, future in done:
+            instance_id = job.instance_id
             error = future.exception()
             if isinstance(error, BrokenProcessPool):
                 broken.append(instance_id)  # the process died, not the rewrite: do it again
             elif error is None:
-                results.append(Rewritten(instance_id, future.result()))
+                kept = future.result()
+                results.append(Rewritten(instance_id, job.spool_path, kept.size_bytes,
+                                         sha256=kept.sha256))
             else:
                 log.error("rewrite of instance %d failed: %s", instance_id, type(error).__name__)
-                results.append(Rewritten(instance_id, None, f"{type(error).__name__}: {error}"))
+                results.append(Rewritten(instance_id, job.spool_path, None,
+                                         f"{type(error).__name__}: {error}"))
         if broken:
             log.error("a rewrite process died; starting a new pool and retrying %d rewrite(s)",
                       len(broken))
