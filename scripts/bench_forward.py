@@ -229,7 +229,8 @@ class BenchGateway(GatewayServer):
     with its config file written here: the default config plus, when ``orthanc`` is given, a
     ``[forward]`` section with one Orthanc destination."""
 
-    def __init__(self, workdir: Path, orthanc: OrthancServer | None) -> None:
+    def __init__(self, workdir: Path, orthanc: OrthancServer | None,
+                 remap_db: Path | None = None) -> None:
         config = workdir / "gateway.toml"
         text = bench.CONFIG.read_text(encoding="utf-8")
         if orthanc is not None:
@@ -249,7 +250,7 @@ class BenchGateway(GatewayServer):
         # GatewayServer starts ``gateway serve --config bench.CONFIG``: point that at this file.
         try:
             with mock.patch.object(bench, "CONFIG", config):
-                super().__init__(workdir)
+                super().__init__(workdir, remap_db)
         except BaseException:
             process: subprocess.Popen[bytes] | None = getattr(self, "process", None)
             if process is not None:

@@ -10,7 +10,13 @@ read from each process's name (``gw-receiver-N``, ``gw-forward``, ``gw-remap``; 
 the rest) and the senders' CPU. Targets (issue 20, 2-core machines): with 4 associations the
 gateway at least Orthanc's rate (1.0x) and at least 1.6x its own single-association rate.
 
-    scripts/bench --parallel [1,4,8] [--count 250] [--reps 2] [--keep]
+``--full`` adds the receiver ``gateway-full``: the gateway with bench.py's ten remap rules over
+100k identities and forwarding to an Orthanc of its own, timed for the senders as the others are
+(the modality-facing rate), its CPU followed until the last instance is confirmed at that Orthanc,
+so that the split covers every stage an image goes through (receivers, remap, forward, the
+supervisor; the destination Orthanc's own CPU is not the gateway's and is left out).
+
+    scripts/bench --parallel [1,4,8] [--count 250] [--reps 2] [--full] [--keep]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -49,6 +56,7 @@ from bench import (
 )
 
 TARGETS = ("gateway", "storescp-fork", "orthanc")
+FULL = "gateway-full"
 ORTHANC_TARGET = 1.0  # gateway / Orthanc with 4 associations: at least this
 SCALE_TARGET = 1.6  # gateway with 4 associations / gateway with 1: at least this
 
@@ -125,12 +133,17 @@ class Run:
 
 
 def run_once(target: str, parallel: int, files: list[Path], storescu: Path, storescp: Path,
-             keep: bool) -> Run:
+             keep: bool, remap_db: Path | None = None) -> Run:
     workdir = Path(tempfile.mkdtemp(prefix=f"gateway-bench-par-{target}-{parallel}-", dir="/tmp"))
     receiver: object = None
+    destination: bench_forward.OrthancServer | None = None
     try:
         if target == "gateway":
             receiver = GatewayServer(workdir)
+        elif target == FULL:
+            (workdir / "destination").mkdir()
+            destination = bench_forward.OrthancServer(workdir / "destination")
+            receiver = bench_forward.BenchGateway(workdir, destination, remap_db)
         elif target == "storescp-fork":
             receiver = StorescpFork(storescp, workdir)
         else:
@@ -145,7 +158,7 @@ def run_once(target: str, parallel: int, files: list[Path], storescu: Path, stor
         busy_before = machine_ticks()
         start = time.perf_counter()
         senders = [subprocess.Popen(
-            [str(storescu), "-aet", f"{bench.CALLING_AE}{i}", "-aec", called, LOOPBACK, str(port),
+            [str(storescu), "-aet", calling(target, i), "-aec", called, LOOPBACK, str(port),
              *map(str, files[i * per:(i + 1) * per])],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
             for i in range(parallel)]
@@ -163,14 +176,30 @@ def run_once(target: str, parallel: int, files: list[Path], storescu: Path, stor
         received = receiver.received()  # type: ignore[attr-defined]
         if received != per * parallel:
             raise BenchError(f"{target} has {received} of {per * parallel} images; see {workdir}")
+        if isinstance(receiver, bench_forward.BenchGateway):  # every stage's CPU, to the end
+            sampler = threading.Event()
+            thread = threading.Thread(target=_sample_until, args=(tracker, sampler), daemon=True)
+            thread.start()
+            try:
+                receiver.wait_confirmed(per * parallel)
+            finally:
+                sampler.set()
+                thread.join()
+            tracker.sample()
         roles = {k: v - before_roles.get(k, 0.0) for k, v in tracker.by_role().items()}
         receiver.stop()  # type: ignore[attr-defined]
         receiver = None
+        if destination is not None:
+            destination.stop()
+            destination = None
     except BaseException:
         keep = True
         if receiver is not None:
             with contextlib.suppress(Exception):
                 os.killpg(receiver.process.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        if destination is not None:
+            with contextlib.suppress(Exception):
+                destination.stop()
         raise
     finally:
         if not keep:
@@ -183,6 +212,17 @@ def run_once(target: str, parallel: int, files: list[Path], storescu: Path, stor
                (busy_after[0] - busy_before[0]) / ticks)
 
 
+def calling(target: str, sender: int) -> str:
+    """Each sender its own AE title; for ``gateway-full`` the one its remap rules look identities
+    up under (bench.py's), so that every image is rewritten rather than held."""
+    return bench.CALLING_AE if target == FULL else f"{bench.CALLING_AE}{sender}"
+
+
+def _sample_until(tracker: CpuTracker, done: threading.Event) -> None:
+    while not done.wait(0.1):
+        tracker.sample()
+
+
 def report(runs: Sequence[Run], parallels: Sequence[int]) -> str:
     def median(target: str, n: int) -> float | None:
         rates = [r.per_second for r in runs if r.target == target and r.parallel == n]
@@ -191,7 +231,7 @@ def report(runs: Sequence[Run], parallels: Sequence[int]) -> str:
     lines = [(f"{'receiver':<14} {'N':>2} {'images/s':>9} {'CPU ms/image':>13}  "
               "CPU split (s) / senders (s) / machine busy")]
     for n in parallels:
-        for target in TARGETS:
+        for target in (*TARGETS, FULL):
             mine = [r for r in runs if r.target == target and r.parallel == n]
             if not mine:
                 continue
@@ -230,7 +270,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="concurrent associations, comma-separated (default 1,4,8)")
     parser.add_argument("--count", type=int, default=250, help="CT images per association")
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--only", choices=TARGETS, action="append", help="these receivers only")
+    parser.add_argument("--only", choices=(*TARGETS, FULL), action="append",
+                        help="these receivers only")
+    parser.add_argument("--full", action="store_true",
+                        help=f"also {FULL}: remap rules and forwarding to an Orthanc")
     parser.add_argument("--keep", action="store_true")
     return parser.parse_args(argv)
 
@@ -238,13 +281,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     parallels = [int(p) for p in args.parallel.split(",") if p]
-    targets = tuple(args.only) if args.only else TARGETS
+    remap_db: Path | None = None
+    targets = tuple(args.only) if args.only else TARGETS + ((FULL,) if args.full else ())
     if not bench.GATEWAY_BIN.exists():  # run from a checkout without .venv: this interpreter's
         bench.GATEWAY_BIN = Path(sys.executable).with_name("gateway")
     try:
         storescu, storescp = find_dcmtk("storescu"), find_dcmtk("storescp")
         images = image_set("ct", max(parallels) * args.count, bench.CT_SIDE, nodelay=True)
         files = sorted(images.folder.glob("*.dcm"))
+        if FULL in targets:
+            scratch = Path(tempfile.mkdtemp(prefix="gateway-bench-par-remap-", dir="/tmp"))
+            remap_db = bench.remap_database(images, scratch)
         print(f"bench: load average {os.getloadavg()}, {os.cpu_count()} cores", file=sys.stderr)
         runs: list[Run] = []
         for rep in range(args.reps):
@@ -252,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shift = rep % len(targets)
                 for target in targets[shift:] + targets[:shift]:
                     result = run_once(target, n, files[:n * args.count], storescu, storescp,
-                                      args.keep)
+                                      args.keep, remap_db)
                     runs.append(result)
                     print(f"bench: rep {rep + 1} N={n} {target:<14} {result.seconds:7.2f} s "
                           f"{result.per_second:7.1f} images/s", file=sys.stderr)
@@ -264,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         bench_forward.kill_all()
+        if remap_db is not None:
+            shutil.rmtree(remap_db.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
