@@ -7,6 +7,7 @@ as a subprocess, as an operator would, for tests about signals, crashes and logs
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -188,11 +189,21 @@ def make_gateway(
     started: list[Gateway] = []
 
     def start(db: str | None = None, free_bytes: Any = None, **sections: dict[str, Any]) -> Gateway:
-        data = config_dict(tmp_path, db or sqlite_url, free_port(), **sections)
-        app = Gateway(GatewayConfig.model_validate(data), CollectorRegistry(), free_bytes)
-        app.start()
-        started.append(app)
-        return app
+        for attempt in range(5):
+            data = config_dict(tmp_path, db or sqlite_url, free_port(), **sections)
+            app = Gateway(GatewayConfig.model_validate(data), CollectorRegistry(), free_bytes)
+            try:
+                app.start()
+            except OSError as exc:
+                # The free port was taken between free_port() and the bind (another test's peer
+                # starting, in this process or another xdist worker): another port, not a failure
+                app.stop()
+                if exc.errno != errno.EADDRINUSE or attempt == 4:
+                    raise
+                continue
+            started.append(app)
+            return app
+        raise AssertionError("unreachable")
 
     yield start
     for app in started:
