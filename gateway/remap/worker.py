@@ -27,7 +27,7 @@ from pydicom import config as pydicom_config
 from gateway.busy import BurstHold, ReceiverLoad
 from gateway.config import GatewayConfig
 from gateway.db.engine import make_engine
-from gateway.lifetime import exit_when_gone
+from gateway.lifetime import exit_when_gone, name_process
 from gateway.remap.apply import RewrittenFile, rewrite_file
 from gateway.remap.rules import load_rules
 from gateway.remap.stage import Claimed, Remapper, Rewritten
@@ -41,6 +41,7 @@ NICENESS = 10
 
 def _init_process(gateway_pid: int) -> None:
     exit_when_gone(gateway_pid)  # the fork server is our parent; the gateway is who matters
+    name_process("gw-rewriter")  # in top and ps, and in scripts/bench's CPU split by role
     # Rewriting is background work: the receiver (and the modality waiting on it) comes first.
     # SCHED_IDLE runs it only on CPU time nobody else wants; where that is unavailable, nice.
     try:
