@@ -103,12 +103,7 @@ class FastSocket(AssociationSocket):
             pass  # already pending, or closed: either way nobody needs another byte
 
     def _rearm_quickack(self) -> None:
-        # Linux clears QUICKACK after it fires, so it must be set again before every read.
-        if _QUICKACK is not None and self.socket is not None:
-            try:
-                self.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass  # the peer has gone; the read that follows reports it
+        rearm_quickack(self.socket)
 
     @property
     def ready(self) -> bool:
@@ -173,6 +168,15 @@ class FastSocket(AssociationSocket):
         return received
 
 
+def rearm_quickack(sock: socket.socket | None) -> None:
+    """Linux clears TCP_QUICKACK after it fires, so it is set again before every read."""
+    if _QUICKACK is not None and sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass  # the peer has gone; the read that follows reports it
+
+
 class QuickAckSocket(AssociationSocket):
     """pynetdicom's socket wrapper for an association the gateway requests (C-MOVE
     sub-operations): TCP_NODELAY, and TCP_QUICKACK re-armed before each read, as ``FastSocket``
@@ -190,11 +194,7 @@ class QuickAckSocket(AssociationSocket):
             cast(QuickAckSocket, wrapped)._rearm_quickack()
 
     def _rearm_quickack(self) -> None:
-        if _QUICKACK is not None and self.socket is not None:
-            try:
-                self.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass  # the peer has gone; the read that follows reports it
+        rearm_quickack(self.socket)
 
     def recv(self, nr_bytes: int) -> bytearray:
         self._rearm_quickack()
