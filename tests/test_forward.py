@@ -849,3 +849,37 @@ def test_a_dimse_destination_with_nagle_on_is_not_paced_by_delayed_acks(
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.mark.parametrize("adopted", [True, False], ids=["requesting", "pynetdicom"])
+def test_an_answer_the_reactor_takes_is_given_back_to_the_waiting_sender(
+        tmp_path: Path, adopted: bool) -> None:
+    """pynetdicom's reactor can miss its pause and take a C-STORE-RSP off the queue while
+    ``send_c_store`` waits for it (``fastpath.RequestingAssociation``): what the reactor then
+    does with it decides between an answer and a 60 s DIMSE timeout that aborts the association.
+    Played here as the race leaves it: the reactor serving the response."""
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from gateway.receive.fastpath import RequestingAssociation
+
+    process, port = start_storescp(tmp_path / "pacs")
+    ae = AE("GATEWAY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PACS")
+    try:
+        assert assoc.is_established
+        if adopted:
+            RequestingAssociation.adopt(assoc)
+        answer = C_STORE()
+        answer.MessageIDBeingRespondedTo, answer.Status = 1, 0x0000
+        answer.AffectedSOPClassUID = CTImageStorage
+        assert answer.is_valid_response
+        assoc._serve_request(answer, 1)
+        taken = assoc.dimse.msg_queue.qsize() == 1
+        assert taken is adopted  # pynetdicom's own drops it: "unexpected C-STORE service message"
+    finally:
+        assoc.release()
+        process.terminate()
+        process.wait(10)

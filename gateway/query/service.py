@@ -42,7 +42,7 @@ from gateway.query.gate import status_dataset
 from gateway.query.pending import PendingSender
 from gateway.query.prefetch import Prefetch
 from gateway.query.retrieve import Loader, Stored, check_retrievable, lookup, unsendable
-from gateway.receive.fastpath import QuickAckSocket
+from gateway.receive.fastpath import RequestingAssociation
 
 log = logging.getLogger(__name__)
 Reply = tuple[int | Dataset, Dataset | None]  # a status, or a status Dataset with its Error Comment
@@ -310,9 +310,9 @@ def _contexts_for(found: list[Stored]) -> list[PresentationContext]:
 def _no_delay(event: evt.Event) -> None:
     """Sub-operation associations leave Nagle off, as every SCU of the gateway does, and ACK
     at once (``fastpath.QuickAckSocket``): a destination with Nagle on (DCMTK's default)
-    otherwise waits 40 ms for our delayed ACK before each C-STORE-RSP is whole."""
-    if event.assoc.dul.socket is not None:
-        QuickAckSocket.adopt(event.assoc.dul.socket)
+    otherwise waits 40 ms for our delayed ACK before each C-STORE-RSP is whole. Their reactor
+    gives back an answer it takes (``fastpath.RequestingAssociation``)."""
+    RequestingAssociation.adopt(event.assoc)
 
 
 def _accepted_for_sending(assoc: Any) -> dict[str, set[str]]:

@@ -201,6 +201,34 @@ class QuickAckSocket(AssociationSocket):
         return super().recv(nr_bytes)
 
 
+class RequestingAssociation(Association):
+    """pynetdicom's ``Association`` for one the gateway requests to send C-STOREs (C-MOVE
+    sub-operations, DIMSE forwarding), whose reactor gives back a response it took.
+
+    pynetdicom pauses an association's reactor while ``send_c_store`` waits for its answer, but
+    the pause can be missed: the reactor marks itself paused and passes its checkpoint just
+    before the sender clears it; the sender reads the stale mark and sends; the reactor then takes
+    the C-STORE-RSP off the queue as "unexpected" and drops it, and the sender waits out the DIMSE
+    timeout (60 s) and aborts the association, failing every sub-operation left. Quick answers
+    (``QuickAckSocket``) make the window likely on a loaded machine: a full test run lost one.
+    A response is only ever awaited by the sender, so the reactor puts it back for it.
+    """
+
+    @classmethod
+    def adopt(cls, assoc: Association) -> None:
+        """In place, with its socket made a ``QuickAckSocket``."""
+        assoc.__class__ = cls
+        if assoc.dul.socket is not None:
+            QuickAckSocket.adopt(assoc.dul.socket)
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        if getattr(msg, "is_valid_response", False):
+            self.dimse.msg_queue.put((context_id, msg))  # the waiting send_c_*()'s
+            time.sleep(0.001)  # its blocked get() is woken now; let it take it
+            return
+        super()._serve_request(msg, context_id)
+
+
 class FastAssociation(Association):
     """pynetdicom's acceptor ``Association`` whose reactor blocks instead of polling, and whose
     end is reported whatever the path to it (``on_end``)."""

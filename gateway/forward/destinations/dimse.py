@@ -26,7 +26,7 @@ from gateway.dicom.transcode import as_uncompressed
 from gateway.errors import PermanentError, RetriableError
 from gateway.forward.destinations.base import send_each
 from gateway.forward.outbox import Outgoing, Result, Sent
-from gateway.receive.fastpath import QuickAckSocket
+from gateway.receive.fastpath import RequestingAssociation
 
 # PS3.4 Annex A and C.6.2.1 SOP classes, by UID (pynetdicom's names are generated at import)
 Verification = UID("1.2.840.10008.1.1")
@@ -130,8 +130,7 @@ class Dimse:
             raise RetriableError(f"{self.name}: no association (connection refused or timed out)")
         # Nagle against the peer's delayed ACKs costs 40-90 ms per message on a LAN, ours
         # (TCP_NODELAY) and the peer's (our quick ACKs: DCMTK leaves Nagle on)
-        if assoc.dul.socket is not None:
-            QuickAckSocket.adopt(assoc.dul.socket)
+        RequestingAssociation.adopt(assoc)  # and pynetdicom's lost-answer race (fastpath)
         return assoc
 
 
