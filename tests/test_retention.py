@@ -21,13 +21,15 @@ from gateway.config import RetentionConfig
 from gateway.db.engine import make_engine, make_sessions
 from gateway.db.migrate import upgrade
 from gateway.db.models import ForwardJob, Instance, InstanceVersion
+from gateway.dicom.status import Status
 from gateway.forward import retention as retention_module
 from gateway.forward.outbox import new_jobs
 from gateway.forward.retention import Retention
 from gateway.receive.spool import Spool
 from gateway.report import _size, status_report
 from tests.conftest import rows, wait_for
-from tests.factory import write_file, write_study
+from tests.factory import make_dataset, write_file, write_study
+from tests.peers import store
 from tests.test_forward import (
     FAST,
     MR_IMAGE_STORAGE,
@@ -268,3 +270,32 @@ def test_below_free_space_confirmed_versions_go_first_oldest_first(
     left = sorted(p.name for p in root.rglob("*.dcm"))
     assert len(left) == 2  # the unconfirmed instance's current copy and version
 
+
+def test_a_copy_replacing_one_retention_removed_is_in_the_spool_and_its_prior_copy_is_not(
+    make_gateway: Callable[..., Gateway], db_url: str,
+) -> None:
+    """Retention removed the current file; the modality then sends other content under the same
+    UID (``replace``). The new file is in the spool (its row is no longer marked removed, so a
+    retrieve reads it and retention removes it in turn); the superseded copy's file was already
+    gone, so its version row says so and ``gateway status`` does not count it."""
+    app = make_gateway(db=db_url, storage={"duplicate_policy": "replace"})
+    assert app.receiver is not None
+    port = app.receiver.address[1]
+    first = make_dataset(PatientName=NAME, SpecificCharacterSet="ISO_IR 192")
+    assert store(port, first) == Status.SUCCESS
+    (instance,) = rows(db_url, "SELECT spool_path FROM instances")
+    with app.engine.begin() as c:  # as retention does: mark, then unlink
+        c.execute(sa.update(Instance).values(spool_removed_at=datetime.now(UTC)))
+    (app.spool.root / instance.spool_path).unlink()
+    second = make_dataset(PatientName=NAME, SpecificCharacterSet="ISO_IR 192",
+                          SOPInstanceUID=first.SOPInstanceUID,
+                          StudyInstanceUID=first.StudyInstanceUID,
+                          SeriesInstanceUID=first.SeriesInstanceUID, SeriesDescription="corrected")
+    assert store(port, second) == Status.SUCCESS
+    (current,) = rows(db_url, "SELECT spool_path, spool_removed_at, size_bytes FROM instances")
+    (version,) = rows(db_url, "SELECT spool_path, spool_removed_at FROM instance_versions")
+    assert version.spool_path == instance.spool_path and version.spool_removed_at is not None
+    assert current.spool_removed_at is None
+    assert pydicom.dcmread(app.spool.root / current.spool_path).SeriesDescription == "corrected"
+    assert _spool_line(app).startswith(
+        f"Spool {app.spool.root}: 1 instances, {_size(current.size_bytes)} (other versions 0 B);")
