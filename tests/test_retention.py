@@ -299,3 +299,20 @@ def test_a_copy_replacing_one_retention_removed_is_in_the_spool_and_its_prior_co
     assert pydicom.dcmread(app.spool.root / current.spool_path).SeriesDescription == "corrected"
     assert _spool_line(app).startswith(
         f"Spool {app.spool.root}: 1 instances, {_size(current.size_bytes)} (other versions 0 B);")
+
+
+def test_a_version_chosen_before_its_instance_was_sent_again_is_not_marked(
+    ledger: sa.Engine, tmp_path: Path,
+) -> None:
+    """Between retention's SELECT and its UPDATE a ``replace`` may requeue the instance (the new
+    copy is sent again): the UPDATE asks for the confirmation again, and only what it marked is
+    unlinked."""
+    spool = Spool(tmp_path / "spool-a", 0)
+    version_id = _add(ledger, spool, Case("chosen", ("confirmed",), OLD, OLD, True))
+    with ledger.begin() as c:
+        c.execute(sa.update(ForwardJob).values(state="queued"))  # the replace, just committed
+        marked = Retention(ledger, spool, KEEP, lambda: NOW, node="a")._mark_versions(
+            c, [version_id])
+    assert marked == []
+    version = _version(ledger, version_id)
+    assert version.spool_removed_at is None and (spool.root / version.spool_path).exists()
