@@ -58,10 +58,12 @@ def status_report(session: Session, spool_root: Path, min_free_bytes: int,
         lines.append("  (nothing yet)")
     for calling_ae, count, size in rows:
         lines.append(f"  {calling_ae:<16} {count:>8} instances {_size(size):>12}")
-    held = session.scalar(select(func.sum(Instance.size_bytes)).where(held_by(node))) or 0
+    in_spool = held_by(node) & Instance.spool_removed_at.is_(None)  # retention removed the rest
+    held = session.scalar(select(func.sum(Instance.size_bytes)).where(in_spool)) or 0
     versions = session.scalar(select(func.sum(InstanceVersion.size_bytes))
-                              .where(held_by(node, InstanceVersion.node_name))) or 0
-    total = session.scalar(select(func.count()).select_from(Instance).where(held_by(node))) or 0
+                              .where(held_by(node, InstanceVersion.node_name),
+                                     InstanceVersion.spool_removed_at.is_(None))) or 0
+    total = session.scalar(select(func.count()).select_from(Instance).where(in_spool)) or 0
     lines.append("")
     measured = spool_root
     while not measured.exists() and measured != measured.parent:
@@ -135,13 +137,14 @@ _EMPTY = _NodeSpool()
 
 def _spools_by_node(session: Session) -> dict[str | None, _NodeSpool]:
     """What each node's disk holds: current copies still in its spool and other versions (each
-    file is on the node named on its own row, gateway.cluster.holder). Two grouped scans."""
+    file is on the node named on its own row, gateway.cluster.holder), without what retention
+    removed. Two grouped scans."""
     current = {name: (int(count), int(size or 0)) for name, count, size in session.execute(
         select(Instance.node_name, func.count(), func.sum(Instance.size_bytes))
         .where(Instance.spool_removed_at.is_(None)).group_by(Instance.node_name))}
     versions = {name: int(size or 0) for name, size in session.execute(
         select(InstanceVersion.node_name, func.sum(InstanceVersion.size_bytes))
-        .group_by(InstanceVersion.node_name))}
+        .where(InstanceVersion.spool_removed_at.is_(None)).group_by(InstanceVersion.node_name))}
     return {name: _NodeSpool(*current.get(name, (0, 0)), versions.get(name, 0))
             for name in current.keys() | versions.keys()}
 

@@ -426,16 +426,6 @@ def test_a_version_names_the_node_whose_disk_holds_its_file(
     assert is_recorded(a.engine, version.spool_path, version_on)
     assert not is_recorded(a.engine, version.spool_path, other)
 
-    # Retention on b (every destination confirmed, long ago): b's current file at most
-    with b.engine.begin() as c:
-        new_jobs(c, current.id, str(first.StudyInstanceUID), ("pacs",), T0)
-        c.execute(sa.update(ForwardJob).values(state="confirmed", confirmed_at=T0))
-    later = datetime.now(UTC) + timedelta(days=30)
-    Retention(b.engine, b.spool, RetentionConfig(keep_days=1), lambda: later,
-              node="b").run_once()
-    assert version_file.is_file()  # a version is never removed, least of all another node's
-    assert current_file.is_file() == (current.node_name != "b")
-
     # gateway status: each node's line counts the versions on its own disk
     with make_sessions(b.engine)() as session:
         report = status_report(session, b.config.storage.spool_dir, 0, node=version_on)
@@ -449,6 +439,19 @@ def test_a_version_names_the_node_whose_disk_holds_its_file(
         report = status_report(session, b.config.storage.spool_dir, 0, node=other)
     spool_line = next(line for line in report.splitlines() if line.startswith("Spool "))
     assert "(other versions 0 B)" in spool_line, report
+
+    # Retention on b (every destination confirmed, long ago): b's files only, the version
+    # among them when b holds it (gateway.forward.retention), never a's
+    with b.engine.begin() as c:
+        new_jobs(c, current.id, str(first.StudyInstanceUID), ("pacs",), T0)
+        c.execute(sa.update(ForwardJob).values(state="confirmed", confirmed_at=T0))
+    later = datetime.now(UTC) + timedelta(days=30)
+    Retention(b.engine, b.spool, RetentionConfig(keep_days=1), lambda: later,
+              node="b").run_once()
+    assert version_file.is_file() == (version_on != "b")
+    assert current_file.is_file() == (current.node_name != "b")
+    (marked,) = rows(db_url, "SELECT spool_removed_at FROM instance_versions")
+    assert (marked.spool_removed_at is None) == (version_on != "b")
 
 
 def test_migration_0013_names_the_upgrading_node_on_existing_versions(db_url: str) -> None:

@@ -137,6 +137,8 @@ class InstanceVersion(Base):
     """
 
     __tablename__ = "instance_versions"
+    # Retention walks the versions still in the spool, oldest first (migration 0015).
+    __table_args__ = (Index("ix_instance_versions_in_spool", "spool_removed_at", "received_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), index=True)
@@ -149,6 +151,9 @@ class InstanceVersion(Base):
     # The node whose spool holds this version's file: the node that received this copy, which
     # may differ from the current copy's (gateway.cluster). NULL: as ``Instance.node_name``.
     node_name: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Set by retention (gateway.forward.retention) before it unlinks the file, as
+    # ``Instance.spool_removed_at``: the row stays, the ledger keeps the history.
+    spool_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class PatientIdentity(Base):

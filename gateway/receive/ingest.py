@@ -335,10 +335,14 @@ class Ingest:
                 # The superseded file stays where it is: on the node that held the current copy
                 # (another node's disk when that one received it), not on this one.
                 node_name=current.node_name,
+                # Retention may have removed the current file already: the version then has no
+                # file either, and must not be counted, or removed again, as one in the spool.
+                spool_removed_at=current.spool_removed_at,
             )
         )
         for column, value in prepared.row(published, self._spool.relative(published.path)).items():
             setattr(current, column, value)
+        current.spool_removed_at = None  # the new copy's file is in the spool
         return self._success(prepared.decided, published.size_bytes, "replaced"), published
 
     def _publish(self, sealed: SpooledFile, header: Header, versioned: bool) -> SpooledFile:
