@@ -860,7 +860,7 @@ def test_an_answer_the_reactor_takes_is_given_back_to_the_waiting_sender(
     Played here as the race leaves it: the reactor serving the response."""
     from pynetdicom import AE
     from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.sop_class import CTImageStorage
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
     from gateway.receive.fastpath import RequestingAssociation
 
