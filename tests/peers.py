@@ -9,7 +9,7 @@ import subprocess
 import time
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -22,14 +22,19 @@ from pynetdicom.dimse_primitives import C_STORE
 IN_CI = os.environ.get("CI") == "true"
 
 
+def unavailable(message: str) -> NoReturn:
+    """A tool or service this test needs is missing: under CI=true that fails the run (CI
+    installs everything, scripts/test), elsewhere the test is skipped with ``message``."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)  # outside CI only: IN_CI failed above
+
+
 def require_tool(name: str) -> str:
     """Path of a tool; in CI a missing tool fails the run, elsewhere the test is skipped."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} not found: install it (scripts/test does, with apt)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} not found: install it (scripts/test does, with apt)")
     return path
 
 
