@@ -6,9 +6,8 @@ fetching it from another checks it against (gateway.db.models.kept_hash)."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,10 @@ from gateway.dicom.status import Status
 from gateway.receive.spool import hash_dataset
 from gateway.receive.validate import dataset_offset
 from gateway.remap.apply import Modification, rewrite_file
-from gateway.web.auth import token_sha256
 from tests.conftest import rows, wait_for
 from tests.factory import make_dataset
 from tests.peers import raw_c_store
-from tests.test_forward import start_storescp
-from tests.test_nodes import SECRET, downgrade
+from tests.test_nodes import downgrade, two_nodes  # noqa: F401  (a fixture)
 from tests.test_retrieve import NAME, _after_meta, _final_move, _identifier
 
 NEW_ID = "MRN-0042"
@@ -247,32 +244,11 @@ def test_a_rewrite_finished_after_the_instance_was_replaced_records_nothing(
 # -- two nodes: a fetch checks the file as kept, end to end -------------------------------------
 
 @pytest.fixture
-def remapping_nodes(make_gateway: Callable[..., Gateway], tmp_path: Path,
-                    monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], tuple[Gateway, Gateway]]]:
-    """Nodes ``a`` and ``b`` (as tests/test_nodes.py's ``two_nodes``), ``b`` rewriting what it
-    receives, and a storescp ``ANY`` that keeps the bytes as received."""
-    monkeypatch.setenv("GATEWAY_CLUSTER_SECRET", SECRET)
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(db: str) -> tuple[Gateway, Gateway]:
-        process, port = start_storescp(tmp_path / "any", "+xa", "+B")
-        started.append(process)
-        peers = [{"ae_title": "VIEWER", "services": ["echo", "find", "move", "get"]},
-                 {"ae_title": "MODALITY", "services": ["store"]},
-                 {"ae_title": "ANY", "host": "127.0.0.1", "port": port}]
-        rules = {"rules_file": str(_rules(tmp_path))}
-        nodes = tuple(
-            make_gateway(db=db, storage={"spool_dir": str(tmp_path / f"spool-{n}")},
-                         forward={"node_name": n}, security={"peers": peers},
-                         cluster={"secret_sha256": token_sha256(SECRET), "heartbeat_s": 1.0},
-                         **({"remap": rules} if n == "b" else {}))
-            for n in ("a", "b"))
-        return nodes[0], nodes[1]
-
-    yield start
-    for process in started:
-        process.terminate()
-        process.wait(10)
+def remapping_nodes(two_nodes: Any,  # noqa: F811  (the fixture imported above)
+                    tmp_path: Path) -> Callable[[str], tuple[Gateway, Gateway]]:
+    """tests/test_nodes.py's ``two_nodes`` (and its storescp ``ANY``, which keeps the bytes as
+    received), ``b`` rewriting what it receives."""
+    return lambda db: two_nodes(db, remap_b={"rules_file": str(_rules(tmp_path))})
 
 
 def _flip_a_pixel_byte(path: Path) -> None:

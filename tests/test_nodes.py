@@ -169,7 +169,9 @@ def two_nodes(make_gateway: Callable[..., Gateway], tmp_path: Path,
     monkeypatch.setenv("GATEWAY_CLUSTER_SECRET", SECRET)
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(db: str, duplicate_policy: str = "keep_first") -> tuple[Gateway, Gateway]:
+    def start(db: str, duplicate_policy: str = "keep_first",
+              remap_b: dict[str, Any] | None = None) -> tuple[Gateway, Gateway]:
+        """``remap_b``: node b's [remap] section (a rewriting node), if any."""
         process, port = start_storescp(tmp_path / "any", "+xa", "+B")
         started.append(process)
         peers = [{"ae_title": "VIEWER", "services": ["echo", "find", "move", "get"]},
@@ -179,7 +181,8 @@ def two_nodes(make_gateway: Callable[..., Gateway], tmp_path: Path,
             make_gateway(db=db, storage={"spool_dir": str(tmp_path / f"spool-{n}"),
                                          "duplicate_policy": duplicate_policy},
                          forward={"node_name": n}, security={"peers": peers},
-                         cluster={"secret_sha256": token_sha256(SECRET), "heartbeat_s": 1.0})
+                         cluster={"secret_sha256": token_sha256(SECRET), "heartbeat_s": 1.0},
+                         **({"remap": remap_b} if remap_b and n == "b" else {}))
             for n in ("a", "b"))
         return nodes[0], nodes[1]
 
@@ -187,6 +190,15 @@ def two_nodes(make_gateway: Callable[..., Gateway], tmp_path: Path,
     for process in started:
         process.terminate()
         process.wait(10)
+
+
+def flip_last_byte(path: Path) -> None:
+    """A kept file altered on its holder's disk: its last byte (pixel data) flipped."""
+    with open(path, "r+b") as fp:
+        fp.seek(-1, 2)
+        last = fp.read(1)
+        fp.seek(-1, 2)
+        fp.write(bytes([last[0] ^ 0xFF]))
 
 
 def send_study(app: Gateway, folder: Path) -> list[Path]:
@@ -248,11 +260,7 @@ def test_bytes_that_do_not_match_the_ledger_are_a_failed_sub_operation(
     files = send_study(b, tmp_path / "sent")
     (changed,) = rows(db_url, "SELECT sop_instance_uid, spool_path, study_instance_uid "
                               "FROM instances ORDER BY id LIMIT 1")
-    with open(b.config.storage.spool_dir / changed.spool_path, "r+b") as fp:  # one byte flipped
-        fp.seek(-1, 2)
-        last = fp.read(1)
-        fp.seek(-1, 2)
-        fp.write(bytes([last[0] ^ 0xFF]))
+    flip_last_byte(b.config.storage.spool_dir / changed.spool_path)
     status, failed = _final_move(a, _identifier("STUDY", StudyInstanceUID=changed.study_instance_uid),
                                  "ANY")
     assert status.Status == 0xB000  # PS3.4 C.4.2.1.5: one sub-operation failed
@@ -541,11 +549,7 @@ def test_a_move_of_a_large_study_another_node_holds_fetches_ahead_and_fails_only
         path.unlink()
     (bad,) = rows(db_url, "SELECT sop_instance_uid, spool_path FROM instances ORDER BY id "
                           "LIMIT 1 OFFSET 16")
-    with open(b.config.storage.spool_dir / bad.spool_path, "r+b") as fp:  # one byte flipped
-        fp.seek(-1, 2)
-        last = fp.read(1)
-        fp.seek(-1, 2)
-        fp.write(bytes([last[0] ^ 0xFF]))
+    flip_last_byte(b.config.storage.spool_dir / bad.spool_path)
     status, failed = _final_move(a, _identifier("STUDY", StudyInstanceUID=study), "ANY")
     assert status.Status == 0xB000  # some sub-operations failed
     assert failed is not None and failed.FailedSOPInstanceUIDList == bad.sop_instance_uid

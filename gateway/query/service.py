@@ -122,7 +122,7 @@ class QueryService:
         model, destination = str(request.AffectedSOPClassUID), str(request.MoveDestination).strip()
         peer = self._destinations.get(destination)
         found: list[Stored] = []
-        status, level, tally, cancelled = Status.SUCCESS, "?", _SubOperations(), False
+        status, level, tally = Status.SUCCESS, "?", _SubOperations()
         try:
             if peer is None or not peer.host or not peer.port:  # precheck() refuses these first
                 status = Status.MOVE_DESTINATION_UNKNOWN
@@ -139,19 +139,10 @@ class QueryService:
             found = lookup(self._engine, query, self._loader.node)  # precheck() refused what lookup would refuse
             options["contexts"] = _contexts_for(found)
             yield len(found)
-            cancelled = False
-            # Closed however the loop ends (cancel, failure, abort: pynetdicom drops this
-            # generator): no fetch ahead outlives the retrieve
-            with Prefetch(self._loader, found, self._loader.prefetch_window) as ahead:
-                for index in range(len(found)):
-                    if event.is_cancelled:
-                        cancelled = True
-                        yield int(Status.CANCEL), None
-                        return
-                    yield int(Status.PENDING), _fit(ahead.load(index), tally.accepted)
+            yield from self._sub_operations(event, found, tally)
         finally:
             if found:
-                status = tally.status(len(found), cancelled)
+                status = tally.status(len(found))
             self._finished("move", calling_ae, model, level, status, len(found), started,
                            destination=destination, completed=tally.completed,
                            warning=tally.warning)
@@ -165,27 +156,35 @@ class QueryService:
         started = time.perf_counter()
         model = str(cast(Any, event.request).AffectedSOPClassUID)
         found: list[Stored] = []
-        status, level, tally, cancelled = Status.SUCCESS, "?", _SubOperations(), False
+        status, level, tally = Status.SUCCESS, "?", _SubOperations()
         try:
             query = parse(event.identifier, model, self._dialect, self._config)
             level = query.level
             found = lookup(self._engine, query, self._loader.node)  # precheck() refused what lookup would refuse
             yield len(found)
-            accepted = _accepted_for_sending(event.assoc)
+            tally.accepted = _accepted_for_sending(event.assoc)  # on the caller's association
             event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)
-            with Prefetch(self._loader, found, self._loader.prefetch_window) as ahead:
-                for index in range(len(found)):
-                    if event.is_cancelled:
-                        cancelled = True
-                        yield int(Status.CANCEL), None
-                        return
-                    yield int(Status.PENDING), _fit(ahead.load(index), accepted)
+            yield from self._sub_operations(event, found, tally)
         finally:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, tally.on_response)
             if found:
-                status = tally.status(len(found), cancelled)
+                status = tally.status(len(found))
             self._finished("get", calling_ae, model, level, status, len(found), started,
                            completed=tally.completed, warning=tally.warning)
+
+    def _sub_operations(self, event: evt.Event, found: list[Stored],
+                        tally: _SubOperations) -> Iterator[tuple[int, Dataset | None]]:
+        """C-MOVE's and C-GET's sub-operations, in order, each instance fetched ahead
+        (``gateway.query.prefetch``) and fitted to what ``tally.accepted`` allows; a C-CANCEL
+        ends them. Closed however the loop ends (cancel, failure, abort: pynetdicom drops the
+        generator), so no fetch ahead outlives the retrieve."""
+        with Prefetch(self._loader, found, self._loader.prefetch_window) as ahead:
+            for index in range(len(found)):
+                if event.is_cancelled:
+                    tally.cancelled = True
+                    yield int(Status.CANCEL), None
+                    return
+                yield int(Status.PENDING), _fit(ahead.load(index), tally.accepted)
 
     def refused(self, kind: str, calling_ae: str, model: str) -> Dataset:
         """A caller without the service (PS3.7 C.5: 0x0124): counted and audited like every
@@ -267,6 +266,7 @@ class _SubOperations:
     def __init__(self) -> None:
         self.completed = 0
         self.warning = 0
+        self.cancelled = False
         self.accepted: dict[str, set[str]] = {}
 
     def on_established(self, event: evt.Event) -> None:
@@ -282,8 +282,8 @@ class _SubOperations:
         elif 0xB000 <= status <= 0xBFFF:
             self.warning += 1
 
-    def status(self, offered: int, cancelled: bool) -> Status:
-        if cancelled:
+    def status(self, offered: int) -> Status:
+        if self.cancelled:
             return Status.CANCEL
         failed = offered - self.completed - self.warning
         if offered and failed == offered:
