@@ -872,14 +872,25 @@ def test_an_answer_the_reactor_takes_is_given_back_to_the_waiting_sender(
         assert assoc.is_established
         if adopted:
             RequestingAssociation.adopt(assoc)
-        answer = C_STORE()
-        answer.MessageIDBeingRespondedTo, answer.Status = 1, 0x0000
-        answer.AffectedSOPClassUID = CTImageStorage
-        assert answer.is_valid_response
-        assoc._serve_request(answer, 1)
-        taken = assoc.dimse.msg_queue.qsize() == 1
-        assert taken is adopted  # pynetdicom's own drops it: "unexpected C-STORE service message"
+        assoc._reactor_checkpoint.clear()  # the live reactor held, as send_c_*() holds it
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        answers = []
+        for message_id in (1, 2):
+            answer = C_STORE()
+            answer.MessageIDBeingRespondedTo, answer.Status = message_id, 0x0000
+            answer.AffectedSOPClassUID = CTImageStorage
+            assert answer.is_valid_response
+            answers.append(answer)
+        assoc.dimse.msg_queue.put((1, answers[1]))  # an answer queued behind the one taken
+        assoc._serve_request(answers[0], 1)
+        queued = [assoc.dimse.msg_queue.get_nowait()[1]
+                  for _ in range(assoc.dimse.msg_queue.qsize())]
+        # Given back where it was, ahead of the later one (a C-FIND's answers stay in order);
+        # pynetdicom's own drops it: "Received unexpected C-STORE service message"
+        assert queued == (answers if adopted else answers[1:])
     finally:
+        assoc._reactor_checkpoint.set()
         assoc.release()
         process.terminate()
         process.wait(10)

@@ -223,7 +223,13 @@ class RequestingAssociation(Association):
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         if getattr(msg, "is_valid_response", False):
-            self.dimse.msg_queue.put((context_id, msg))  # the waiting send_c_*()'s
+            # Back where it was, at the head: a C-FIND's pending answers and its final one queue
+            # behind each other, and the waiting send_c_*() must read them in order
+            messages = self.dimse.msg_queue
+            with messages.not_empty:
+                messages.queue.appendleft((context_id, msg))
+                messages.unfinished_tasks += 1
+                messages.not_empty.notify()
             time.sleep(0.001)  # its blocked get() is woken now; let it take it
             return
         super()._serve_request(msg, context_id)
