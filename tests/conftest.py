@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import socket
@@ -261,28 +262,40 @@ def served(tmp_path: Path, sqlite_url: str) -> Iterator[Callable[..., Served]]:
 
     def start(db: str | None = None, env: dict[str, str] | None = None,
               **sections: dict[str, Any]) -> Served:
-        port, metrics_port = free_port(), free_port()
-        data = config_dict(tmp_path, db or sqlite_url, port, **sections)
-        data["metrics"]["port"] = metrics_port
-        config_path = write_toml(tmp_path / f"gateway-{port}.toml", data)
-        log_path = tmp_path / f"gateway-{port}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [str(GATEWAY_BIN), "serve", "--config", str(config_path)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            )
-        server = Served(process, port, metrics_port, config_path, Path(data["storage"]["spool_dir"]),
-                        data["database"]["url"], log_path)
-        running.append(server)
-        wait_for(lambda: port_open(port) or process.poll() is not None, 30, "gateway to listen")
-        assert process.poll() is None, f"gateway exited at start:\n{server.log()}"
-        return server
+        for attempt in range(5):
+            port, metrics_port = free_port(), free_port()
+            data = config_dict(tmp_path, db or sqlite_url, port, **sections)
+            data["metrics"]["port"] = metrics_port
+            config_path = write_toml(tmp_path / f"gateway-{port}.toml", data)
+            log_path = tmp_path / f"gateway-{port}.log"
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    [str(GATEWAY_BIN), "serve", "--config", str(config_path)],
+                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                )
+            server = Served(process, port, metrics_port, config_path,
+                            Path(data["storage"]["spool_dir"]), data["database"]["url"], log_path)
+            running.append(server)
+            wait_for(functools.partial(_listening_or_gone, port, process), 30,
+                     "gateway to listen")
+            # A free port taken before the gateway bound it (another test's peer starting, in
+            # another xdist worker): other ports, as make_gateway does
+            if process.poll() is not None and "Address already in use" in server.log() \
+                    and attempt < 4:
+                continue
+            assert process.poll() is None, f"gateway exited at start:\n{server.log()}"
+            return server
+        raise AssertionError("unreachable")
 
     yield start
     for server in running:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+def _listening_or_gone(port: int, process: subprocess.Popen[bytes]) -> bool:
+    return port_open(port) or process.poll() is not None
 
 
 def descendants(pid: int) -> set[int]:
